@@ -1,0 +1,39 @@
+"""evit_patch: EViT token reorganization for pretrained vision transformers, by a torch.fx pass.
+
+import timm, evit_patch
+fast = evit_patch.apply(timm.create_model("deit_small_patch16_224", pretrained=True),
+                        layers=[3, 6, 9], keep=0.7)
+print(evit_patch.explain(fast))
+"""
+
+from .apply import apply, get_config, is_patched, reorganizers, set_keep
+from .config import EViTConfig
+from .errors import EViTError, InvalidPlanError, UnsupportedInputError, UnsupportedModelError
+from .explain import Explanation, explain
+from .families import list_supported, register_family
+from .reorganize import cls_attention_from_probs, cls_attention_from_qk, num_kept, reorganize
+from .reorganizer import TokenReorganizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EViTConfig",
+    "EViTError",
+    "Explanation",
+    "InvalidPlanError",
+    "TokenReorganizer",
+    "UnsupportedInputError",
+    "UnsupportedModelError",
+    "apply",
+    "cls_attention_from_probs",
+    "cls_attention_from_qk",
+    "explain",
+    "get_config",
+    "is_patched",
+    "list_supported",
+    "num_kept",
+    "register_family",
+    "reorganize",
+    "reorganizers",
+    "set_keep",
+]

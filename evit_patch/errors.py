@@ -1,0 +1,23 @@
+"""Exceptions raised by evit_patch.
+
+Every refusal names the model class, the block and what was expected versus found, so a user
+can tell at once whether the model is out of scope or the call was wrong.
+"""
+
+from __future__ import annotations
+
+
+class EViTError(Exception):
+    """Base class of every error evit_patch raises on purpose."""
+
+
+class InvalidPlanError(EViTError, ValueError):
+    """The requested layers or keep rates are malformed for this model."""
+
+
+class UnsupportedModelError(EViTError, TypeError):
+    """The model (or one of its blocks) has a structure EViT cannot be applied to soundly."""
+
+
+class UnsupportedInputError(EViTError, ValueError):
+    """A patched model was called with an input its traced blocks were specialised against."""

@@ -1,0 +1,91 @@
+"""``explain``: per block tokens in/out and analytic GMACs before/after, as a readable table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .apply import PROFILE_ATTR, get_config
+from .families import find_family
+from .profile import ModelProfile
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    index: int
+    name: str
+    keep: float | None
+    tokens_in: int
+    tokens_out: int
+    macs_original: int
+    macs_patched: int
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What a patched model computes, per block; ``str()`` gives the table."""
+
+    model: str
+    img_size: tuple[int, int] | None
+    fuse: bool
+    rows: tuple[BlockRow, ...]
+    outside_macs: int
+
+    @property
+    def macs_original(self) -> int:
+        return self.outside_macs + sum(r.macs_original for r in self.rows)
+
+    @property
+    def macs_patched(self) -> int:
+        return self.outside_macs + sum(r.macs_patched for r in self.rows)
+
+    @property
+    def ideal_speedup(self) -> float:
+        """FLOP ratio original / patched: the speedup a compute-bound device could reach."""
+        return self.macs_original / self.macs_patched
+
+    def __str__(self) -> str:
+        size = f" at {self.img_size[0]}x{self.img_size[1]}" if self.img_size else ""
+        lines = [
+            f"EViT plan for {self.model}{size} (fuse={self.fuse})",
+            f"{'block':>5} {'keep':>5} {'tokens in':>9} {'MLP tokens':>10} {'GMACs orig':>10} {'GMACs EViT':>10}",
+        ]
+        for r in self.rows:
+            keep = f"{r.keep:.2f}" if r.keep is not None else "-"
+            lines.append(
+                f"{r.index:>5} {keep:>5} {r.tokens_in:>9} {r.tokens_out:>10} "
+                f"{r.macs_original / 1e9:>10.3f} {r.macs_patched / 1e9:>10.3f}"
+            )
+        lines.append(f"{'embed+head':>27} {'':>10} {self.outside_macs / 1e9:>10.3f} {self.outside_macs / 1e9:>10.3f}")
+        lines.append(
+            f"{'total':>27} {'':>10} {self.macs_original / 1e9:>10.3f} {self.macs_patched / 1e9:>10.3f}"
+            f"   ({self.macs_patched / self.macs_original:.3f}x MACs, ideal speedup {self.ideal_speedup:.2f}x)"
+        )
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> Explanation:
+    """Explain a model patched by :func:`evit_patch.apply` for inputs of ``img_size``."""
+    config = get_config(model)  # refuses unpatched models
+    profile: ModelProfile = getattr(model, PROFILE_ATTR)
+    family = find_family(model)
+    original = family.num_tokens(model, img_size)
+    tokens, rows = original, []
+    for index, (name, cost) in enumerate(zip(profile.block_names, profile.costs)):
+        keep = config.keep_at(index)
+        out = cost.tokens_out(tokens, keep, config.fuse)
+        rows.append(
+            BlockRow(
+                index,
+                name,
+                keep,
+                tokens,
+                out,
+                macs_original=cost.macs(original, original),
+                macs_patched=cost.macs(tokens, out, config.fuse),
+            )
+        )
+        tokens = out
+    size = None if img_size is None else ((img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
+    return Explanation(profile.model, size, config.fuse, tuple(rows), family.outside_macs(model, img_size))

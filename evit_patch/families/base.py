@@ -1,0 +1,83 @@
+"""What a model family tells the core pass; a new family implements this in one file."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+
+def describe(model: nn.Module) -> str:
+    """``"VisionTransformer (deit_small_patch16_224)"``: the class, and the architecture if known."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return f"{type(model).__name__} ({arch})" if arch else type(model).__name__
+
+
+def class_path(model: nn.Module) -> set[str]:
+    """Fully qualified names of the model's class and its bases: matching without importing."""
+    return {f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__}
+
+
+class Family(abc.ABC):
+    """A model family the pass understands (or refuses by name, with the reason)."""
+
+    name: str
+    """Short name, as ``list_supported`` shows it, e.g. ``"timm.VisionTransformer"``."""
+    supported: bool = True
+    notes: str = ""
+
+    @abc.abstractmethod
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this family is responsible for ``model``."""
+
+    @abc.abstractmethod
+    def check(self, model: nn.Module) -> None:
+        """Raise :class:`UnsupportedModelError` if EViT is unsound for this configuration."""
+
+    @abc.abstractmethod
+    def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:
+        """The transformer blocks in execution order, with their qualified names."""
+
+    @abc.abstractmethod
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens before the image tokens (class, distillation, registers); never dropped."""
+
+    @abc.abstractmethod
+    def channels(self, model: nn.Module) -> int:
+        """Width of the residual stream."""
+
+    @abc.abstractmethod
+    def num_tokens(self, model: nn.Module, img_size: tuple[int, int] | None = None) -> int:
+        """Tokens entering the first block for an input of ``img_size`` (default: the model's)."""
+
+    @abc.abstractmethod
+    def outside_macs(self, model: nn.Module, img_size: tuple[int, int] | None = None) -> int:
+        """MACs per sample outside the blocks (embedding, head); token pruning leaves them as is."""
+
+    def leaf_types(self) -> tuple[type[nn.Module], ...]:
+        """Module types the tracer must not enter (mode-dependent helpers)."""
+        return ()
+
+
+class RefusedFamily(Family):
+    """A family known not to work yet: matched by class name so its package need not be installed."""
+
+    supported = False
+
+    def __init__(self, name: str, class_names: set[str], reason: str) -> None:
+        self.name, self.class_names, self.notes = name, class_names, reason
+
+    def matches(self, model: nn.Module) -> bool:
+        return bool(self.class_names & class_path(model))
+
+    def check(self, model: nn.Module) -> None:
+        raise UnsupportedModelError(f"{describe(model)} is not supported by evit_patch: {self.notes}")
+
+    def _never(self, *args, **kwargs):  # pragma: no cover - check() always raises first
+        raise NotImplementedError
+
+    blocks = num_prefix_tokens = channels = num_tokens = outside_macs = _never

@@ -1,0 +1,87 @@
+"""timm's ``VisionTransformer`` and subclasses (ViT, DeiT, DeiT III, distilled DeiT, registers, CLIP)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from timm.layers import DropPath
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import UnsupportedModelError
+from .base import Family, describe
+from .registry import register_family
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+@register_family
+class TimmVisionTransformer(Family):
+    name = "timm.VisionTransformer"
+    notes = (
+        "vit_*, deit_*, deit3_*, distilled DeiT, register-token and CLIP-style ViTs with a class "
+        "token and a token-pooled head"
+    )
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def check(self, model: nn.Module) -> None:
+        who = describe(model)
+        if getattr(model, "cls_token", None) is None:
+            raise UnsupportedModelError(
+                f"{who} has no class token (num_prefix_tokens={model.num_prefix_tokens}, "
+                f"global_pool={model.global_pool!r}): EViT ranks image tokens by the [CLS] token's "
+                "attention, expected a model with a class token"
+            )
+        if getattr(model, "attn_pool", None) is not None:
+            raise UnsupportedModelError(
+                f"{who} pools with an attention-pool head (global_pool={model.global_pool!r}); "
+                "expected a head that reads the class token (global_pool='token')"
+            )
+        if model.global_pool != "token":
+            raise UnsupportedModelError(
+                f"{who} has global_pool={model.global_pool!r}: its output depends on every image "
+                "token, which EViT drops and fuses; expected global_pool='token'"
+            )
+
+    def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:
+        return [(f"blocks.{name}", block) for name, block in model.blocks.named_children()]
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return int(model.num_prefix_tokens)
+
+    def channels(self, model: nn.Module) -> int:
+        return int(model.embed_dim)
+
+    def _img_size(self, model: nn.Module, img_size) -> tuple[int, int]:
+        return _pair(img_size) if img_size is not None else _pair(model.patch_embed.img_size)
+
+    def num_tokens(self, model: nn.Module, img_size=None) -> int:
+        embed = model.patch_embed
+        if img_size is None:
+            grid = embed.grid_size
+        else:
+            grid = embed.dynamic_feat_size(self._img_size(model, img_size))
+        return int(grid[0] * grid[1]) + self.num_prefix_tokens(model)
+
+    def outside_macs(self, model: nn.Module, img_size=None) -> int:
+        # Count the embedding by running it once (it may be a conv stem or a hybrid CNN), and
+        # the head analytically: it reads one token per classifier.
+        height, width = self._img_size(model, img_size)
+        param = next(model.patch_embed.parameters())
+        channels = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3,))[0]
+        image = torch.zeros(1, channels, height, width, device=param.device, dtype=param.dtype)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.patch_embed(image)
+        heads = model.get_classifier()
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        head_macs = sum(m.in_features * m.out_features for h in heads for m in h.modules() if isinstance(m, nn.Linear))
+        return counter.get_total_flops() // 2 + head_macs
+
+    def leaf_types(self) -> tuple[type[nn.Module], ...]:
+        return (DropPath,)

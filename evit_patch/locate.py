@@ -1,0 +1,231 @@
+"""Find, in a traced block, where EViT's reorganization goes. Matching only: no graph edits.
+
+The questions are structural, so harmless variants (Identity norms, LayerScale, drop-path,
+fused or manual attention, post-norm blocks) need no special cases:
+
+- the attention op: the block's one ``scaled_dot_product_attention`` call, else its one softmax;
+- the attention residual add: the first add downstream of that op whose other operand feeds the
+  attention (the residual stream) rather than coming out of it;
+- a point between attention and MLP exists: every projection of the block runs either before
+  that add or after it (a parallel block computes its MLP beside the attention instead).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .cost import BlockCost
+from .errors import UnsupportedModelError
+from .reorganizer import ScoreSource
+
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.Tensor.softmax}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
+_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+
+
+@dataclass(frozen=True)
+class BlockSite:
+    """What the locator found in one block (node references are valid for that graph only)."""
+
+    where: str
+    source: ScoreSource
+    attention: fx.Node
+    """The attention op (SDPA call or softmax)."""
+    score_inputs: tuple[fx.Node, ...]
+    """``(q, k)`` for fused attention, ``(probs,)`` for manual attention."""
+    scale: float | None
+    residual_add: fx.Node
+    cost: BlockCost
+
+
+def _is_call(node: fx.Node, functions: set, methods: set[str]) -> bool:
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        for inp in stack.pop().all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                stack.append(inp)
+    return seen
+
+
+def _attention_op(graph: fx.Graph, where: str) -> tuple[ScoreSource, fx.Node]:
+    nodes = list(graph.nodes)
+    fused = [n for n in nodes if n.op == "call_function" and n.target in _SDPA]
+    manual = [n for n in nodes if _is_call(n, _SOFTMAX_FUNCTIONS, {"softmax"})]
+    if len(fused) == 1:
+        return ScoreSource.QUERY_KEY, fused[0]
+    if not fused and len(manual) == 1:
+        return ScoreSource.PROBABILITIES, manual[0]
+    found = len(fused) or len(manual)
+    raise UnsupportedModelError(
+        f"{where}: expected exactly one attention op (scaled_dot_product_attention or softmax) "
+        f"in the block, found {found}" + (" (parallel attention branches)" if found > 1 else "")
+    )
+
+
+def _check_fused_call(op: fx.Node, where: str) -> tuple[tuple[fx.Node, fx.Node], float | None]:
+    q, k = _arg(op, 0, "query"), _arg(op, 1, "key")
+    mask, causal = _arg(op, 3, "attn_mask"), _arg(op, 5, "is_causal", False)
+    scale, gqa = op.kwargs.get("scale"), op.kwargs.get("enable_gqa", False)
+    if mask is not None:
+        raise UnsupportedModelError(
+            f"{where}: expected attention without a mask, found attn_mask={mask} "
+            "(a user-supplied or built-in attention mask)"
+        )
+    if causal is not False or gqa is not False:
+        raise UnsupportedModelError(
+            f"{where}: expected non-causal, non-grouped attention, found is_causal={causal}, enable_gqa={gqa}"
+        )
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise UnsupportedModelError(f"{where}: expected a constant attention scale, found {scale}")
+    if not isinstance(q, fx.Node) or not isinstance(k, fx.Node):
+        raise UnsupportedModelError(f"{where}: attention query/key are not graph values")
+    return (q, k), scale
+
+
+def _check_softmax(op: fx.Node, where: str) -> None:
+    dim = _arg(op, 1, "dim")
+    if dim not in (-1, 3):
+        raise UnsupportedModelError(
+            f"{where}: expected the attention softmax over the last (key) dimension, found dim={dim}"
+        )
+
+
+def _residual_add(op: fx.Node, where: str) -> fx.Node:
+    downstream = _descendants(op) | {op}
+    feeds_attention = _ancestors(op)
+    for node in op.graph.nodes:
+        if node not in downstream or not _is_call(node, _ADD_FUNCTIONS, {"add", "__add__"}):
+            continue
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        branch = [a for a in operands if a in downstream]
+        skip = [a for a in operands if a not in downstream and (a in feeds_attention)]
+        if len(branch) == 1 and len(skip) == 1:
+            return node
+    raise UnsupportedModelError(
+        f"{where}: expected a residual add of the block input and the attention branch (x + attn(...)), found none"
+    )
+
+
+def _linear_macs(node: fx.Node, modules: dict[str, nn.Module]) -> int:
+    """Multiply-accumulates per token of a projection node, 0 for anything else."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        if isinstance(module, nn.Linear):
+            return module.in_features * module.out_features
+    if node.op == "call_function" and node.target is F.linear:
+        weight = _arg(node, 1, "weight")
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            return fx.graph_module._get_attr(node.graph.owning_module, weight.target).numel()
+    return 0
+
+
+def _check_point_between(gm: fx.GraphModule, op: fx.Node, add: fx.Node, where: str) -> tuple[int, int]:
+    """Linear MACs per token before and after the add; refuse parallel blocks."""
+    modules = dict(gm.named_modules())
+    before, after = _ancestors(add), _descendants(add)
+    pre = post = 0
+    for node in gm.graph.nodes:
+        macs = _linear_macs(node, modules)
+        if not macs:
+            continue
+        if node in after:
+            post += macs
+        elif node in before and (node in _ancestors(op) or node in _descendants(op)):
+            pre += macs
+        else:
+            raise UnsupportedModelError(
+                f"{where}: expected the MLP to run after the attention residual add, but "
+                f"{node.target} runs beside the attention (a parallel block has no point "
+                "between attention and MLP)"
+            )
+    if post == 0:
+        raise UnsupportedModelError(
+            f"{where}: expected an MLP after the attention residual add, found none "
+            "(no point between attention and MLP)"
+        )
+    return pre, post
+
+
+def _attention_widths(source: ScoreSource, op: fx.Node, where: str) -> tuple[int, int, int]:
+    """``(heads * qk_dim, heads * v_dim, heads)`` read from shape-propagated metadata."""
+
+    def shape(n):
+        meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
+        if meta is None:
+            raise UnsupportedModelError(f"{where}: could not infer the shape of {n}")
+        return meta.shape
+
+    if source is ScoreSource.QUERY_KEY:
+        q, v = shape(_arg(op, 0, "query")), shape(_arg(op, 2, "value"))
+    else:
+        before, after = _ancestors(op), _descendants(op)
+        matmuls = [n for n in op.graph.nodes if _is_call(n, _MATMUL_FUNCTIONS, _MATMUL_METHODS)]
+        logits = [n for n in matmuls if n in before]  # q @ k^T, the last one before the softmax
+        mixes = [n for n in matmuls if n in after]  # probs @ v, the first one after it
+        if not logits or not mixes:
+            raise UnsupportedModelError(
+                f"{where}: expected q @ k^T before the attention softmax and probs @ v after it"
+            )
+        q, v = shape(logits[-1].args[0]), shape(mixes[0].args[1])
+    if len(q) != 4 or len(v) != 4:
+        raise UnsupportedModelError(f"{where}: expected (batch, heads, tokens, dim) attention inputs, found {tuple(q)}")
+    return q[1] * q[3], v[1] * v[3], q[1]
+
+
+def locate(gm: fx.GraphModule, *, where: str, channels: int, num_prefix_tokens: int) -> BlockSite:
+    """Locate the attention and its residual add in a traced block whose nodes carry shapes.
+
+    ``gm`` must have been shape-propagated (``tensor_meta`` on its nodes).
+    """
+    source, op = _attention_op(gm.graph, where)
+    if source is ScoreSource.QUERY_KEY:
+        score_inputs, scale = _check_fused_call(op, where)
+    else:
+        _check_softmax(op, where)
+        score_inputs, scale = (op,), None
+    add = _residual_add(op, where)
+    pre, post = _check_point_between(gm, op, add, where)
+    qk_width, v_width, _ = _attention_widths(source, op, where)
+    cost = BlockCost(
+        pre_macs_per_token=pre,
+        post_macs_per_token=post,
+        qk_width=qk_width,
+        v_width=v_width,
+        channels=channels,
+        num_prefix_tokens=num_prefix_tokens,
+        recomputes_cls_row=source is ScoreSource.QUERY_KEY,
+    )
+    return BlockSite(where, source, op, score_inputs, scale, add, cost)

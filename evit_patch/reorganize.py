@@ -1,0 +1,88 @@
+"""EViT token reorganization as pure, shape-documented tensor functions.
+
+Notation: ``B`` batch, ``H`` heads, ``N`` tokens (prefix included), ``P`` prefix tokens
+(class, distillation, register tokens; always first), ``C`` channels, ``D`` head dim.
+Nothing here knows about models or graphs; the graph pass wires these into a block.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def num_kept(num_image_tokens: int, keep: float) -> int:
+    """Image tokens EViT keeps: ``ceil(keep * (N - P))``, as the official code computes it.
+
+    Depends on the token count alone (no tensor values), so ``torch.compile`` and export see
+    a static shape.
+    """
+    return math.ceil(keep * num_image_tokens)
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax in at least float32: bf16 [CLS] logits would blur the top-k ranking."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cls_attention_from_qk(q: Tensor, k: Tensor, num_prefix: int, scale: float | None = None) -> Tensor:
+    """Head-averaged [CLS] attention over image tokens, recomputed from ``q`` and ``k``.
+
+    Fused attention never materialises the ``N x N`` map, so only the class-token row is
+    recomputed, ``softmax(q_cls k^T * scale)``, at ``O(N D H)`` cost.
+
+    Args:
+        q, k: ``(B, H, N, D)`` queries and keys exactly as the block's attention used them.
+        num_prefix: ``P``; the softmax runs over all ``N`` keys, the prefix columns are dropped after.
+        scale: the attention scale; ``None`` means ``D ** -0.5`` (SDPA's default).
+
+    Returns:
+        ``(B, N - P)`` scores, in float32 or wider.
+    """
+    dtype = _score_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q[:, :, :1].to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
+    return logits.softmax(dim=-1)[:, :, 0, num_prefix:].mean(dim=1)
+
+
+def cls_attention_from_probs(probs: Tensor, num_prefix: int) -> Tensor:
+    """Head-averaged [CLS] attention taken from an explicit ``(B, H, N, N)`` attention map."""
+    return probs[:, :, 0, num_prefix:].to(_score_dtype(probs.dtype)).mean(dim=1)
+
+
+class Reorganized(NamedTuple):
+    """Result of :func:`reorganize`."""
+
+    tokens: Tensor
+    """``(B, P + k [+ 1], C)``: prefix, the kept tokens by descending score, then the fused token."""
+    kept_index: Tensor
+    """``(B, k)`` index of each kept token among the input's image tokens (0 = first after the prefix)."""
+
+
+def reorganize(x: Tensor, scores: Tensor, num_prefix: int, num_keep: int, fuse: bool = True) -> Reorganized:
+    """Keep the top-``num_keep`` image tokens by score and optionally fuse the rest into one token.
+
+    The fused token is ``sum_i a_i x_i`` over the dropped tokens with their raw scores ``a_i``
+    (not renormalised), appended last, as in the official EViT implementation.
+
+    Args:
+        x: ``(B, N, C)`` tokens.
+        scores: ``(B, N - P)`` head-averaged [CLS] attention over the image tokens.
+        num_prefix: ``P`` tokens at the front, kept in place.
+        num_keep: ``k`` with ``1 <= k <= N - P``.
+        fuse: append the fused token.
+    """
+    channels = x.shape[-1]
+    prefix, image = x[:, :num_prefix], x[:, num_prefix:]
+    kept_index = scores.topk(num_keep, dim=1, largest=True, sorted=True).indices
+    kept = image.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, channels))
+    if not fuse:
+        return Reorganized(torch.cat([prefix, kept], dim=1), kept_index)
+    # Zero the kept tokens' weights: the fused token sums the dropped ones only, and gradients
+    # still reach q and k through the dropped tokens' scores.
+    dropped_weight = scores.scatter(1, kept_index, 0.0).to(x.dtype)
+    fused = torch.bmm(dropped_weight.unsqueeze(1), image)
+    return Reorganized(torch.cat([prefix, kept, fused], dim=1), kept_index)

@@ -1,0 +1,66 @@
+"""The module the graph pass inserts into each chosen block.
+
+It is a leaf of the patched block's graph, so its keep rate is a plain attribute that can be
+changed after patching (keep-rate warm-up) without re-tracing.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from torch import Tensor, nn
+
+from .reorganize import cls_attention_from_probs, cls_attention_from_qk, num_kept, reorganize
+
+
+class ScoreSource(enum.Enum):
+    """Where the block's attention exposes what the [CLS] score is computed from."""
+
+    QUERY_KEY = "query_key"
+    """Fused attention: recompute the [CLS] row from ``q`` and ``k``."""
+    PROBABILITIES = "probabilities"
+    """Manual attention: read the [CLS] row of the softmax output."""
+
+
+class TokenReorganizer(nn.Module):
+    """EViT reorganization at one block: keep the attentive tokens, fuse the rest.
+
+    Called as ``reorg(x, q, k)`` (query/key source) or ``reorg(x, probs)`` (probabilities), where
+    ``x`` is the residual stream right after the attention residual add. ``keep >= 1``, or a keep
+    rate that keeps every token, returns ``x`` itself: an exact no-op.
+    """
+
+    def __init__(
+        self,
+        keep: float,
+        *,
+        num_prefix_tokens: int,
+        source: ScoreSource,
+        fuse: bool = True,
+        scale: float | None = None,
+        layer: int = -1,
+    ) -> None:
+        super().__init__()
+        self.keep = float(keep)
+        self.fuse = bool(fuse)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.source = source
+        self.scale = scale
+        self.layer = int(layer)
+
+    def forward(self, x: Tensor, attn_a: Tensor, attn_b: Tensor | None = None) -> Tensor:
+        num_image = x.shape[1] - self.num_prefix_tokens
+        keep = num_kept(num_image, self.keep)
+        if self.keep >= 1.0 or keep >= num_image:
+            return x
+        if self.source is ScoreSource.QUERY_KEY:
+            scores = cls_attention_from_qk(attn_a, attn_b, self.num_prefix_tokens, self.scale)
+        else:
+            scores = cls_attention_from_probs(attn_a, self.num_prefix_tokens)
+        return reorganize(x, scores, self.num_prefix_tokens, keep, self.fuse).tokens
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer}, keep={self.keep}, fuse={self.fuse}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}, source={self.source.value}"
+        )

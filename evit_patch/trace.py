@@ -1,0 +1,112 @@
+"""Trace one transformer block into an fx graph the locator and rewriter can work on.
+
+Blocks are traced one at a time, not the whole model: the patched model stays an instance of
+the user's class (``forward_features``, ``reset_classifier``, ``pretrained_cfg`` all keep
+working), its ``state_dict`` keys are unchanged, and models whose embedding does not trace
+(dynamic image size) are still covered.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import UnsupportedInputError, UnsupportedModelError
+from .reorganizer import TokenReorganizer
+
+
+@fx.wrap
+def require_default(value: Any, default: Any, message: str) -> None:
+    """Runtime guard for a block argument that tracing specialised to its default."""
+    if value is default or (not isinstance(value, torch.Tensor) and value == default):
+        return
+    raise UnsupportedInputError(message)
+
+
+class BlockTracer(fx.Tracer):
+    """``fx.Tracer`` that keeps mode-dependent helpers (drop-path) and our own modules as leaves.
+
+    A traced-through drop-path would bake ``self.training`` into the graph; as a leaf it keeps
+    following ``.train()``/``.eval()``.
+    """
+
+    def __init__(self, leaf_types: Iterable[type[nn.Module]] = ()) -> None:
+        super().__init__()
+        self.leaf_types = (TokenReorganizer, *leaf_types)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_block(block: nn.Module, *, where: str, leaf_types: Iterable[type[nn.Module]] = ()) -> fx.GraphModule:
+    """Symbolically trace ``block`` (in eval mode) with every argument after the first at its default.
+
+    Args:
+        block: the transformer block; called as ``block(x)`` by its model.
+        where: ``"ModelClass.blocks.3"``, used in every message.
+        leaf_types: extra module types not to trace through.
+
+    Raises:
+        UnsupportedModelError: the block needs more than one input or fails to trace.
+    """
+    params = list(inspect.signature(block.forward).parameters.values())
+    if not params:
+        raise UnsupportedModelError(f"{where}: forward() takes no token input")
+    required = [
+        p.name
+        for p in params[1:]
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    if required:
+        raise UnsupportedModelError(
+            f"{where}: expected a block called as block(x), but forward() also requires {required}"
+        )
+    defaults = {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty}
+    was_training = block.training
+    block.eval()
+    try:
+        graph = BlockTracer(leaf_types).trace(block, concrete_args=defaults)
+    except Exception as exc:  # fx raises many types; the cause is chained for the details
+        raise UnsupportedModelError(f"{where}: torch.fx could not trace {type(block).__name__}: {exc}") from exc
+    finally:
+        block.train(was_training)
+    _install_default_guards(graph, defaults, where)
+    gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
+    gm.train(was_training)
+    return gm
+
+
+def _install_default_guards(graph: fx.Graph, defaults: dict[str, Any], where: str) -> None:
+    """Replace fx's anonymous specialisation asserts with one named guard per argument.
+
+    fx renames specialised placeholders (``attn_mask`` -> ``attn_mask_1``), so a caller passing
+    ``attn_mask=...`` would get a bare ``TypeError``; restore the names and say why instead.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    for node, (name, default) in zip(placeholders, defaults.items(), strict=True):
+        _erase_users(node)
+        node.target = name
+        with graph.inserting_after(node):
+            graph.call_function(
+                require_default,
+                (
+                    node,
+                    default,
+                    (
+                        f"{where} was patched by evit_patch with {name}={default!r}; EViT reorders and "
+                        f"drops tokens, so it cannot honour a caller-supplied {name}"
+                    ),
+                ),
+            )
+
+
+def _erase_users(node: fx.Node) -> None:
+    for user in list(node.users):
+        _erase_users(user)
+        user.graph.erase_node(user)
