@@ -1,0 +1,61 @@
+"""Labelled image manifests (``file,label`` CSV) decoded once into cached tensors.
+
+Decoding JPEGs dominates evaluation on a small CPU, so decoded batches are cached on disk,
+keyed by the manifest, the files' sizes and the transform.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EVIT_PATCH_CACHE", Path.home() / ".cache" / "evit_patch"))
+
+
+def read_manifest(csv_path: str | Path) -> list[tuple[Path, int]]:
+    """``(image path, label)`` pairs; paths are relative to a folder named like the CSV."""
+    csv_path = Path(csv_path)
+    root = csv_path.with_suffix("")
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "file" not in rows[0] or "label" not in rows[0]:
+        raise ValueError(f"{csv_path}: expected a CSV with 'file' and 'label' columns")
+    return [(root / r["file"], int(r["label"])) for r in rows]
+
+
+def load_images(
+    csv_path: str | Path,
+    transform,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode every image of a manifest with ``transform``; returns ``(images, labels)``."""
+    items = read_manifest(csv_path)
+    key = hashlib.sha256(
+        repr((str(Path(csv_path).resolve()), [(p.name, p.stat().st_size, y) for p, y in items], repr(transform)))
+        .encode()
+    ).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cached = cache / f"{Path(csv_path).stem}-{key}.pt"
+    if cached.is_file():
+        data = torch.load(cached, weights_only=True)
+        return data["images"], data["labels"]
+    images = torch.stack([
+        transform(Image.open(p).convert("RGB"))
+        for p, _ in tqdm(items, desc=f"decoding {Path(csv_path).name}", disable=not progress)
+    ])
+    labels = torch.tensor([y for _, y in items])
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    torch.save({"images": images, "labels": labels}, tmp)
+    os.replace(tmp, cached)
+    return images, labels

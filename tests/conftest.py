@@ -1,0 +1,46 @@
+"""Shared fixtures. Tests run offline: models are random-init or the real weights in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(os.environ.get("EVIT_PATCH_SHARED", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
+
+
+def make_vit(name: str = "deit_tiny_patch16_224", *, dtype=torch.float64, seed: int = 0, **kwargs):
+    """A random-init timm model in eval mode; float64 so top-k ties cannot flake."""
+    torch.manual_seed(seed)
+    return timm.create_model(name, **kwargs).to(dtype).eval()
+
+
+def images(batch: int = 2, size: int = 224, *, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    if not WEIGHTS.is_file():
+        pytest.skip(f"real weights not found at {WEIGHTS}")
+    from evit_patch.weights import create_model
+
+    return create_model("deit_tiny_patch16_224", checkpoint=WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def real_images(real_model):
+    """All 825 real images (75 val + 750 sample), decoded once and cached on disk."""
+    from timm.data import create_transform, resolve_data_config
+
+    from evit_patch.data import load_images
+
+    transform = create_transform(**resolve_data_config({}, model=real_model))
+    parts = [load_images(SHARED / "images" / f"{s}.csv", transform) for s in ("imagenet_val", "imagenet_sample")]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), len(parts[0][0])

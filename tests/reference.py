@@ -1,0 +1,51 @@
+"""An explicit EViT reference for timm ViTs, written from the paper and the official code's
+semantics, independent of evit_patch: full attention map, per-sample Python top-k bookkeeping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def reference_attention(attn, x):
+    """timm Attention with the full (B, H, N, N) map materialised."""
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    probs = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
+    out = (probs @ v).transpose(1, 2).reshape(batch, tokens, attn.attn_dim)
+    return attn.proj(attn.norm(out)), probs
+
+
+def reference_reorganize(x, probs, prefix: int, keep: float, fuse: bool):
+    """Keep ceil(keep * (N - P)) image tokens by head-averaged [CLS] attention; fuse the rest."""
+    batch, tokens, _ = x.shape
+    n_image = tokens - prefix
+    n_keep = math.ceil(keep * n_image)
+    if keep >= 1 or n_keep >= n_image:
+        return x
+    scores = probs[:, :, 0, prefix:].mean(dim=1)  # (B, N - P)
+    out = []
+    for b in range(batch):
+        order = sorted(range(n_image), key=lambda i: -scores[b, i].item())
+        kept, dropped = order[:n_keep], order[n_keep:]
+        rows = [x[b, :prefix]] + [x[b, prefix + i][None] for i in kept]
+        if fuse:
+            rows.append(sum(scores[b, i] * x[b, prefix + i] for i in dropped)[None])
+        out.append(torch.cat(rows))
+    return torch.stack(out)
+
+
+def reference_forward(model, images, layers, keep, fuse: bool = True):
+    """EViT forward of a timm VisionTransformer (pre-norm Block), by hand."""
+    keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    for index, block in enumerate(model.blocks):
+        out, probs = reference_attention(block.attn, block.norm1(x))
+        x = x + block.ls1(out)
+        if index in keeps:
+            x = reference_reorganize(x, probs, model.num_prefix_tokens, keeps[index], fuse)
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+    return model.forward_head(model.norm(x))
