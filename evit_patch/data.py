@@ -41,18 +41,21 @@ def load_images(
     """Decode every image of a manifest with ``transform``; returns ``(images, labels)``."""
     items = read_manifest(csv_path)
     key = hashlib.sha256(
-        repr((str(Path(csv_path).resolve()), [(p.name, p.stat().st_size, y) for p, y in items], repr(transform)))
-        .encode()
+        repr(
+            (str(Path(csv_path).resolve()), [(p.name, p.stat().st_size, y) for p, y in items], repr(transform))
+        ).encode()
     ).hexdigest()[:16]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = cache / f"{Path(csv_path).stem}-{key}.pt"
     if cached.is_file():
         data = torch.load(cached, weights_only=True)
         return data["images"], data["labels"]
-    images = torch.stack([
-        transform(Image.open(p).convert("RGB"))
-        for p, _ in tqdm(items, desc=f"decoding {Path(csv_path).name}", disable=not progress)
-    ])
+    images = torch.stack(
+        [
+            transform(Image.open(p).convert("RGB"))
+            for p, _ in tqdm(items, desc=f"decoding {Path(csv_path).name}", disable=not progress)
+        ]
+    )
     labels = torch.tensor([y for _, y in items])
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")

@@ -42,14 +42,18 @@ def compare(
         y = labels[start : start + batch_size].to(device)
         a, b = original(x).float(), patched(x).float()
         top5_a, top5_b = a.topk(5, dim=-1).indices, b.topk(5, dim=-1).indices
-        stats += torch.tensor([
-            (top5_a[:, 0] == y).sum().item(),
-            (top5_b[:, 0] == y).sum().item(),
-            (top5_a == y[:, None]).any(-1).sum().item(),
-            (top5_b == y[:, None]).any(-1).sum().item(),
-            (top5_a[:, 0] == top5_b[:, 0]).sum().item(),
-            torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum")
-            .item(),
-        ], dtype=torch.float64)
+        stats += torch.tensor(
+            [
+                (top5_a[:, 0] == y).sum().item(),
+                (top5_b[:, 0] == y).sum().item(),
+                (top5_a == y[:, None]).any(-1).sum().item(),
+                (top5_b == y[:, None]).any(-1).sum().item(),
+                (top5_a[:, 0] == top5_b[:, 0]).sum().item(),
+                torch.nn.functional.kl_div(
+                    b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum"
+                ).item(),
+            ],
+            dtype=torch.float64,
+        )
     n = len(images)
     return Comparison(n, *(float(s) / n for s in stats))

@@ -43,7 +43,10 @@ class BlockSite:
     """``(q, k)`` for fused attention, ``(probs,)`` for manual attention."""
     scale: float | None
     residual_add: fx.Node
-    cost: BlockCost
+    pre_macs_per_token: int
+    """Projection MACs per token before the residual add (they see every token)."""
+    post_macs_per_token: int
+    """Projection MACs per token after it (they see the reorganized tokens)."""
 
 
 def _is_call(node: fx.Node, functions: set, methods: set[str]) -> bool:
@@ -205,11 +208,8 @@ def _attention_widths(source: ScoreSource, op: fx.Node, where: str) -> tuple[int
     return q[1] * q[3], v[1] * v[3], q[1]
 
 
-def locate(gm: fx.GraphModule, *, where: str, channels: int, num_prefix_tokens: int) -> BlockSite:
-    """Locate the attention and its residual add in a traced block whose nodes carry shapes.
-
-    ``gm`` must have been shape-propagated (``tensor_meta`` on its nodes).
-    """
+def locate(gm: fx.GraphModule, *, where: str) -> BlockSite:
+    """Locate the attention op and its residual add in a traced block (structure only)."""
     source, op = _attention_op(gm.graph, where)
     if source is ScoreSource.QUERY_KEY:
         score_inputs, scale = _check_fused_call(op, where)
@@ -218,14 +218,18 @@ def locate(gm: fx.GraphModule, *, where: str, channels: int, num_prefix_tokens: 
         score_inputs, scale = (op,), None
     add = _residual_add(op, where)
     pre, post = _check_point_between(gm, op, add, where)
-    qk_width, v_width, _ = _attention_widths(source, op, where)
-    cost = BlockCost(
-        pre_macs_per_token=pre,
-        post_macs_per_token=post,
+    return BlockSite(where, source, op, score_inputs, scale, add, pre, post)
+
+
+def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int) -> BlockCost:
+    """The block's analytic cost; needs ``tensor_meta`` on the graph (shape propagation)."""
+    qk_width, v_width, _ = _attention_widths(site.source, site.attention, site.where)
+    return BlockCost(
+        pre_macs_per_token=site.pre_macs_per_token,
+        post_macs_per_token=site.post_macs_per_token,
         qk_width=qk_width,
         v_width=v_width,
         channels=channels,
         num_prefix_tokens=num_prefix_tokens,
-        recomputes_cls_row=source is ScoreSource.QUERY_KEY,
+        recomputes_cls_row=site.source is ScoreSource.QUERY_KEY,
     )
-    return BlockSite(where, source, op, score_inputs, scale, add, cost)

@@ -10,8 +10,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .cost import BlockCost
+from .errors import UnsupportedModelError
 from .families import Family, describe
-from .locate import BlockSite, locate
+from .locate import BlockSite, block_cost, locate
 from .trace import trace_block
 
 
@@ -22,6 +23,7 @@ class TracedBlock:
     name: str
     graph_module: fx.GraphModule
     site: BlockSite
+    cost: BlockCost
 
 
 @dataclass(frozen=True)
@@ -40,17 +42,20 @@ def trace_blocks(model: nn.Module, family: Family) -> list[TracedBlock]:
     who = describe(model)
     prefix = family.num_prefix_tokens(model)
     channels = family.channels(model)
+    tokens = family.num_tokens(model)
     traced = []
     for name, block in family.blocks(model):
         where = f"{who}.{name}"
         gm = trace_block(block, where=where, leaf_types=family.leaf_types())
-        _propagate_shapes(gm, block, tokens=prefix + 4, channels=channels)
-        site = locate(gm, where=where, channels=channels, num_prefix_tokens=prefix)
-        traced.append(TracedBlock(name, gm, site))
+        site = locate(gm, where=where)
+        _propagate_shapes(gm, block, where=where, tokens=tokens, channels=channels)
+        cost = block_cost(site, channels=channels, num_prefix_tokens=prefix)
+        traced.append(TracedBlock(name, gm, site, cost))
     return traced
 
 
-def _propagate_shapes(gm: fx.GraphModule, block: nn.Module, *, tokens: int, channels: int) -> None:
+def _propagate_shapes(gm: fx.GraphModule, block: nn.Module, *, where: str, tokens: int, channels: int) -> None:
+    """Run the block once on zeros of the model's token count to annotate node shapes."""
     param = next(block.parameters(), None)
     device = param.device if param is not None else None
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -59,6 +64,10 @@ def _propagate_shapes(gm: fx.GraphModule, block: nn.Module, *, tokens: int, chan
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(torch.zeros(1, tokens, channels, device=device, dtype=dtype))
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"{where}: running the traced block on (1, {tokens}, {channels}) tokens failed: {exc}"
+        ) from exc
     finally:
         gm.train(was_training)
 
@@ -69,5 +78,5 @@ def profile_of(traced: list[TracedBlock], model: nn.Module, family: Family) -> M
         model=describe(model),
         num_prefix_tokens=family.num_prefix_tokens(model),
         block_names=tuple(t.name for t in traced),
-        costs=tuple(t.site.cost for t in traced),
+        costs=tuple(t.cost for t in traced),
     )

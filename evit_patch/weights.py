@@ -29,9 +29,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def create_model(
-    name: str, *, checkpoint: str | Path | None = None, pretrained: bool = False, **kwargs
-) -> nn.Module:
+def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model`` in eval mode; ``checkpoint`` loads local weights with ``strict=True``."""
     model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
     if checkpoint is not None:

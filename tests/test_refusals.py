@@ -1,0 +1,134 @@
+"""Every refusal names the model, the block and what was expected; nothing is ever half-patched."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import timm
+import torch
+from conftest import images, make_vit
+from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock, VisionTransformer
+
+import evit_patch
+from evit_patch import InvalidPlanError, UnsupportedInputError, UnsupportedModelError
+
+
+def _tiny(**kwargs):
+    kwargs = dict(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=2) | kwargs
+    return VisionTransformer(**kwargs).eval()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(class_token=False, global_pool="avg"), r"VisionTransformer has no class token \(num_prefix_tokens=0"),
+        (
+            dict(class_token=False, reg_tokens=4, global_pool="avg"),
+            r"no class token \(num_prefix_tokens=4, global_pool='avg'\)",
+        ),
+        (dict(global_pool="avg"), r"has global_pool='avg': its output depends on every image token"),
+        (dict(global_pool="map"), r"pools with an attention-pool head \(global_pool='map'\)"),
+        (dict(global_pool=""), r"has global_pool='': its output depends on every image token"),
+    ],
+    ids=["gap", "registers_only", "avg_head", "map_head", "no_pool"],
+)
+def test_heads_without_class_token_are_refused(kwargs, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        evit_patch.apply(_tiny(**kwargs), layers=[1], keep=0.7)
+
+
+@pytest.mark.parametrize(
+    ("block_fn", "message"),
+    [
+        (
+            ParallelScalingBlock,
+            r"VisionTransformer.blocks.0: expected the MLP to run after the attention residual add, "
+            r"but .* runs beside the attention \(a parallel block",
+        ),
+        (
+            partial(ParallelThingsBlock, num_parallel=2),
+            r"VisionTransformer.blocks.0: expected exactly one attention op .* found 2 \(parallel attention branches\)",
+        ),
+    ],
+    ids=["parallel_scaling", "parallel_things"],
+)
+def test_parallel_blocks_are_refused(block_fn, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        evit_patch.apply(_tiny(block_fn=block_fn), layers=[1], keep=0.7)
+
+
+@pytest.mark.parametrize(
+    ("layers", "keep", "message"),
+    [
+        ([12], 0.7, r"layer 12 is out of range; the model has 12 blocks \(valid indices 0..11\)"),
+        ([-1], 0.7, r"layer -1 is out of range"),
+        ([3, 3], 0.7, r"layers \[3\] are repeated"),
+        ([], 0.7, r"layers is empty"),
+        ([2.0], 0.7, r"layer indices must be integers, got 2.0"),
+        ([3], 0.0, r"layer 3: keep must be a number in \(0, 1\], got 0.0"),
+        ([3], 1.5, r"keep must be a number in \(0, 1\], got 1.5"),
+        ([3], float("nan"), r"keep must be a number in \(0, 1\], got nan"),
+        ([3], True, r"keep must be a number in \(0, 1\], got True"),
+        ([3, 6], [0.7], r"got 1 keep rates for 2 layers"),
+    ],
+)
+def test_bad_plans_are_refused(layers, keep, message):
+    with pytest.raises(InvalidPlanError, match=r"VisionTransformer \(deit_tiny_patch16_224\).*" + message):
+        evit_patch.apply(timm.create_model("deit_tiny_patch16_224"), layers=layers, keep=keep)
+
+
+def test_non_vits_and_known_families_are_refused_by_name():
+    with pytest.raises(
+        UnsupportedModelError, match=r"ResNet \(resnet18\) is not a vision transformer evit_patch knows"
+    ):
+        evit_patch.apply(timm.create_model("resnet18"), layers=[1], keep=0.7)
+    with pytest.raises(UnsupportedModelError, match=r"expects a torch.nn.Module vision transformer, got str"):
+        evit_patch.apply("deit_small_patch16_224", layers=[1], keep=0.7)
+    with pytest.raises(
+        UnsupportedModelError, match=r"Beit \(beit_base_patch16_224.*\) is not supported by evit_patch: "
+    ):
+        evit_patch.apply(timm.create_model("beit_base_patch16_224", img_size=64), layers=[1], keep=0.7)
+    with pytest.raises(UnsupportedModelError, match=r"Eva .* rotary position tables"):
+        evit_patch.apply(timm.create_model("eva02_tiny_patch14_224", img_size=56), layers=[1], keep=0.7)
+
+
+def test_user_attention_mask_is_refused_at_call_time():
+    fast = evit_patch.apply(make_vit(), layers=[3], keep=0.7)
+    mask = torch.zeros(197, 197, dtype=torch.float64)
+    with pytest.raises(
+        UnsupportedInputError,
+        match=r"\(deit_tiny_patch16_224\).blocks.3 was patched by evit_patch with attn_mask=None; "
+        r"EViT reorders and drops tokens, so it cannot honour a caller-supplied attn_mask",
+    ):
+        fast(images(1), attn_mask=mask)
+
+
+def test_attention_mask_built_into_a_block_is_refused():
+    """A block that always passes a mask to its attention has no sound EViT point."""
+
+    class MaskedBlock(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.inner = block
+            self.register_buffer("mask", torch.zeros(17, 17))
+
+        def forward(self, x):
+            return self.inner(x, attn_mask=self.mask)
+
+    model = _tiny()
+    model.blocks[2] = MaskedBlock(model.blocks[2])
+    with pytest.raises(UnsupportedModelError, match=r"blocks.2: expected attention without a mask, found attn_mask="):
+        evit_patch.apply(model, layers=[1], keep=0.7)
+
+
+def test_nothing_is_half_patched_after_a_late_failure():
+    """Block 3 is parallel: the error comes after blocks 0-2 were traced, yet the model is untouched."""
+    model = _tiny()
+    model.blocks[3] = ParallelScalingBlock(64, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    children = list(model.blocks)
+    with pytest.raises(UnsupportedModelError, match=r"blocks.3"):
+        evit_patch.apply(model, layers=[0, 1], keep=0.5)
+    assert list(model.blocks) == children and not evit_patch.is_patched(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
