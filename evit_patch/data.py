@@ -31,6 +31,39 @@ def read_manifest(csv_path: str | Path) -> list[tuple[Path, int]]:
     return [(root / r["file"], int(r["label"])) for r in rows]
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def read_image_folder(root: str | Path) -> list[tuple[Path, int]]:
+    """``(image path, label)`` pairs from an ImageFolder tree (one sub-folder per class).
+
+    Folders named by ImageNet wnids get timm's ImageNet-1k index, so a subset of ImageNet is
+    labelled correctly; other trees are labelled by sorted folder name.
+    """
+    from timm.data import ImageNetInfo
+
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise ValueError(f"{root}: expected an ImageFolder tree (one sub-folder per class), found no sub-folders")
+    wnids = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
+    index = (
+        {c: wnids[c] for c in classes} if all(c in wnids for c in classes) else {c: i for i, c in enumerate(classes)}
+    )
+    items = [(p, index[c]) for c in classes for p in sorted((root / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise ValueError(f"{root}: the class folders hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return items
+
+
+def read_dataset(path: str | Path) -> list[tuple[Path, int]]:
+    """A manifest CSV or an ImageFolder tree."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: expected a manifest .csv or an ImageFolder directory")
+    return read_manifest(path) if path.suffix == ".csv" else read_image_folder(path)
+
+
 def load_images(
     csv_path: str | Path,
     transform,
@@ -38,15 +71,15 @@ def load_images(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode every image of a manifest with ``transform``; returns ``(images, labels)``."""
-    items = read_manifest(csv_path)
+    """Decode every image of a manifest CSV or ImageFolder tree; returns ``(images, labels)``."""
+    items = read_dataset(csv_path)
     key = hashlib.sha256(
         repr(
             (str(Path(csv_path).resolve()), [(p.name, p.stat().st_size, y) for p, y in items], repr(transform))
         ).encode()
     ).hexdigest()[:16]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cached = cache / f"{Path(csv_path).stem}-{key}.pt"
+    cached = cache / f"{Path(csv_path).stem}-{key}.pt"  # one file per set and transform
     if cached.is_file():
         data = torch.load(cached, weights_only=True)
         return data["images"], data["labels"]

@@ -47,17 +47,20 @@ class TokenReorganizer(nn.Module):
         self.source = source
         self.scale = scale
         self.layer = int(layer)
+        self.force = False
+        """Benchmarks only: reorganize (score, sort, gather) even when every token is kept."""
 
     def forward(self, x: Tensor, attn_a: Tensor, attn_b: Tensor | None = None) -> Tensor:
         num_image = x.shape[1] - self.num_prefix_tokens
-        keep = num_kept(num_image, self.keep)
-        if self.keep >= 1.0 or keep >= num_image:
+        keep = min(num_kept(num_image, self.keep), num_image)
+        dropped = keep < num_image
+        if not dropped and not self.force:
             return x
         if self.source is ScoreSource.QUERY_KEY:
             scores = cls_attention_from_qk(attn_a, attn_b, self.num_prefix_tokens, self.scale)
         else:
             scores = cls_attention_from_probs(attn_a, self.num_prefix_tokens)
-        return reorganize(x, scores, self.num_prefix_tokens, keep, self.fuse).tokens
+        return reorganize(x, scores, self.num_prefix_tokens, keep, self.fuse and dropped).tokens
 
     def extra_repr(self) -> str:
         return (

@@ -128,3 +128,20 @@ def test_list_supported_names_families():
     assert [e.family for e in evit_patch.list_supported("timm.Vision*", include_refused=False)] == [
         "timm.VisionTransformer"
     ]
+
+
+def test_forced_reorganization_at_keep_one_only_permutes_tokens():
+    """Benchmarks force the reorganization on at keep 1.0: tokens are re-ordered by score, none
+    dropped, no fused token, and the class-token output is unchanged (attention is permutation
+    equivariant once position embeddings are added)."""
+    model = make_vit()
+    fast = evit_patch.apply(model, layers=[3, 6, 9], keep=1.0)
+    for module in evit_patch.reorganizers(fast):
+        module.force = True
+    x = images(2)
+    with torch.no_grad():
+        features, reference = fast.forward_features(x), model.forward_features(x)
+        assert features.shape == reference.shape
+        assert not torch.allclose(features[:, 1:], reference[:, 1:])
+        torch.testing.assert_close(features[:, 0], reference[:, 0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(features[:, 1:].sum(1), reference[:, 1:].sum(1), rtol=0, atol=1e-9)

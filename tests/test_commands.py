@@ -1,0 +1,117 @@
+"""The benchmark and evaluate commands run end to end; nothing here asserts a time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from conftest import SHARED, WEIGHTS
+
+from evit_patch.commands import benchmark, evaluate
+
+
+def _args(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_benchmark_reports_flops_consistently(tmp_path):
+    out = tmp_path / "bench.json"
+    args = _args(
+        benchmark,
+        [
+            "--model",
+            "deit_tiny_patch16_224",
+            "--batch-size",
+            "1",
+            "2",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--keep",
+            "0.5",
+            "--json",
+            str(out),
+        ],
+    )
+    results = benchmark.run(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    rows = results["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["gmacs_counted"] == pytest.approx([r["gmacs_original"], r["gmacs_patched"]], rel=1e-12)
+        assert r["ideal_speedup"] == pytest.approx(r["gmacs_original"] / r["gmacs_patched"])
+        assert r["speedup"] == pytest.approx(r["img_s_patched"] / r["img_s_original"])
+
+
+def test_benchmark_overhead_mode_keeps_flops_nearly_equal():
+    args = _args(
+        benchmark,
+        ["--model", "deit_tiny_patch16_224", "--batch-size", "1", "--rounds", "1", "--warmup", "0", "--overhead"],
+    )
+    row = benchmark.run(args)["rows"][0]
+    # Forced reorganization at keep 1.0 only adds the [CLS] rows: 3 x 197 x 192 MACs.
+    assert row["gmacs_counted"][1] - row["gmacs_counted"][0] == pytest.approx(3 * 197 * 192 / 1e9, rel=1e-9)
+
+
+def test_benchmark_sweep_writes_csv(tmp_path):
+    args = _args(
+        benchmark,
+        [
+            "--model",
+            "deit_tiny_patch16_224",
+            "--sweep",
+            "--sweep-keep",
+            "0.9",
+            "0.5",
+            "--sweep-layers",
+            "3,6,9",
+            "1",
+            "--batch-size",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(tmp_path / "sweep.json"),
+        ],
+    )
+    rows = benchmark.run(args)["sweep"]
+    assert [(r["layers"], r["keep"]) for r in rows] == [("3,6,9", 0.9), ("3,6,9", 0.5), ("1", 0.9), ("1", 0.5)]
+    assert rows[1]["gmacs_patched"] < rows[0]["gmacs_patched"] < rows[0]["gmacs_original"]
+    assert (tmp_path / "sweep.csv").read_text().count("\n") == 5
+
+
+@pytest.mark.slow
+def test_evaluate_on_real_val_images(tmp_path):
+    if not WEIGHTS.is_file():
+        pytest.skip("real weights missing")
+    args = _args(
+        evaluate,
+        [
+            "--checkpoint",
+            str(WEIGHTS),
+            "--data",
+            str(SHARED / "images" / "imagenet_val.csv"),
+            "--keep",
+            "1.0",
+            "0.7",
+            "--sweep",
+            "--json",
+            str(tmp_path / "e.json"),
+        ],
+    )
+    full, pruned = evaluate.run(args)
+    assert full["images"] == 75 and full["agreement"] == 1.0 and full["mean_kl"] == 0.0
+    assert full["top1_patched"] == full["top1_original"]
+    assert 0.85 <= pruned["agreement"] < 1.0 and pruned["gmacs"] < full["gmacs"]
+
+
+def test_evaluate_refuses_missing_data(tmp_path):
+    args = _args(evaluate, ["--data", str(tmp_path / "nope.csv")])
+    with pytest.raises(FileNotFoundError, match="nope.csv does not exist: expected a manifest .csv or an ImageFolder"):
+        evaluate.run(args)
