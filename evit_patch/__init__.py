@@ -6,17 +6,21 @@ fast = evit_patch.apply(timm.create_model("deit_small_patch16_224", pretrained=T
 print(evit_patch.explain(fast))
 """
 
-from .apply import apply, get_config, is_patched, reorganizers, set_keep
+from .apply import apply
+from .budget import plan
+from .calibrate import CalibrationResult, calibrate
 from .config import EViTConfig
 from .errors import EViTError, InvalidPlanError, UnsupportedInputError, UnsupportedModelError
 from .explain import Explanation, explain
 from .families import list_supported, register_family
 from .reorganize import cls_attention_from_probs, cls_attention_from_qk, num_kept, reorganize
 from .reorganizer import TokenReorganizer
+from .state import get_config, is_patched, reorganizers, set_keep
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationResult",
     "EViTConfig",
     "EViTError",
     "Explanation",
@@ -25,6 +29,7 @@ __all__ = [
     "UnsupportedInputError",
     "UnsupportedModelError",
     "apply",
+    "calibrate",
     "cls_attention_from_probs",
     "cls_attention_from_qk",
     "explain",
@@ -32,6 +37,7 @@ __all__ = [
     "is_patched",
     "list_supported",
     "num_kept",
+    "plan",
     "register_family",
     "reorganize",
     "reorganizers",

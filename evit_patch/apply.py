@@ -7,23 +7,26 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .config import EViTConfig, _check_keep
+from .budget import default_layers, plan
+from .config import EViTConfig
 from .errors import InvalidPlanError
 from .families import describe, find_family
-from .profile import ModelProfile, profile_of, trace_blocks
+from .profile import PROFILE_ATTR, profile_of, trace_blocks
 from .reorganizer import TokenReorganizer
 from .rewrite import insert_reorganizer
 
-PROFILE_ATTR = "evit_profile"
-"""Attribute holding the :class:`ModelProfile` of a patched model."""
+DEFAULT_KEEP = 0.7
 
 
 def apply(
     model: nn.Module,
-    layers: int | Iterable[int] = (3, 6, 9),
-    keep: float | Iterable[float] = 0.7,
+    layers: int | Iterable[int] | None = None,
+    keep: float | Iterable[float] | None = None,
     *,
     fuse: bool = True,
+    flops: float | None = None,
+    speedup: float | None = None,
+    img_size: int | tuple[int, int] | None = None,
 ) -> nn.Module:
     """Return an EViT copy of ``model`` that reorganizes tokens after attention at ``layers``.
 
@@ -35,18 +38,32 @@ def apply(
 
     Args:
         model: a supported vision transformer (see :func:`list_supported`).
-        layers: 0-indexed blocks that reorganize.
-        keep: fraction of image tokens kept at each layer, one rate or one per layer, in (0, 1].
+        layers: 0-indexed blocks that reorganize; default D/4, D/2, 3D/4 (3, 6, 9 of 12).
+        keep: fraction of image tokens kept at each layer, one rate or one per layer, in (0, 1];
+            default 0.7 unless a budget is given.
         fuse: fuse the dropped tokens into one extra token (EViT's inattentive fusion).
+        flops: instead of ``keep``, a MAC budget as a fraction of the original (see :func:`plan`).
+        speedup: instead of ``keep``, a FLOP-ideal speedup budget.
+        img_size: patch a copy resized to this input size (timm's position-embedding
+            interpolation); with ``flops=1.0`` it runs at the original's cost.
 
     Raises:
         UnsupportedModelError: the model or a block cannot be patched soundly (nothing changed).
-        InvalidPlanError: ``layers``/``keep`` are malformed for this model.
+        InvalidPlanError: ``layers``/``keep`` are malformed for this model, or the budget is infeasible.
     """
     family = find_family(model)
     family.check(model)
-    config = EViTConfig.build(layers, keep, fuse, num_blocks=len(family.blocks(model)), where=describe(model))
-    patched = copy.deepcopy(model)
+    if flops is not None or speedup is not None:
+        if keep is not None:
+            raise InvalidPlanError(f"{describe(model)}: give keep or a budget (flops/speedup), not both")
+        config = plan(model, flops=flops, speedup=speedup, layers=layers, img_size=img_size, fuse=fuse)
+    else:
+        num_blocks = len(family.blocks(model))
+        layers = default_layers(num_blocks) if layers is None else layers
+        keep = DEFAULT_KEEP if keep is None else keep
+        config = EViTConfig.build(layers, keep, fuse, num_blocks=num_blocks, where=describe(model))
+    source = model if img_size is None else family.resized(model, img_size)
+    patched = copy.deepcopy(source) if source is model else source
     traced = trace_blocks(patched, family)
     for layer, rate in zip(config.layers, config.keep):
         block = traced[layer]
@@ -62,42 +79,3 @@ def apply(
         patched.set_submodule(block.name, gm)
     setattr(patched, PROFILE_ATTR, profile_of(traced, patched, family))
     return patched
-
-
-def reorganizers(model: nn.Module) -> list[TokenReorganizer]:
-    """The model's :class:`TokenReorganizer` modules, by layer (empty for an unpatched model)."""
-    return sorted((m for m in model.modules() if isinstance(m, TokenReorganizer)), key=lambda m: m.layer)
-
-
-def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, PROFILE_ATTR, None), ModelProfile)
-
-
-def _require_patched(model: nn.Module, what: str) -> list[TokenReorganizer]:
-    mods = reorganizers(model)
-    if not is_patched(model) or not mods:
-        raise InvalidPlanError(f"{what}: {describe(model)} is not an evit_patch model; call evit_patch.apply first")
-    return mods
-
-
-def get_config(model: nn.Module) -> EViTConfig:
-    """The live EViT configuration of a patched model, read from its reorganizers."""
-    mods = _require_patched(model, "get_config")
-    return EViTConfig(tuple(m.layer for m in mods), tuple(m.keep for m in mods), mods[0].fuse)
-
-
-def set_keep(model: nn.Module, keep: float | Iterable[float]) -> None:
-    """Change keep rates in place on a patched model, without re-tracing (keep-rate warm-up).
-
-    ``keep`` is one rate for all reorganizing layers or one per layer. Under ``torch.compile``
-    a new keep value that changes a token count triggers one recompilation.
-    """
-    mods = _require_patched(model, "set_keep")
-    keeps = [keep] * len(mods) if not isinstance(keep, Iterable) else list(keep)
-    if len(keeps) != len(mods):
-        raise InvalidPlanError(
-            f"set_keep: got {len(keeps)} keep rates for {len(mods)} reorganizing layers {[m.layer for m in mods]}"
-        )
-    checked = [_check_keep(k, f"set_keep, layer {m.layer}") for m, k in zip(mods, keeps)]
-    for m, k in zip(mods, checked):
-        m.keep = k

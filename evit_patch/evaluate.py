@@ -33,14 +33,21 @@ def compare(
     *,
     batch_size: int = 64,
     progress: bool = True,
+    original_images: torch.Tensor | None = None,
 ) -> Comparison:
-    """Run both models batch by batch and compare their predictions."""
+    """Run both models batch by batch and compare their predictions.
+
+    ``original_images``: the same images preprocessed for the original model, when the patched
+    model runs at another resolution (same-cost higher resolution).
+    """
+    original_images = images if original_images is None else original_images
     stats = torch.zeros(6, dtype=torch.float64)
     device = next(original.parameters()).device
     for start in tqdm(range(0, len(images), batch_size), desc="evaluating", disable=not progress):
         x = images[start : start + batch_size].to(device)
+        x_original = original_images[start : start + batch_size].to(device)
         y = labels[start : start + batch_size].to(device)
-        a, b = original(x).float(), patched(x).float()
+        a, b = original(x_original).float(), patched(x).float()
         top5_a, top5_b = a.topk(5, dim=-1).indices, b.topk(5, dim=-1).indices
         stats += torch.tensor(
             [

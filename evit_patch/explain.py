@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .apply import PROFILE_ATTR, get_config
+from .config import EViTConfig
 from .families import find_family
-from .profile import ModelProfile
+from .profile import ModelProfile, profile_model
+from .state import get_config
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class Explanation:
                 f"{r.index:>5} {keep:>5} {r.tokens_in:>9} {r.tokens_out:>10} "
                 f"{r.macs_original / 1e9:>10.3f} {r.macs_patched / 1e9:>10.3f}"
             )
-        lines.append(f"{'embed+head':>27} {'':>10} {self.outside_macs / 1e9:>10.3f} {self.outside_macs / 1e9:>10.3f}")
+        outside = self.outside_macs / 1e9
+        lines.append(f"{'embed+head':>27} {'':>10} {outside:>10.3f} {outside:>10.3f}")
         lines.append(
             f"{'total':>27} {'':>10} {self.macs_original / 1e9:>10.3f} {self.macs_patched / 1e9:>10.3f}"
             f"   ({self.macs_patched / self.macs_original:.3f}x MACs, ideal speedup {self.ideal_speedup:.2f}x)"
@@ -65,27 +67,51 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> Explanation:
-    """Explain a model patched by :func:`evit_patch.apply` for inputs of ``img_size``."""
-    config = get_config(model)  # refuses unpatched models
-    profile: ModelProfile = getattr(model, PROFILE_ATTR)
-    family = find_family(model)
-    original = family.num_tokens(model, img_size)
-    tokens, rows = original, []
-    for index, (name, cost) in enumerate(zip(profile.block_names, profile.costs)):
-        keep = config.keep_at(index)
-        out = cost.tokens_out(tokens, keep, config.fuse)
-        rows.append(
-            BlockRow(
-                index,
-                name,
-                keep,
-                tokens,
-                out,
-                macs_original=cost.macs(original, original),
-                macs_patched=cost.macs(tokens, out, config.fuse),
+@dataclass(frozen=True)
+class CostModel:
+    """A model's analytic cost at one input size, for any EViT configuration, without running it."""
+
+    profile: ModelProfile
+    tokens: int
+    """Tokens entering the first block."""
+    outside_macs: int
+    img_size: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, img_size: int | tuple[int, int] | None = None) -> CostModel:
+        family = find_family(model)
+        size = None if img_size is None else ((img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
+        return cls(profile_model(model), family.num_tokens(model, size), family.outside_macs(model, size), size)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.profile.costs)
+
+    def explain(self, config: EViTConfig) -> Explanation:
+        tokens, rows = self.tokens, []
+        for index, (name, cost) in enumerate(zip(self.profile.block_names, self.profile.costs)):
+            keep = config.keep_at(index)
+            out = cost.tokens_out(tokens, keep, config.fuse)
+            rows.append(
+                BlockRow(
+                    index,
+                    name,
+                    keep,
+                    tokens,
+                    out,
+                    macs_original=cost.macs(self.tokens, self.tokens),
+                    macs_patched=cost.macs(tokens, out, config.fuse),
+                )
             )
-        )
-        tokens = out
-    size = None if img_size is None else ((img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
-    return Explanation(profile.model, size, config.fuse, tuple(rows), family.outside_macs(model, img_size))
+            tokens = out
+        return Explanation(self.profile.model, self.img_size, config.fuse, tuple(rows), self.outside_macs)
+
+    def macs(self, config: EViTConfig) -> int:
+        return self.explain(config).macs_patched
+
+
+def explain(
+    model: nn.Module, img_size: int | tuple[int, int] | None = None, *, config: EViTConfig | None = None
+) -> Explanation:
+    """Explain a patched model (or an original one under a hypothetical ``config``) at ``img_size``."""
+    return CostModel.of(model, img_size).explain(config if config is not None else get_config(model))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -11,9 +12,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .cost import BlockCost
 from .errors import UnsupportedModelError
-from .families import Family, describe
+from .families import Family, describe, find_family
 from .locate import BlockSite, block_cost, locate
 from .trace import trace_block
+
+PROFILE_ATTR = "evit_profile"
+"""Attribute holding the :class:`ModelProfile` of a patched model."""
 
 
 @dataclass(frozen=True)
@@ -80,3 +84,13 @@ def profile_of(traced: list[TracedBlock], model: nn.Module, family: Family) -> M
         block_names=tuple(t.name for t in traced),
         costs=tuple(t.cost for t in traced),
     )
+
+
+def profile_model(model: nn.Module) -> ModelProfile:
+    """The profile attached to a patched model, or one traced from a copy of an original model."""
+    attached = getattr(model, PROFILE_ATTR, None)
+    if isinstance(attached, ModelProfile):
+        return attached
+    family = find_family(model)
+    family.check(model)
+    return profile_of(trace_blocks(copy.deepcopy(model), family), model, family)

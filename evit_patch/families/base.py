@@ -58,6 +58,10 @@ class Family(abc.ABC):
     def outside_macs(self, model: nn.Module, img_size: tuple[int, int] | None = None) -> int:
         """MACs per sample outside the blocks (embedding, head); token pruning leaves them as is."""
 
+    def resized(self, model: nn.Module, img_size: int | tuple[int, int]) -> nn.Module:
+        """A copy of ``model`` that takes ``img_size`` inputs (position embeddings resampled)."""
+        raise UnsupportedModelError(f"{describe(model)}: evit_patch cannot change this family's input size")
+
     def leaf_types(self) -> tuple[type[nn.Module], ...]:
         """Module types the tracer must not enter (mode-dependent helpers)."""
         return ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,11 @@ from .registry import register_family
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _patches(embed: nn.Module, size: tuple[int, int]) -> int:
+    grid = embed.dynamic_feat_size(size)
+    return int(grid[0] * grid[1])
 
 
 @register_family
@@ -70,18 +76,33 @@ class TimmVisionTransformer(Family):
         return int(grid[0] * grid[1]) + self.num_prefix_tokens(model)
 
     def outside_macs(self, model: nn.Module, img_size=None) -> int:
-        # Count the embedding by running it once (it may be a conv stem or a hybrid CNN), and
-        # the head analytically: it reads one token per classifier.
-        height, width = self._img_size(model, img_size)
-        param = next(model.patch_embed.parameters())
+        # Count the embedding by running it once (it may be a conv stem or a hybrid CNN), at the
+        # model's own size when it only accepts that one (its cost scales with the patch count),
+        # and the head analytically: it reads one token per classifier.
+        embed = model.patch_embed
+        size = self._img_size(model, img_size)
+        fixed = getattr(embed, "strict_img_size", False) and not getattr(embed, "dynamic_img_pad", False)
+        run_size = self._img_size(model, None) if fixed else size
+        param = next(embed.parameters())
         channels = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3,))[0]
-        image = torch.zeros(1, channels, height, width, device=param.device, dtype=param.dtype)
+        image = torch.zeros(1, channels, *run_size, device=param.device, dtype=param.dtype)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model.patch_embed(image)
+            embed(image)
+        embed_macs = counter.get_total_flops() // 2
+        if run_size != size:
+            embed_macs = embed_macs * _patches(embed, size) // _patches(embed, run_size)
         heads = model.get_classifier()
         heads = heads if isinstance(heads, tuple) else (heads,)
         head_macs = sum(m.in_features * m.out_features for h in heads for m in h.modules() if isinstance(m, nn.Linear))
-        return counter.get_total_flops() // 2 + head_macs
+        return embed_macs + head_macs
+
+    def resized(self, model: nn.Module, img_size) -> nn.Module:
+        """A copy at ``img_size``, position embeddings resampled by timm's own interpolation."""
+        if self._img_size(model, img_size) == self._img_size(model, None):
+            return model
+        resized = copy.deepcopy(model)
+        resized.set_input_size(img_size=self._img_size(model, img_size))
+        return resized
 
     def leaf_types(self) -> tuple[type[nn.Module], ...]:
         return (DropPath,)

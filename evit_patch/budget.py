@@ -1,0 +1,119 @@
+"""Budget -> plan: the keep rate that meets a FLOP (or ideal-speedup) budget, from token arithmetic.
+
+MACs only grow with the keep rate (more tokens everywhere after the first reorganizing block),
+so the largest keep within the budget is found by bisection on the analytic cost model: exact,
+and with no forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from .config import EViTConfig
+from .errors import InvalidPlanError
+from .explain import CostModel
+from .families import describe, find_family
+
+
+def default_layers(num_blocks: int) -> tuple[int, ...]:
+    """EViT's placement scaled to depth: blocks 3, 6, 9 of 12 -> D/4, D/2, 3D/4."""
+    return tuple(sorted({max(1, round(num_blocks * f)) for f in (0.25, 0.5, 0.75)}))
+
+
+def target_fraction(flops: float | None, speedup: float | None) -> float:
+    """The MAC fraction a ``flops`` or ``speedup`` budget asks for (speedup is FLOP-ideal)."""
+    if (flops is None) == (speedup is None):
+        raise InvalidPlanError("give exactly one budget: flops=<fraction of original MACs> or speedup=<factor>")
+    value, name = (flops, "flops") if flops is not None else (speedup, "speedup")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidPlanError(f"{name} budget must be a positive number, got {value!r}")
+    return float(flops) if flops is not None else 1.0 / float(speedup)
+
+
+def _largest_keep(macs: Callable[[float], int], target_macs: float) -> float | None:
+    """Largest keep in (0, 1] with ``macs(keep) <= target_macs`` (``macs`` non-decreasing), or ``None``."""
+    if macs(1.0) <= target_macs:
+        return 1.0
+    low, high = 1e-6, 1.0
+    if macs(low) > target_macs:
+        return None
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if macs(middle) <= target_macs else (low, middle)
+    rounded = math.floor(low * 1e4) / 1e4  # a readable rate with the same token counts (or fewer)
+    return rounded if rounded > 0 and macs(rounded) <= target_macs else low
+
+
+def max_keep_within(
+    cost: CostModel, layers: Sequence[int], keeps: Sequence[float], index: int, target_macs: float, fuse: bool
+) -> float | None:
+    """The largest keep for ``layers[index]``, the others fixed, within ``target_macs`` (``None``: none)."""
+
+    def macs(k: float) -> int:
+        trial = list(keeps)
+        trial[index] = k
+        return cost.macs(EViTConfig(tuple(layers), tuple(trial), fuse))
+
+    return _largest_keep(macs, target_macs)
+
+
+def plan_for_budget(
+    cost: CostModel,
+    *,
+    target_macs: float,
+    layers: Sequence[int] | None = None,
+    fuse: bool = True,
+    where: str = "model",
+) -> EViTConfig:
+    """One keep rate for every layer in ``layers``, as large as ``target_macs`` allows."""
+    layers = tuple(layers) if layers is not None else default_layers(cost.num_blocks)
+    EViTConfig.build(layers, 1.0, fuse, num_blocks=cost.num_blocks, where=where)  # validates the layers
+    original = cost.explain(EViTConfig(layers, (1.0,) * len(layers), fuse)).macs_original
+    lowest = cost.macs(EViTConfig(layers, (1e-6,) * len(layers), fuse))
+    if lowest > target_macs:
+        raise InvalidPlanError(
+            f"{where}: a budget of {target_macs / 1e9:.3f} GMACs ({target_macs / original:.3f}x of "
+            f"{original / 1e9:.3f}) is infeasible at layers {list(layers)}: keeping a single token there "
+            f"still costs {lowest / 1e9:.3f} GMACs ({lowest / original:.3f}x); reorganize at earlier or more layers"
+        )
+    uniform = _largest_keep(lambda k: cost.macs(EViTConfig(layers, (k,) * len(layers), fuse)), target_macs)
+    return EViTConfig.build(layers, uniform, fuse, num_blocks=cost.num_blocks, where=where)
+
+
+def plan(
+    model: nn.Module,
+    *,
+    flops: float | None = None,
+    speedup: float | None = None,
+    layers: Sequence[int] | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    fuse: bool = True,
+) -> EViTConfig:
+    """The EViT configuration that meets a budget relative to ``model`` at its own input size.
+
+    Args:
+        model: an original (or patched) supported model.
+        flops: fraction of the original MACs, e.g. ``0.66``.
+        speedup: FLOP-ideal speedup, e.g. ``1.5`` (same as ``flops=1/1.5``).
+        layers: reorganizing blocks; default D/4, D/2, 3D/4 (3, 6, 9 for 12 blocks).
+        img_size: plan for inputs of this size (the budget stays relative to the native size):
+            ``img_size=272, flops=1.0`` is EViT's same-cost higher resolution.
+
+    Raises:
+        InvalidPlanError: the budget is malformed or infeasible at these layers (the message
+            gives the least cost the layers allow).
+    """
+    fraction = target_fraction(flops, speedup)
+    native = CostModel.of(model)
+    cost = native if img_size is None else CostModel.of(_resized(model, img_size), img_size)
+    reference = native.explain(EViTConfig((0,), (1.0,), fuse)).macs_original
+    return plan_for_budget(cost, target_macs=fraction * reference, layers=layers, fuse=fuse, where=describe(model))
+
+
+def _resized(model: nn.Module, img_size) -> nn.Module:
+    """A model that accepts ``img_size`` (a resized copy when the family needs one)."""
+    family = find_family(model)
+    return family.resized(model, img_size)

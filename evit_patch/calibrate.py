@@ -1,0 +1,147 @@
+"""Calibrated planning: search layers and per-layer keep rates under a FLOP budget to stay closest
+to the original model's predictions on a few unlabelled images.
+
+One copy of the model is patched at every block; a candidate plan is just a keep rate per block
+(1.0 where it does not reorganize), set with ``set_keep``: nothing is re-traced during the search.
+Every candidate fills the budget exactly as far as the token arithmetic allows, so plans compete
+on accuracy at equal cost. The search is a deterministic hill climb: move one layer by one block,
+or shift keep between two layers, take the best move, halve the step when none helps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .apply import apply
+from .budget import max_keep_within, plan_for_budget, target_fraction
+from .config import EViTConfig
+from .explain import CostModel
+from .families import describe
+from .state import set_keep
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    config: EViTConfig
+    kl: float
+    """Mean KL(original || patched) on the calibration images, in nats."""
+    agreement: float
+    baseline: EViTConfig
+    """The analytic plan the search started from (uniform keep at the default layers)."""
+    baseline_kl: float
+    baseline_agreement: float
+    evaluations: int
+
+
+class _Objective:
+    """KL to the original on fixed images, for any per-block keep vector, memoised."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, batch_size: int, fuse: bool) -> None:
+        depth = CostModel.of(model).num_blocks
+        self.depth = depth
+        self.patched = apply(model, layers=range(depth), keep=1.0, fuse=fuse)
+        self.batches = images.split(batch_size)
+        with torch.inference_mode():
+            self.reference = [model(x).float().log_softmax(-1) for x in self.batches]
+        self.cache: dict[tuple, tuple[float, float]] = {}
+
+    def __call__(self, layers: tuple[int, ...], keeps: tuple[float, ...]) -> tuple[float, float]:
+        key = (layers, keeps)
+        if key not in self.cache:
+            per_block = dict(zip(layers, keeps))
+            set_keep(self.patched, [per_block.get(i, 1.0) for i in range(self.depth)])
+            kl = agree = 0.0
+            with torch.inference_mode():
+                for x, ref in zip(self.batches, self.reference):
+                    out = self.patched(x).float().log_softmax(-1)
+                    kl += torch.nn.functional.kl_div(out, ref, log_target=True, reduction="sum").item()
+                    agree += (out.argmax(-1) == ref.argmax(-1)).sum().item()
+            count = sum(len(x) for x in self.batches)
+            self.cache[key] = (kl / count, agree / count)
+        return self.cache[key]
+
+
+def _moves(state, cost: CostModel, target: float, fuse: bool, step: float):
+    """Neighbouring plans that fill the budget: shift a layer, or move keep between two layers."""
+    layers, keeps = state
+    for i in range(len(layers)):
+        for delta in (-1, 1):
+            moved = list(layers)
+            moved[i] += delta
+            if not 0 <= moved[i] < cost.num_blocks or moved[i] in layers:
+                continue
+            order = sorted(range(len(moved)), key=moved.__getitem__)
+            new_layers = tuple(moved[o] for o in order)
+            new_keeps = [keeps[o] for o in order]
+            filled = max_keep_within(cost, new_layers, new_keeps, new_layers.index(moved[i]), target, fuse)
+            if filled is not None:
+                new_keeps[new_layers.index(moved[i])] = filled
+                yield new_layers, tuple(new_keeps)
+    for i in range(len(layers)):
+        for j in range(len(layers)):
+            for sign in (1, -1):
+                if i == j or not 0 < keeps[i] + sign * step <= 1:
+                    continue
+                new_keeps = list(keeps)
+                new_keeps[i] = round(keeps[i] + sign * step, 6)
+                filled = max_keep_within(cost, layers, new_keeps, j, target, fuse)
+                if filled is not None:
+                    new_keeps[j] = filled
+                    yield layers, tuple(new_keeps)
+
+
+def calibrate(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    flops: float | None = None,
+    speedup: float | None = None,
+    layers: tuple[int, ...] | None = None,
+    fuse: bool = True,
+    batch_size: int = 64,
+    step: float = 0.1,
+    min_step: float = 0.025,
+    max_evaluations: int = 200,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Search for the plan within the budget whose predictions stay closest to ``model``'s.
+
+    Args:
+        model: the original model (left untouched).
+        images: a few unlabelled, preprocessed images, e.g. 64-256.
+        flops, speedup: the budget, as in :func:`evit_patch.plan`.
+        layers: the starting layer set (default D/4, D/2, 3D/4); the search may move them.
+        step: the first keep-rate step; halved when no move helps, down to ``min_step``.
+        max_evaluations: cap on distinct plans evaluated.
+    """
+    cost = CostModel.of(model)
+    target = target_fraction(flops, speedup) * cost.explain(EViTConfig((0,), (1.0,), fuse)).macs_original
+    start = plan_for_budget(cost, target_macs=target, layers=layers, fuse=fuse, where=describe(model))
+    objective = _Objective(model, images, batch_size, fuse)
+    state = (start.layers, start.keep)
+    best = objective(*state)
+    baseline = best
+    bar = tqdm(total=max_evaluations, desc="calibrating", disable=not progress)
+    while len(objective.cache) < max_evaluations:
+        candidates = []
+        for move in _moves(state, cost, target, fuse, step):
+            if len(objective.cache) >= max_evaluations:
+                break
+            seen = move in objective.cache
+            candidates.append((objective(*move), move))
+            bar.update(0 if seen else 1)
+        better = [c for c in candidates if c[0][0] < best[0] - 1e-9]
+        if better:
+            best, state = min(better, key=lambda c: c[0][0])
+            bar.set_postfix(kl=f"{best[0]:.4f}", agreement=f"{best[1]:.3f}")
+        elif step / 2 >= min_step:
+            step /= 2
+        else:
+            break
+    bar.close()
+    config = EViTConfig(state[0], state[1], fuse)
+    return CalibrationResult(config, best[0], best[1], start, baseline[0], baseline[1], len(objective.cache))

@@ -1,0 +1,91 @@
+"""``plan``: turn a budget into layers and keep rates, analytically or calibrated on images.
+
+    python tools/plan.py --model deit_tiny_patch16_224 --checkpoint w.safetensors --flops 0.66
+    python tools/plan.py ... --flops 0.66 --data val.csv sample.csv --calibration-images 128
+    python tools/plan.py ... --flops 1.0 --img-size 272        # same cost, higher resolution
+
+With ``--data``, a seeded shuffle of the images is split: the first ``--calibration-images`` are
+used to search, the rest to report agreement of the calibrated plan and of the analytic one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from timm.data import create_transform, resolve_data_config
+
+import evit_patch
+
+from ..data import load_images
+from ..evaluate import compare
+from .common import load_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="deit_tiny_patch16_224")
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--pretrained", action="store_true")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--flops", type=float, help="fraction of the original MACs, e.g. 0.66")
+    budget.add_argument("--speedup", type=float, help="FLOP-ideal speedup, e.g. 1.5")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="default: D/4, D/2, 3D/4")
+    parser.add_argument("--img-size", type=int, default=None, help="plan for this input size")
+    parser.add_argument("--data", type=Path, nargs="*", default=[], help="manifests/ImageFolders to calibrate on")
+    parser.add_argument("--calibration-images", type=int, default=128)
+    parser.add_argument("--max-evaluations", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+
+
+def run(args: argparse.Namespace) -> dict:
+    model = load_model(args)
+    budget = {"flops": args.flops, "speedup": args.speedup}
+    config = evit_patch.plan(model, layers=args.layers, img_size=args.img_size, **budget)
+    fast = evit_patch.apply(model, config.layers, config.keep, img_size=args.img_size)
+    report = evit_patch.explain(fast)
+    print(report, end="\n\n")
+    result: dict = {"analytic": config.to_dict(), "gmacs": report.macs_patched / 1e9}
+    if args.data:
+        result |= _held_out(args, model, fast, budget)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _images(paths, model) -> tuple[torch.Tensor, torch.Tensor]:
+    transform = create_transform(**resolve_data_config({}, model=model))
+    sets = [load_images(path, transform) for path in paths]
+    return torch.cat([s[0] for s in sets]), torch.cat([s[1] for s in sets])
+
+
+def _held_out(args, model, fast, budget) -> dict:
+    """Calibrate on a seeded subset (native size only); compare plans on the images left over."""
+    images, labels = _images(args.data, fast)
+    native = images if args.img_size is None else _images(args.data, model)[0]
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
+    calib, held = order[: args.calibration_images], order[args.calibration_images :]
+    candidates = {"analytic": fast}
+    result: dict = {}
+    if args.img_size is None:
+        found = evit_patch.calibrate(
+            model, images[calib], layers=args.layers, max_evaluations=args.max_evaluations, **budget
+        )
+        print(
+            f"calibrated on {len(calib)} images ({found.evaluations} plans): {found.config.to_dict()}, "
+            f"KL {found.baseline_kl:.4f} -> {found.kl:.4f}, agreement {100 * found.baseline_agreement:.1f} "
+            f"-> {100 * found.agreement:.1f} %"
+        )
+        result["calibrated"] = found.config.to_dict()
+        candidates["calibrated"] = evit_patch.apply(model, found.config.layers, found.config.keep)
+    for name, candidate in candidates.items():
+        c = compare(model, candidate, images[held], labels[held], progress=False, original_images=native[held])
+        print(
+            f"{name:>10} on {c.images} held-out images: agreement {100 * c.agreement:.1f} %, top-1 "
+            f"{100 * c.top1_original:.1f} -> {100 * c.top1_patched:.1f} %, "
+            f"{evit_patch.explain(candidate).macs_patched / 1e9:.3f} GMACs"
+        )
+        result[f"{name}_held_out"] = vars(c)
+    return result

@@ -1,0 +1,52 @@
+"""Reading and changing the EViT state of a patched model: its reorganizers are the one source."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from .config import EViTConfig, _check_keep
+from .errors import InvalidPlanError
+from .families import describe
+from .profile import PROFILE_ATTR, ModelProfile
+from .reorganizer import TokenReorganizer
+
+
+def reorganizers(model: nn.Module) -> list[TokenReorganizer]:
+    """The model's :class:`TokenReorganizer` modules, by layer (empty for an unpatched model)."""
+    return sorted((m for m in model.modules() if isinstance(m, TokenReorganizer)), key=lambda m: m.layer)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(model, PROFILE_ATTR, None), ModelProfile)
+
+
+def _require_patched(model: nn.Module, what: str) -> list[TokenReorganizer]:
+    mods = reorganizers(model)
+    if not is_patched(model) or not mods:
+        raise InvalidPlanError(f"{what}: {describe(model)} is not an evit_patch model; call evit_patch.apply first")
+    return mods
+
+
+def get_config(model: nn.Module) -> EViTConfig:
+    """The live EViT configuration of a patched model, read from its reorganizers."""
+    mods = _require_patched(model, "get_config")
+    return EViTConfig(tuple(m.layer for m in mods), tuple(m.keep for m in mods), mods[0].fuse)
+
+
+def set_keep(model: nn.Module, keep: float | Iterable[float]) -> None:
+    """Change keep rates in place on a patched model, without re-tracing (keep-rate warm-up).
+
+    ``keep`` is one rate for all reorganizing layers or one per layer. Under ``torch.compile``
+    a new keep value that changes a token count triggers one recompilation.
+    """
+    mods = _require_patched(model, "set_keep")
+    keeps = [keep] * len(mods) if not isinstance(keep, Iterable) else list(keep)
+    if len(keeps) != len(mods):
+        raise InvalidPlanError(
+            f"set_keep: got {len(keeps)} keep rates for {len(mods)} reorganizing layers {[m.layer for m in mods]}"
+        )
+    checked = [_check_keep(k, f"set_keep, layer {m.layer}") for m, k in zip(mods, keeps)]
+    for m, k in zip(mods, checked):
+        m.keep = k
