@@ -13,6 +13,8 @@ from .explain import Explanation, explain
 from .families import list_supported, register_family
 from .reorganize import cls_attention_from_probs, cls_attention_from_qk, num_kept, reorganize
 from .reorganizer import TokenReorganizer
+from .tracking import TokenTrace, track_tokens
+from .visualize import visualize
 
 __version__ = "0.1.0"
 
@@ -36,4 +38,7 @@ __all__ = [
     "reorganize",
     "reorganizers",
     "set_keep",
+    "TokenTrace",
+    "track_tokens",
+    "visualize",
 ]
