@@ -48,9 +48,10 @@ def visualize(
         model: a model returned by :func:`evit_patch.apply`; any input size its patch embed accepts.
         x: ``(B, 3, H, W)`` images, normalised as the model expects.
         class_names: label of each class; the input panel then shows the patched model's top-1.
-        mean, std: the normalisation of ``x``, to show the images (default: the model's
-            ``pretrained_cfg``, else ImageNet's).
-        panel: width of the longer image side in pixels, per panel.
+        mean: per-channel mean ``x`` was normalised with, to show the images (default: the
+            model's ``pretrained_cfg``, else ImageNet's).
+        std: per-channel standard deviation, likewise.
+        panel: pixels on the longer image side, per panel.
     """
     trace = track_tokens(model, x)
     cfg = getattr(model, "pretrained_cfg", None) or {}
