@@ -16,6 +16,8 @@ from .families import list_supported, register_family
 from .reorganize import cls_attention_from_probs, cls_attention_from_qk, num_kept, reorganize
 from .reorganizer import TokenReorganizer
 from .state import get_config, is_patched, reorganizers, set_keep
+from .tracking import TokenTrace, track_tokens
+from .visualize import visualize
 
 __version__ = "0.1.0"
 
@@ -42,4 +44,7 @@ __all__ = [
     "reorganize",
     "reorganizers",
     "set_keep",
+    "TokenTrace",
+    "track_tokens",
+    "visualize",
 ]

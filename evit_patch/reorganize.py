@@ -35,7 +35,8 @@ def cls_attention_from_qk(q: Tensor, k: Tensor, num_prefix: int, scale: float | 
     recomputed, ``softmax(q_cls k^T * scale)``, at ``O(N D H)`` cost.
 
     Args:
-        q, k: ``(B, H, N, D)`` queries and keys exactly as the block's attention used them.
+        q: ``(B, H, N, D)`` queries exactly as the block's attention used them.
+        k: ``(B, H, N, D)`` keys, likewise.
         num_prefix: ``P``; the softmax runs over all ``N`` keys, the prefix columns are dropped after.
         scale: the attention scale; ``None`` means ``D ** -0.5`` (SDPA's default).
 
