@@ -113,7 +113,8 @@ def calibrate(
     Args:
         model: the original model (left untouched).
         images: a few unlabelled, preprocessed images, e.g. 64-256.
-        flops, speedup: the budget, as in :func:`evit_patch.plan`.
+        flops: the budget as a fraction of the original MACs, as in :func:`evit_patch.plan`.
+        speedup: or as a FLOP-ideal speedup.
         layers: the starting layer set (default D/4, D/2, 3D/4); the search may move them.
         step: the first keep-rate step; halved when no move helps, down to ``min_step``.
         max_evaluations: cap on distinct plans evaluated.
