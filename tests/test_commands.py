@@ -8,6 +8,7 @@ import json
 import pytest
 from conftest import SHARED, WEIGHTS
 
+import evit_patch
 from evit_patch.commands import benchmark, evaluate
 
 
@@ -115,3 +116,14 @@ def test_evaluate_refuses_missing_data(tmp_path):
     args = _args(evaluate, ["--data", str(tmp_path / "nope.csv")])
     with pytest.raises(FileNotFoundError, match="nope.csv does not exist: expected a manifest .csv or an ImageFolder"):
         evaluate.run(args)
+
+
+def test_plan_command_meets_the_budget(tmp_path):
+    from evit_patch.commands import plan
+
+    args = _args(plan, ["--model", "deit_tiny_patch16_224", "--speedup", "1.5", "--json", str(tmp_path / "p.json")])
+    result = plan.run(args)
+    assert result == json.loads((tmp_path / "p.json").read_text())
+    assert result["analytic"]["layers"] == [3, 6, 9]
+    original = evit_patch.explain(evit_patch.apply(plan.load_model(args), keep=1.0)).macs_original / 1e9
+    assert original / 1.5 - 0.01 <= result["gmacs"] <= original / 1.5

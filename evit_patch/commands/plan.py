@@ -55,15 +55,18 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _images(paths, model) -> tuple[torch.Tensor, torch.Tensor]:
-    transform = create_transform(**resolve_data_config({}, model=model))
+def _images(paths, model, img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    config = resolve_data_config({}, model=model)
+    if img_size is not None:
+        config["input_size"] = (config["input_size"][0], img_size, img_size)
+    transform = create_transform(**config)
     sets = [load_images(path, transform) for path in paths]
     return torch.cat([s[0] for s in sets]), torch.cat([s[1] for s in sets])
 
 
 def _held_out(args, model, fast, budget) -> dict:
     """Calibrate on a seeded subset (native size only); compare plans on the images left over."""
-    images, labels = _images(args.data, fast)
+    images, labels = _images(args.data, model, args.img_size)
     native = images if args.img_size is None else _images(args.data, model)[0]
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
     calib, held = order[: args.calibration_images], order[args.calibration_images :]
