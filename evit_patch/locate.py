@@ -13,6 +13,7 @@ fused or manual attention, post-norm blocks) need no special cases:
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -61,26 +62,23 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
+def _reachable(node: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = [node]
     while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
+        for nxt in step(stack.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
     return seen
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    return _reachable(node, lambda n: n.users)
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        for inp in stack.pop().all_input_nodes:
-            if inp not in seen:
-                seen.add(inp)
-                stack.append(inp)
-    return seen
+    return _reachable(node, lambda n: n.all_input_nodes)
 
 
 def _attention_op(graph: fx.Graph, where: str) -> tuple[ScoreSource, fx.Node]:
@@ -159,6 +157,7 @@ def _check_point_between(gm: fx.GraphModule, op: fx.Node, add: fx.Node, where: s
     """Linear MACs per token before and after the add; refuse parallel blocks."""
     modules = dict(gm.named_modules())
     before, after = _ancestors(add), _descendants(add)
+    attention_path = _ancestors(op) | _descendants(op)
     pre = post = 0
     for node in gm.graph.nodes:
         macs = _linear_macs(node, modules)
@@ -166,7 +165,7 @@ def _check_point_between(gm: fx.GraphModule, op: fx.Node, add: fx.Node, where: s
             continue
         if node in after:
             post += macs
-        elif node in before and (node in _ancestors(op) or node in _descendants(op)):
+        elif node in before and node in attention_path:
             pre += macs
         else:
             raise UnsupportedModelError(
