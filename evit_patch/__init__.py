@@ -10,9 +10,10 @@ from .apply import apply
 from .budget import plan
 from .calibrate import CalibrationResult, calibrate
 from .config import EViTConfig
-from .errors import EViTError, InvalidPlanError, UnsupportedInputError, UnsupportedModelError
+from .errors import CheckpointError, EViTError, InvalidPlanError, UnsupportedInputError, UnsupportedModelError
 from .explain import Explanation, explain
 from .families import list_supported, register_family
+from .persist import load_pretrained, save_pretrained
 from .reorganize import cls_attention_from_probs, cls_attention_from_qk, num_kept, reorganize
 from .reorganizer import TokenReorganizer
 from .state import get_config, is_patched, reorganizers, set_keep
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationResult",
+    "CheckpointError",
     "EViTConfig",
     "EViTError",
     "Explanation",
@@ -38,11 +40,13 @@ __all__ = [
     "get_config",
     "is_patched",
     "list_supported",
+    "load_pretrained",
     "num_kept",
     "plan",
     "register_family",
     "reorganize",
     "reorganizers",
+    "save_pretrained",
     "set_keep",
     "TokenTrace",
     "track_tokens",

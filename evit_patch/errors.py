@@ -21,3 +21,7 @@ class UnsupportedModelError(EViTError, TypeError):
 
 class UnsupportedInputError(EViTError, ValueError):
     """A patched model was called with an input its traced blocks were specialised against."""
+
+
+class CheckpointError(EViTError, ValueError):
+    """A saved evit_patch model is missing, malformed, or does not match what is loaded into."""

@@ -1,0 +1,155 @@
+"""Save a patched model as safetensors + JSON, and load it back with one call, never unpickling.
+
+A directory holds ``model.safetensors`` (the weights, same keys as the unpatched model) and
+``evit_config.json`` (base architecture, its constructor arguments, the EViT plan, the
+evit_patch version). Loading rebuilds the base model with timm, re-applies the plan and loads
+the weights strictly, so the file format does not depend on traced-graph internals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .families import describe
+from .state import get_config
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "evit_config.json"
+FORMAT = "evit_patch"
+FORMAT_VERSION = 1
+
+
+def _architecture(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not arch:
+        raise CheckpointError(
+            f"save_pretrained: {describe(model)} has no pretrained_cfg['architecture']; "
+            "pass architecture='<timm model name>' so the model can be rebuilt"
+        )
+    return arch
+
+
+def _model_kwargs(model: nn.Module) -> dict:
+    """Constructor arguments that fine-tuning or resizing commonly changes from timm's defaults."""
+    kwargs: dict = {}
+    if isinstance(getattr(model, "num_classes", None), int):
+        kwargs["num_classes"] = model.num_classes
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        kwargs["img_size"] = list(img_size)
+    return kwargs
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename: never a torn file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    architecture: str | None = None,
+    model_kwargs: dict | None = None,
+) -> Path:
+    """Write a patched ``model`` to ``directory`` (created if needed); returns the directory.
+
+    Args:
+        model: a model returned by :func:`evit_patch.apply` (possibly fine-tuned).
+        directory: where ``model.safetensors`` and ``evit_config.json`` go.
+        architecture: timm model name; default ``model.pretrained_cfg["architecture"]``.
+        model_kwargs: extra ``timm.create_model`` arguments, merged over the detected
+            ``num_classes`` and ``img_size``.
+    """
+    from safetensors.torch import save_model
+
+    config = get_config(model)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "evit_patch_version": _version(),
+        "architecture": architecture or _architecture(model),
+        "model_kwargs": {**_model_kwargs(model), **(model_kwargs or {})},
+        "evit": config.to_dict(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """The validated ``evit_config.json`` of a saved model."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; expected a directory written by save_pretrained")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: format is {meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT!r}"
+        )
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {meta['format_version']} is newer than this evit_patch reads "
+            f"({FORMAT_VERSION}); upgrade evit_patch"
+        )
+    for key in ("architecture", "evit"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: missing {key!r}")
+    return meta
+
+
+def load_pretrained(directory: str | os.PathLike) -> nn.Module:
+    """Rebuild the patched model saved in ``directory``: timm architecture, EViT plan, weights.
+
+    Nothing pickled is executed: the weights are safetensors, the rest is JSON. The model is
+    returned in eval mode.
+    """
+    import timm
+    from safetensors.torch import load_model
+
+    from .apply import apply
+
+    meta = read_config(directory)
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
+    base = timm.create_model(meta["architecture"], pretrained=False, **meta.get("model_kwargs", {}))
+    evit = meta["evit"]
+    dtype = getattr(torch, meta.get("dtype", "float32"), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{directory}: unknown dtype {meta.get('dtype')!r} in {CONFIG_NAME}")
+    model = apply(base.to(dtype), layers=evit["layers"], keep=evit["keep"], fuse=evit.get("fuse", True))
+    try:
+        load_model(model, str(weights), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{weights}: weights do not fit {meta['architecture']} with {meta.get('model_kwargs')}: {exc}"
+        ) from exc
+    return model.eval()
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

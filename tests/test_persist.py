@@ -1,0 +1,98 @@
+"""save_pretrained / load_pretrained: exact round trip, no pickle, clear errors, atomic files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import images, make_vit
+
+import evit_patch
+from evit_patch import CheckpointError
+from evit_patch.persist import CONFIG_NAME, WEIGHTS_NAME
+
+
+def _finetuned_like(seed: int = 0):
+    """A patched model whose weights differ from a fresh init: round trip must carry them."""
+    model = evit_patch.apply(make_vit(seed=seed, num_classes=10), layers=[2, 5], keep=[0.6, 0.8])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def test_round_trip_is_exact(tmp_path):
+    model = _finetuned_like()
+    evit_patch.set_keep(model, [0.5, 0.9])  # the live keep rates are what is saved
+    evit_patch.save_pretrained(model, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    loaded = evit_patch.load_pretrained(tmp_path / "out")
+    assert type(loaded) is type(model) and not loaded.training
+    assert evit_patch.get_config(loaded) == evit_patch.get_config(model)
+    assert loaded.num_classes == 10 and next(loaded.parameters()).dtype == torch.float64
+    x = images(2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_config_records_plan_and_architecture(tmp_path):
+    evit_patch.save_pretrained(_finetuned_like(), tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["architecture"] == "deit_tiny_patch16_224"
+    assert meta["evit"] == {"layers": [2, 5], "keep": [0.6, 0.8], "fuse": True}
+    assert meta["model_kwargs"] == {"num_classes": 10, "img_size": [224, 224]}
+    assert meta["evit_patch_version"] == evit_patch.__version__
+
+
+def test_resized_model_round_trips(tmp_path):
+    model = evit_patch.apply(make_vit(), layers=[3, 6, 9], keep=0.7, img_size=160)
+    evit_patch.save_pretrained(model, tmp_path)
+    loaded = evit_patch.load_pretrained(tmp_path)
+    x = images(1, size=160)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_unpatched_model_is_refused(tmp_path):
+    with pytest.raises(evit_patch.InvalidPlanError, match="not an evit_patch model"):
+        evit_patch.save_pretrained(make_vit(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / CONFIG_NAME).unlink(), "no evit_config.json"),
+        (lambda d: (d / WEIGHTS_NAME).unlink(), "no model.safetensors"),
+        (lambda d: (d / CONFIG_NAME).write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / CONFIG_NAME).write_text('{"format": "other"}'), "expected 'evit_patch'"),
+        (lambda d: _edit(d, model_kwargs={"num_classes": 7}), "weights do not fit deit_tiny_patch16_224"),
+        (lambda d: _edit(d, format_version=99), "upgrade evit_patch"),
+    ],
+)
+def test_bad_directories_fail_clearly(tmp_path, damage, message):
+    evit_patch.save_pretrained(_finetuned_like(), tmp_path)
+    damage(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        evit_patch.load_pretrained(tmp_path)
+
+
+def _edit(directory, **changes):
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    meta.update(changes)
+    (directory / CONFIG_NAME).write_text(json.dumps(meta))
+
+
+def test_failed_write_leaves_previous_save_intact(tmp_path, monkeypatch):
+    model = _finetuned_like()
+    evit_patch.save_pretrained(model, tmp_path)
+    before = (tmp_path / WEIGHTS_NAME).read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_model", boom)
+    with pytest.raises(OSError, match="disk full"):
+        evit_patch.save_pretrained(_finetuned_like(seed=1), tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
