@@ -76,14 +76,19 @@ def reorganize(x: Tensor, scores: Tensor, num_prefix: int, num_keep: int, fuse: 
         num_keep: ``k`` with ``1 <= k <= N - P``.
         fuse: append the fused token.
     """
-    channels = x.shape[-1]
-    prefix, image = x[:, :num_prefix], x[:, num_prefix:]
+    batch, num_tokens, channels = x.shape
     kept_index = scores.topk(num_keep, dim=1, largest=True, sorted=True).indices
-    kept = image.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, channels))
+    # One row copy for prefix + kept tokens: index_select on the flattened batch is a memcpy per
+    # row, an order of magnitude faster on CPU than gather with an index expanded over channels.
+    prefix_index = torch.arange(num_prefix, device=x.device).expand(batch, num_prefix)
+    rows = torch.cat([prefix_index, kept_index + num_prefix], dim=1)
+    rows = rows + torch.arange(batch, device=x.device).unsqueeze(1) * num_tokens
+    selected = x.reshape(batch * num_tokens, channels).index_select(0, rows.flatten())
+    selected = selected.view(batch, num_prefix + num_keep, channels)
     if not fuse:
-        return Reorganized(torch.cat([prefix, kept], dim=1), kept_index)
+        return Reorganized(selected, kept_index)
     # Zero the kept tokens' weights: the fused token sums the dropped ones only, and gradients
     # still reach q and k through the dropped tokens' scores.
     dropped_weight = scores.scatter(1, kept_index, 0.0).to(x.dtype)
-    fused = torch.bmm(dropped_weight.unsqueeze(1), image)
-    return Reorganized(torch.cat([prefix, kept, fused], dim=1), kept_index)
+    fused = torch.bmm(dropped_weight.unsqueeze(1), x[:, num_prefix:])
+    return Reorganized(torch.cat([selected, fused], dim=1), kept_index)
