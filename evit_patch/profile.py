@@ -50,7 +50,7 @@ def trace_blocks(model: nn.Module, family: Family) -> list[TracedBlock]:
     traced = []
     for name, block in family.blocks(model):
         where = f"{who}.{name}"
-        gm = trace_block(block, where=where, leaf_types=family.leaf_types())
+        gm = trace_block(family.prepare_block(block), where=where, leaf_types=family.leaf_types())
         site = locate(gm, where=where)
         _propagate_shapes(gm, block, where=where, tokens=tokens, channels=channels)
         cost = block_cost(site, channels=channels, num_prefix_tokens=prefix)

@@ -49,3 +49,22 @@ def reference_forward(model, images, layers, keep, fuse: bool = True):
             x = reference_reorganize(x, probs, model.num_prefix_tokens, keeps[index], fuse)
         x = x + block.ls2(block.mlp(block.norm2(x)))
     return model.forward_head(model.norm(x))
+
+
+def reference_forward_torchvision(model, images, layers, keep, fuse: bool = True):
+    """EViT forward of a torchvision VisionTransformer, attention from ``in_proj`` by hand."""
+    keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
+    x = model._process_input(images)
+    x = torch.cat([model.class_token.expand(len(x), -1, -1), x], dim=1) + model.encoder.pos_embedding
+    for index, block in enumerate(model.encoder.layers):
+        mha = block.self_attention
+        batch, tokens, channels = x.shape
+        heads = mha.num_heads
+        qkv = torch.nn.functional.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.reshape(batch, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
+        probs = ((q @ k.transpose(-2, -1)) / math.sqrt(channels // heads)).softmax(dim=-1)
+        x = x + mha.out_proj((probs @ v).transpose(1, 2).reshape(batch, tokens, channels))
+        if index in keeps:
+            x = reference_reorganize(x, probs, 1, keeps[index], fuse)
+        x = x + block.mlp(block.ln_2(x))
+    return model.heads(model.encoder.ln(x)[:, 0])

@@ -62,6 +62,14 @@ class Family(abc.ABC):
         """A copy of ``model`` that takes ``img_size`` inputs (position embeddings resampled)."""
         raise UnsupportedModelError(f"{describe(model)}: evit_patch cannot change this family's input size")
 
+    def prepare_block(self, block: nn.Module) -> nn.Module:
+        """The block as the tracer should see it; a family re-expresses opaque modules here.
+
+        Must not modify ``block``, and must keep its parameters (the same objects, under the
+        same names), so the patched model's ``state_dict`` keys are the original's.
+        """
+        return block
+
     def leaf_types(self) -> tuple[type[nn.Module], ...]:
         """Module types the tracer must not enter (mode-dependent helpers)."""
         return ()

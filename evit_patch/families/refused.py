@@ -40,13 +40,6 @@ register_refusal(
 )
 register_refusal(
     RefusedFamily(
-        "torchvision.VisionTransformer",
-        {"torchvision.models.vision_transformer.VisionTransformer"},
-        "nn.MultiheadAttention hides q and k from the traced graph; not supported yet",
-    )
-)
-register_refusal(
-    RefusedFamily(
         "transformers.ViT",
         {
             "transformers.models.vit.modeling_vit.ViTPreTrainedModel",

@@ -1,0 +1,117 @@
+"""torchvision's ``VisionTransformer`` (``vit_b_16``, ``vit_l_32``, ``vit_h_14``, ...).
+
+Its blocks call ``nn.MultiheadAttention``, an opaque leaf whose q and k never reach the traced
+graph. Before tracing, each block's attention is swapped (in the copy being patched) for
+:class:`SDPAMultiheadAttention`, which computes the same attention with ``scaled_dot_product_attention``
+from the same ``in_proj``/``out_proj`` parameters, so the structural locator sees q and k and
+the state-dict keys stay torchvision's.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import UnsupportedModelError
+from .base import Family, class_path, describe
+from .registry import register_family
+
+_CLASS = "torchvision.models.vision_transformer.VisionTransformer"
+
+
+class SDPAMultiheadAttention(nn.Module):
+    """Self-attention of a batch-first ``nn.MultiheadAttention`` with the same parameters, via SDPA.
+
+    Holds the very same ``in_proj_weight``, ``in_proj_bias`` and ``out_proj`` objects, so the
+    parameter names match ``nn.MultiheadAttention``'s. Attention dropout is off (the block is
+    traced in eval mode, as for timm).
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.num_heads = mha.num_heads
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.out_proj = mha.out_proj
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False) -> tuple[Tensor, None]:
+        batch, tokens, channels = query.shape
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, channels)), None
+
+
+def _check_attention(mha: nn.Module, where: str) -> None:
+    expected = "a batch-first nn.MultiheadAttention with packed in_proj, no bias_k/bias_v, no add_zero_attn"
+    ok = (
+        isinstance(mha, nn.MultiheadAttention)
+        and mha.batch_first
+        and mha._qkv_same_embed_dim
+        and mha.bias_k is None
+        and mha.bias_v is None
+        and not mha.add_zero_attn
+    )
+    if not ok:
+        raise UnsupportedModelError(f"{where}.self_attention: expected {expected}, found {mha!r}")
+
+
+@register_family
+class TorchvisionVisionTransformer(Family):
+    name = "torchvision.VisionTransformer"
+    notes = (
+        "vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14: nn.MultiheadAttention re-expressed with SDPA "
+        "on the same parameters (keep=1.0 matches to float rounding, not bitwise); fixed input size"
+    )
+
+    def matches(self, model: nn.Module) -> bool:
+        return _CLASS in class_path(model)
+
+    def check(self, model: nn.Module) -> None:
+        for name, block in self.blocks(model):
+            _check_attention(block.self_attention, f"{describe(model)}.{name}")
+
+    def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:
+        return [(f"encoder.layers.{name}", block) for name, block in model.encoder.layers.named_children()]
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return 1  # torchvision's ViT always has a class token and its head always reads it
+
+    def channels(self, model: nn.Module) -> int:
+        return int(model.hidden_dim)
+
+    def _check_size(self, model: nn.Module, img_size) -> None:
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or ())
+        if img_size is not None and size != (model.image_size, model.image_size):
+            raise UnsupportedModelError(
+                f"{describe(model)} only accepts {model.image_size}x{model.image_size} images "
+                f"(its forward asserts it); got img_size={img_size!r}"
+            )
+
+    def num_tokens(self, model: nn.Module, img_size=None) -> int:
+        self._check_size(model, img_size)
+        return int(model.seq_length)
+
+    def outside_macs(self, model: nn.Module, img_size=None) -> int:
+        self._check_size(model, img_size)
+        param = model.class_token
+        image = torch.zeros(1, 3, model.image_size, model.image_size, device=param.device, dtype=param.dtype)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model._process_input(image)
+        heads = sum(m.in_features * m.out_features for m in model.heads.modules() if isinstance(m, nn.Linear))
+        return counter.get_total_flops() // 2 + heads
+
+    def resized(self, model: nn.Module, img_size) -> nn.Module:
+        self._check_size(model, img_size)
+        return model
+
+    def prepare_block(self, block: nn.Module) -> nn.Module:
+        prepared = copy.copy(block)
+        prepared._modules = dict(block._modules)
+        prepared.self_attention = SDPAMultiheadAttention(block.self_attention)
+        return prepared
