@@ -29,7 +29,15 @@ import evit_patch
 from ..data import load_images
 from ..errors import CheckpointError
 from ..train import checkpoint, distributed
-from ..train.data import ResumableBatches, TrainImages, data_config, find_images, train_loader, train_transform
+from ..train.data import (
+    ResumableBatches,
+    TrainImages,
+    check_labels,
+    data_config,
+    find_images,
+    train_loader,
+    train_transform,
+)
 from ..train.loop import AMP_DTYPES, TrainConfig, Trainer
 from ..weights import create_model
 from .common import add_model_arguments, keep_arg
@@ -86,17 +94,6 @@ def _fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_labels(items, labelled: bool, args, num_classes: int) -> None:
-    if not labelled or args.distill_only:
-        return
-    top = max(label for _, label in items)
-    if top >= num_classes:
-        raise ValueError(
-            f"{args.data_dir}: label {top} is out of range for {args.model} with {num_classes} classes; "
-            "pass --distill-only to train without labels"
-        )
-
-
 def _output_dir(args: argparse.Namespace) -> Path:
     output = args.output or args.resume
     if output is None:
@@ -129,7 +126,8 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     teacher = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
     student = evit_patch.apply(teacher, layers=args.layers, keep=keep_arg(args), fuse=not args.no_fuse)
-    _check_labels(items, labelled, args, teacher.num_classes)
+    if labelled and not args.distill_only:
+        check_labels(args.data_dir, items, teacher.num_classes)
     if not labelled and not args.distill_only and ctx.is_main:
         print(f"{args.data_dir}: no labels, distillation only")
     dataset = TrainImages(items, train_transform(teacher, augment=not args.no_aug), seed=args.seed)

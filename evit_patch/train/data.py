@@ -52,6 +52,31 @@ def find_images(path: str | Path) -> tuple[list[tuple[Path, int]], bool]:
     return [(p, UNLABELLED) for p in files], False
 
 
+def check_labels(path: str | Path, items: list[tuple[Path, int]], num_classes: int) -> None:
+    """Refuse labels that cannot be the model's classes (use ``--distill-only`` for those data).
+
+    An ImageFolder tree whose folder names are not ImageNet wnids is labelled by sorted folder
+    name, which only means something for a head trained on exactly those folders.
+    """
+    from timm.data import ImageNetInfo
+
+    path = Path(path)
+    top = max(label for _, label in items)
+    if top >= num_classes:
+        raise ValueError(
+            f"{path}: label {top} is out of range for a model with {num_classes} classes; "
+            "pass --distill-only to train without labels"
+        )
+    if path.is_dir():
+        folders = {p.parent.name for p, _ in items}
+        wnids = set(ImageNetInfo().label_names())
+        if not folders <= wnids and len(folders) != num_classes:
+            raise ValueError(
+                f"{path}: {len(folders)} class folders that are not ImageNet wnids cannot label a model with "
+                f"{num_classes} classes; pass --distill-only to train without labels"
+            )
+
+
 def data_config(model: nn.Module) -> dict:
     """timm's data config for ``model``, at the input size the model was built for."""
     config = resolve_data_config({}, model=model)
@@ -149,8 +174,18 @@ class ResumableBatches(Sampler):
 
 
 def train_loader(dataset: TrainImages, batches: ResumableBatches, *, workers: int = 0, pin_memory: bool = False):
-    """A loader over ``batches``; call :func:`start_epoch` before iterating it."""
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory)
+    """A loader over ``batches``; call :func:`start_epoch` before iterating it.
+
+    Its own generator feeds the worker base seed, which would otherwise be drawn from (and
+    advance) the global RNG at every epoch start; the images are seeded per item anyway.
+    """
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def start_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:

@@ -73,13 +73,21 @@ class Position:
 
 
 class JsonlLog:
-    """One JSON object per line; rank 0 only. On resume, lines past the checkpoint are dropped."""
+    """One JSON object per line, rank 0 only; on resume, lines past the checkpoint are dropped."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None) -> None:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.is_file():
-            lines = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in lines))
+            kept = [ln for ln in path.read_text().splitlines() if self._step(ln) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    @staticmethod
+    def _step(line: str) -> float:
+        """A line's step; a line torn by a kill counts as past any checkpoint."""
+        try:
+            return json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            return math.inf
 
     def write(self, record: dict) -> None:
         if self.enabled:
