@@ -76,13 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept on disk")
 
 
-def _positive(args: argparse.Namespace) -> None:
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse malformed flags before any model is built."""
     for name in ("epochs", "batch_size", "grad_accum_steps", "max_steps", "keep_checkpoints"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be positive, got {args.temperature}")
+    if args.val_dir is not None and not args.val_dir.exists():
+        raise FileNotFoundError(f"--val-dir {args.val_dir} does not exist: expected a labelled ImageFolder or manifest")
 
 
 def _fingerprint(model: torch.nn.Module) -> str:
@@ -90,8 +93,46 @@ def _fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _identity(args, ctx, teacher, student, num_images: int) -> dict:
+    """What a resumed run must share with the checkpoint: model, plan, teacher, data order."""
+    config = evit_patch.get_config(student)
+    return {
+        "model": args.model,
+        "layers": list(config.layers),
+        "keep": list(config.keep),
+        "fuse": config.fuse,
+        "img_size": list(teacher.patch_embed.img_size) if hasattr(teacher, "patch_embed") else None,
+        "teacher_weights": _fingerprint(teacher),
+        "images": num_images,
+        "global_batch": args.batch_size * ctx.world_size * args.grad_accum_steps,
+        "seed": args.seed,
+    }
+
+
+def _train_config(args, labelled: bool) -> TrainConfig:
+    return TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        keep_warmup=args.keep_warmup,
+        temperature=args.temperature,
+        ce_weight=args.ce_weight,
+        distill_only=args.distill_only or not labelled,
+        clip_grad=args.clip_grad,
+        grad_accum_steps=args.grad_accum_steps,
+        amp=args.amp_dtype if args.amp else None,
+        torchcompile=args.torchcompile,
+        channels_last=args.channels_last,
+        max_steps=args.max_steps,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+    )
 
 
 def _output_dir(args: argparse.Namespace) -> Path:
@@ -107,7 +148,7 @@ def _output_dir(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
-    _positive(args)
+    _check_arguments(args)
     output = _output_dir(args)
     resume_dir = checkpoint.latest(args.resume) if args.resume is not None else None
     if args.threads:
@@ -140,37 +181,8 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
         accum=args.grad_accum_steps,
     )
     loader = train_loader(dataset, batches, workers=args.workers, pin_memory=ctx.device.type == "cuda")
-    config = evit_patch.get_config(student)
-    identity = {
-        "model": args.model,
-        "layers": list(config.layers),
-        "keep": list(config.keep),
-        "fuse": config.fuse,
-        "img_size": list(teacher.patch_embed.img_size) if hasattr(teacher, "patch_embed") else None,
-        "teacher_weights": _fingerprint(teacher),
-        "images": len(items),
-        "global_batch": args.batch_size * ctx.world_size * args.grad_accum_steps,
-        "seed": args.seed,
-    }
-    cfg = TrainConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        keep_warmup=args.keep_warmup,
-        temperature=args.temperature,
-        ce_weight=args.ce_weight,
-        distill_only=args.distill_only or not labelled,
-        clip_grad=args.clip_grad,
-        grad_accum_steps=args.grad_accum_steps,
-        amp=args.amp_dtype if args.amp else None,
-        torchcompile=args.torchcompile,
-        channels_last=args.channels_last,
-        max_steps=args.max_steps,
-        checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
-    )
+    identity = _identity(args, ctx, teacher, student, len(items))
+    cfg = _train_config(args, labelled)
     trainer = Trainer(teacher, student, loader, cfg, ctx, output, identity)
     if resume_dir is not None:
         trainer.resume(resume_dir)
@@ -180,7 +192,7 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
         if resume_dir is None:
             (output / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         print(
-            f"{args.model} layers {list(config.layers)} keep {list(config.keep)}: {len(items)} images, "
+            f"{args.model} layers {identity['layers']} keep {identity['keep']}: {len(items)} images, "
             f"{ctx.world_size} process(es) on {ctx.device}, global batch {identity['global_batch']}, "
             f"{trainer.total_steps} steps (LR warm-up {trainer.lr_warmup}, keep warm-up {trainer.keep_warmup})"
             + (f"; resuming {resume_dir} at step {trainer.position.step}" if resume_dir else ""),
