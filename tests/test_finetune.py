@@ -134,7 +134,7 @@ def test_resume_after_a_kill_is_bit_exact(images, tmp_path):
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "final").exists()
     stopped_at = int(max(p.name for p in (killed / "checkpoints").glob("step_*")).removeprefix("step_"))
-    assert 3 <= stopped_at < 12  # 24 images / batch 4 = 6 steps per epoch, 2 epochs
+    assert 2 <= stopped_at < 12  # 24 images / batch 4 = 6 steps per epoch, 2 epochs
 
     run_tool(small_run(images, killed, *flags[:-2], "--resume", killed, "--threads", "1"))
     whole, resumed = weights(tmp_path / "whole"), weights(killed)
@@ -197,7 +197,10 @@ def test_bad_input_is_refused_clearly(images, tmp_path, change, error, message):
     argv = small_run(images, tmp_path / "out", "--max-steps", "1")
     for flag, value in change.items():
         value = tmp_path / value if flag == "--data-dir" else value
-        argv[argv.index(flag) + 1] = value
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
     with pytest.raises(error, match=message):
         finetune.run(parse(argv))
 

@@ -58,7 +58,7 @@ class TrainConfig:
 
     def resolved(self, total_steps: int) -> tuple[int, int]:
         """``(lr warm-up steps, keep warm-up steps)`` for a run of ``total_steps``."""
-        warmup = math.ceil(0.05 * total_steps) if self.warmup_steps is None else self.warmup_steps
+        warmup = -(-total_steps // 20) if self.warmup_steps is None else self.warmup_steps  # ceil(5 %)
         keep_warmup = total_steps // 2 if self.keep_warmup is None else self.keep_warmup
         return warmup, keep_warmup
 
@@ -273,12 +273,12 @@ class Trainer:
                 keep = record["keep"][0]
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", keep=f"{keep:.3f}", img_s=f"{speed:.1f}")
                 bar.update()
-                sums, micro, skipped, tick = None, 0, 0, time.perf_counter()
                 stopped = cfg.max_steps is not None and pos.step >= cfg.max_steps
                 if stopped or (cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0):
                     self.save()
                 if stopped:
                     break
+                sums, micro, skipped, tick = None, 0, 0, time.perf_counter()
             bar.close()
             if stopped:
                 break
