@@ -163,6 +163,16 @@ def test_amp_channels_last_unlabelled_run(images, tmp_path):
     assert all(r["ce"] == 0.0 and r["loss"] == r["distill"] > 0 for r in logged)
 
 
+def test_unreadable_image_is_skipped_and_counted_in_the_log(tmp_path):
+    write_images(tmp_path / "data", classes=("p",), per_class=6, size=72, flat=True)
+    (tmp_path / "data" / "broken.jpg").write_bytes(b"truncated")
+    argv = small_run(tmp_path / "data", tmp_path / "run", "--max-steps", "1")
+    argv[argv.index("--batch-size") + 1] = "7"
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.jpg"):
+        finetune.run(parse(argv))
+    assert [r["skipped_images"] for r in steps(tmp_path / "run")] == [1]
+
+
 def test_ddp_two_processes_match_one_process(images, tmp_path):
     """torchrun with 2 gloo processes x batch 2 equals 1 process x batch 4 (same global batch)."""
     common = ["--epochs", "1", "--threads", "1"]

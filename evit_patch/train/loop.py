@@ -257,6 +257,7 @@ class Trainer:
                 self._optimizer_step()
                 pos.step += 1
                 loss, kd, ce = (mean(s / accum, ctx).item() for s in sums)
+                skipped = round(mean(torch.tensor(float(skipped)), ctx).item() * ctx.world_size)  # all ranks
                 speed = self.global_batch / (time.perf_counter() - tick)
                 record = {
                     "step": pos.step,
