@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_vit
+from conftest import SHARED, make_vit
 from PIL import Image
 
 import evit_patch
@@ -101,23 +101,27 @@ def test_cross_entropy_counts_labelled_images_only():
     assert finetune_loss(s, t, None).total.item() == pytest.approx(distillation(s, t).item())
 
 
-def test_loss_decreases_on_a_fixed_batch():
-    torch.manual_seed(0)
-    teacher = make_vit(dtype=torch.float32, img_size=64)
-    student = evit_patch.apply(teacher, layers=[3, 6, 9], keep=0.5).train()
-    optimizer = build_optimizer(student, TrainConfig(lr=1e-3, weight_decay=0.0))
-    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+def test_loss_decreases_on_a_fixed_batch(real_model):
+    """Distilling the real DeiT-Tiny into its keep-0.5 copy on 4 real images: the loss falls."""
+    import csv
+
+    transform = train_transform(real_model, augment=False)
+    rows = list(csv.DictReader(open(SHARED / "images" / "imagenet_val.csv")))[:4]
+    x = torch.stack(
+        [transform(Image.open(SHARED / "images" / "imagenet_val" / r["file"]).convert("RGB")) for r in rows]
+    )
+    student = evit_patch.apply(real_model, layers=[3, 6, 9], keep=0.5).train()
+    optimizer = build_optimizer(student, TrainConfig(lr=1e-5, weight_decay=0.0))
     with torch.no_grad():
-        target = teacher(x)
+        target = real_model(x)
     losses = []
-    for _ in range(6):
+    for _ in range(3):
         loss = finetune_loss(student(x), target, None).total
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[0] > 0 and all(b < a for a, b in zip(losses, losses[1:])), losses
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[0] > 0.1 and losses[1] < losses[0] and losses[2] < 0.5 * losses[0], losses
 
 
 def test_optimizer_skips_decay_on_norms_biases_and_tokens():
