@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED, WEIGHTS
+from conftest import SHARED, WEIGHTS, make_vit
 from safetensors.torch import load_file
 from test_train import write_images
 
@@ -160,7 +160,9 @@ def test_amp_channels_last_unlabelled_run(images, tmp_path):
     summary = finetune.run(parse(small_run(images, tmp_path / "amp", "--amp", "--channels-last", "--max-steps", "2")))
     assert summary["step"] == 2
     logged = steps(tmp_path / "amp")
-    assert all(r["ce"] == 0.0 and r["loss"] == r["distill"] > 0 for r in logged)
+    assert all(r["ce"] == 0.0 and r["loss"] == r["distill"] for r in logged)
+    assert logged[0]["keep"] == [1.0, 1.0, 1.0] and logged[0]["loss"] == 0.0  # keep 1.0 is the original
+    assert logged[1]["keep"][0] < 1.0 and logged[1]["loss"] > 0
 
 
 def test_unreadable_image_is_skipped_and_counted_in_the_log(tmp_path):
@@ -173,22 +175,46 @@ def test_unreadable_image_is_skipped_and_counted_in_the_log(tmp_path):
     assert [r["skipped_images"] for r in steps(tmp_path / "run")] == [1]
 
 
-def test_ddp_two_processes_match_one_process(images, tmp_path):
+@pytest.fixture(scope="module")
+def peaked_weights(tmp_path_factory):
+    """A random-init 64 px DeiT-Tiny with 8x query/key weights: at random init the [CLS] attention
+    is nearly uniform, so batch-size-dependent rounding would flip which tokens are kept."""
+    from safetensors.torch import save_file
+
+    model = make_vit("deit_tiny_patch16_224", dtype=torch.float32, img_size=64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in state:
+        if k.endswith("attn.qkv.weight"):
+            state[k][: 2 * 192] *= 8.0
+    path = tmp_path_factory.mktemp("weights") / "peaked.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_ddp_two_processes_match_one_process(images, peaked_weights, tmp_path):
     """torchrun with 2 gloo processes x batch 2 equals 1 process x batch 4 (same global batch)."""
-    common = ["--epochs", "1", "--threads", "1"]
-    run_tool(small_run(images, tmp_path / "single", *common))
+    common = ["--epochs", "1", "--threads", "1", "--checkpoint", peaked_weights]
+    single_argv = small_run(images, tmp_path / "single", *common)
+    single_argv[single_argv.index("--lr") + 1] = "1e-4"
+    run_tool(single_argv)
     argv = small_run(images, tmp_path / "ddp", *common)
     argv[argv.index("--batch-size") + 1] = "2"
+    argv[argv.index("--lr") + 1] = "1e-4"
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     out = run_tool(argv, launcher=launcher)
     assert "2 process(es) on cpu, global batch 4" in out.stdout
     single, ddp = steps(tmp_path / "single"), steps(tmp_path / "ddp")
     assert [r["step"] for r in ddp] == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes the log
-    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-4)
-    a, b = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-3)
+    start, a, b = load_file(str(peaked_weights)), weights(tmp_path / "single"), weights(tmp_path / "ddp")
     assert a.keys() == b.keys()
+    # Float rounding differs with the batch split, and AdamW's normalised steps carry it to the
+    # size of a step for near-zero gradients: compare within one step (lr) and the updates as a whole.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
+    update_a = torch.cat([(a[k] - start[k]).flatten() for k in a])
+    update_b = torch.cat([(b[k] - start[k]).flatten() for k in a])
+    assert (update_b - update_a).norm() < 0.01 * update_a.norm()
 
 
 @pytest.mark.parametrize(

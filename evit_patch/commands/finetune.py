@@ -162,11 +162,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
     begin = time.perf_counter()
-    torch.manual_seed(args.seed + ctx.rank)
     items, labelled = find_images(args.data_dir)
     kwargs = {"img_size": args.img_size} if args.img_size else {}
+    torch.manual_seed(args.seed)  # the same (random-init) teacher on every rank
     teacher = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
     student = evit_patch.apply(teacher, layers=args.layers, keep=keep_arg(args), fuse=not args.no_fuse)
+    torch.manual_seed(args.seed + ctx.rank)
     if labelled and not args.distill_only:
         check_labels(args.data_dir, items, teacher.num_classes)
     if not labelled and not args.distill_only and ctx.is_main:

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from ..evaluate import compare
 from ..persist import save_pretrained
-from ..state import get_config, set_keep
+from ..reorganize import num_kept
+from ..state import get_config, reorganizers, set_keep
 from . import checkpoint
 from .distributed import Context, barrier, gather, mean
 from .loss import finetune_loss
@@ -95,6 +96,16 @@ class JsonlLog:
                 fh.write(json.dumps(record) + "\n")
 
 
+def keeps_every_token(student: nn.Module) -> bool:
+    """Whether no reorganizer drops a token at its current keep rate (at the built input size).
+
+    The student then computes exactly the teacher's function: the distillation loss is zero up
+    to rounding, and AdamW would turn that rounding noise into full-size steps.
+    """
+    tokens = getattr(getattr(student, "patch_embed", None), "num_patches", None)
+    return isinstance(tokens, int) and all(num_kept(tokens, m.keep) >= tokens for m in reorganizers(student))
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW as timm builds it: no weight decay on 1-D parameters and ``no_weight_decay()`` names."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
@@ -157,6 +168,7 @@ class Trainer:
         self.ddp = DistributedDataParallel(student) if ctx.distributed else student
         self.forward = self.ddp
         self.position = Position()
+        self.idle = False
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -198,9 +210,13 @@ class Trainer:
         lr = lr_at(step, self.cfg.lr, self.total_steps, self.lr_warmup, self.cfg.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # Nothing to learn while the student is the teacher and there are no labels: skip the step.
+        self.idle = keeps_every_token(self.student) and (self.cfg.distill_only or not self.cfg.ce_weight)
         return lr
 
     def _micro_step(self, images, labels, last: bool) -> tuple[torch.Tensor, ...]:
+        if self.idle:
+            return (torch.zeros((), device=self.ctx.device),) * 3
         x = images.to(self.ctx.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         y = None if self.cfg.distill_only else labels.to(self.ctx.device, non_blocking=True)
         sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.ddp.no_sync()
@@ -214,6 +230,8 @@ class Trainer:
         return tuple(p.detach() for p in parts)
 
     def _optimizer_step(self) -> None:
+        if self.idle:
+            return
         if self.cfg.clip_grad:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.clip_grad)
