@@ -22,7 +22,7 @@ from evit_patch.train.data import (
     find_images,
     train_transform,
 )
-from evit_patch.train.loop import TrainConfig, build_optimizer
+from evit_patch.train.loop import TrainConfig, build_optimizer, keeps_every_token
 from evit_patch.train.loss import UNLABELLED, distillation, finetune_loss
 from evit_patch.train.schedule import keep_at, lr_at
 
@@ -77,6 +77,14 @@ def test_keep_warmup_drives_a_patched_model_without_retracing():
     evit_patch.set_keep(model, keep_at(2, [0.5, 0.5, 0.5], 4))
     assert evit_patch.get_config(model).keep == (0.75, 0.75, 0.75)
     assert [model.blocks[i] for i in (3, 6, 9)] == blocks
+
+
+def test_a_step_that_keeps_every_token_is_recognised():
+    model = evit_patch.apply(make_vit(dtype=torch.float32), layers=[3, 6, 9], keep=0.7)
+    evit_patch.set_keep(model, 0.999)  # ceil(0.999 * 196) = 196: every token kept
+    assert keeps_every_token(model)
+    evit_patch.set_keep(model, [1.0, 1.0, 0.99])  # ceil(0.99 * 196) = 195 at block 9
+    assert not keeps_every_token(model)
 
 
 # -- loss --------------------------------------------------------------------------------------
