@@ -22,21 +22,19 @@ import time
 from pathlib import Path
 
 import torch
-from timm.data import create_transform
 
 import evit_patch
 
-from ..data import load_images
 from ..errors import CheckpointError
 from ..train import checkpoint, distributed
 from ..train.data import (
     ResumableBatches,
     TrainImages,
     check_labels,
-    data_config,
     find_images,
     train_loader,
     train_transform,
+    val_loader,
 )
 from ..train.loop import AMP_DTYPES, TrainConfig, Trainer
 from ..weights import create_model
@@ -201,7 +199,7 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
         )
     val = None
     if args.val_dir is not None and ctx.is_main:
-        val = load_images(args.val_dir, create_transform(**data_config(teacher)), progress=False)
+        val = val_loader(args.val_dir, teacher, batch_size=args.batch_size, workers=args.workers)
     result = trainer.fit(val, resumed=resume_dir is not None)
     final = trainer.save_final()
     summary = {

@@ -23,7 +23,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data import IMAGE_SUFFIXES, read_image_folder, read_manifest
+from ..data import IMAGE_SUFFIXES, read_dataset, read_image_folder, read_manifest
 from .loss import UNLABELLED
 
 MAX_CONSECUTIVE_UNREADABLE = 16
@@ -192,3 +192,12 @@ def start_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
     """Point the dataset's augmentation seeds and the sampler at ``epoch``, from batch ``start``."""
     loader.dataset.epoch = epoch
     loader.batch_sampler.set_epoch(epoch, start)
+
+
+def val_loader(path: str | Path, model: nn.Module, *, batch_size: int, workers: int = 0) -> DataLoader:
+    """Labelled held-out images (ImageFolder tree or manifest) at timm's eval transform, in order.
+
+    Decoded batch by batch, not cached as one tensor: an ImageNet val set would not fit in memory.
+    """
+    dataset = TrainImages(read_dataset(path), create_transform(**data_config(model)))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -114,36 +114,30 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def evaluate(teacher: nn.Module, student: nn.Module, val, target, position: Position, log: JsonlLog) -> dict:
-    """Student top-1, teacher top-1 and their agreement on the held-out images (rank 0).
+    """Student top-1, teacher top-1 and their agreement over the held-out batches (rank 0).
 
     The student is measured at its ``target`` keep rates, as it will be deployed, even while the
     warm-up has not reached them; the next step sets the scheduled rate again.
     """
-    images, labels = val
     set_keep(student, target)
     student.eval()
-    c = compare(teacher, student, images, labels, progress=False)
+    sums = {"teacher_top1": 0.0, "student_top1": 0.0, "agreement": 0.0, "mean_kl": 0.0}
+    count = 0
+    for images, labels, _ in val:
+        c = compare(teacher, student, images, labels, progress=False)
+        for key, value in zip(sums, (c.top1_original, c.top1_patched, c.agreement, c.mean_kl)):
+            sums[key] += value * c.images
+        count += c.images
     student.train()
-    record = {
-        "step": position.step,
-        "epoch": position.epoch,
-        "eval": {
-            "images": c.images,
-            "student_top1": c.top1_patched,
-            "teacher_top1": c.top1_original,
-            "agreement": c.agreement,
-            "mean_kl": c.mean_kl,
-            "keep": list(get_config(student).keep),
-        },
-    }
+    result = {"images": count, **{k: v / count for k, v in sums.items()}, "keep": list(target)}
     print(
-        f"epoch {position.epoch} (step {position.step}, keep {list(get_config(student).keep)}): "
-        f"student top-1 {100 * c.top1_patched:.1f} %, teacher top-1 {100 * c.top1_original:.1f} %, "
-        f"agreement {100 * c.agreement:.1f} %, KL {c.mean_kl:.4f} on {c.images} images",
+        f"epoch {position.epoch} (step {position.step}, keep {result['keep']}): "
+        f"student top-1 {100 * result['student_top1']:.1f} %, teacher top-1 {100 * result['teacher_top1']:.1f} %, "
+        f"agreement {100 * result['agreement']:.1f} %, KL {result['mean_kl']:.4f} on {count} images",
         flush=True,
     )
-    log.write(record)
-    return record["eval"]
+    log.write({"step": position.step, "epoch": position.epoch, "eval": result})
+    return result
 
 
 class Trainer:
