@@ -43,7 +43,9 @@ from .common import add_model_arguments, keep_arg
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--img-size", type=int, default=None, help="build the model for this input size")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="build the model for this input size (a --checkpoint must match it)"
+    )
     parser.add_argument("--data-dir", type=Path, required=True, help="ImageFolder tree, image folder or manifest .csv")
     parser.add_argument("--val-dir", type=Path, default=None, help="labelled ImageFolder or manifest to evaluate on")
     parser.add_argument("--output", type=Path, default=None, help="run directory (default: the --resume directory)")
