@@ -1,0 +1,216 @@
+"""``finetune``: recover the accuracy a patched model lost, by distilling its unpatched original.
+
+    python tools/finetune.py --model deit_small_patch16_224 --pretrained --layers 3 6 9 --keep 0.7 \\
+        --data-dir /data/imagenet/train --val-dir /data/imagenet/val --epochs 1 --batch-size 256 \\
+        --amp --torchcompile --output runs/deit_s_k07
+    torchrun --nproc_per_node 8 tools/finetune.py ...          # same flags, one process per GPU
+    python tools/finetune.py ... --resume runs/deit_s_k07       # continues exactly where it stopped
+
+The teacher is the original model (frozen); the student is ``evit_patch.apply`` of it, and its
+keep rate warms up from 1.0 to ``--keep``. ``--data-dir`` is an ImageFolder tree, a folder of
+unlabelled images or a ``file,label`` manifest CSV. The result reloads with
+``evit_patch.load_pretrained("<output>/final")``. ``--batch-size`` is per process, as in timm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import evit_patch
+
+from ..errors import CheckpointError
+from ..train import checkpoint, distributed
+from ..train.data import (
+    ResumableBatches,
+    TrainImages,
+    check_labels,
+    find_images,
+    train_loader,
+    train_transform,
+    val_loader,
+)
+from ..train.loop import AMP_DTYPES, TrainConfig, Trainer
+from ..weights import create_model
+from .common import add_model_arguments, keep_arg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="build the model for this input size (a --checkpoint must match it)"
+    )
+    parser.add_argument("--data-dir", type=Path, required=True, help="ImageFolder tree, image folder or manifest .csv")
+    parser.add_argument("--val-dir", type=Path, default=None, help="labelled ImageFolder or manifest to evaluate on")
+    parser.add_argument("--output", type=Path, default=None, help="run directory (default: the --resume directory)")
+    parser.add_argument("--resume", type=Path, default=None, help="continue the run saved in this output directory")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per process and micro-batch")
+    parser.add_argument("--grad-accum-steps", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--min-lr", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--warmup-steps", type=int, default=None, help="LR warm-up steps (default: 5%% of the run)")
+    parser.add_argument("--keep-warmup", type=int, default=None, help="keep warm-up steps (default: half the run)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    parser.add_argument("--ce-weight", type=float, default=1.0, help="weight of cross-entropy on labelled images")
+    parser.add_argument("--distill-only", action="store_true", help="ignore labels: distillation loss only")
+    parser.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    parser.add_argument("--amp", action="store_true", help="autocast with --amp-dtype")
+    parser.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default="bfloat16")
+    parser.add_argument("--torchcompile", action="store_true", help="torch.compile the student after keep warm-up")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--no-aug", action="store_true", help="train on the eval transform (no augmentation)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader processes")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="optimizer steps between checkpoints")
+    parser.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept on disk")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse malformed flags before any model is built."""
+    for name in ("epochs", "batch_size", "grad_accum_steps", "max_steps", "keep_checkpoints"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+    if args.val_dir is not None and not args.val_dir.exists():
+        raise FileNotFoundError(f"--val-dir {args.val_dir} does not exist: expected a labelled ImageFolder or manifest")
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    """A digest of the teacher's weights: resuming against other weights is refused."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _identity(args, ctx, teacher, student, num_images: int) -> dict:
+    """What a resumed run must share with the checkpoint: model, plan, teacher, data order."""
+    config = evit_patch.get_config(student)
+    return {
+        "model": args.model,
+        "layers": list(config.layers),
+        "keep": list(config.keep),
+        "fuse": config.fuse,
+        "img_size": list(teacher.patch_embed.img_size) if hasattr(teacher, "patch_embed") else None,
+        "teacher_weights": _fingerprint(teacher),
+        "images": num_images,
+        "global_batch": args.batch_size * ctx.world_size * args.grad_accum_steps,
+        "seed": args.seed,
+    }
+
+
+def _train_config(args, labelled: bool) -> TrainConfig:
+    return TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        keep_warmup=args.keep_warmup,
+        temperature=args.temperature,
+        ce_weight=args.ce_weight,
+        distill_only=args.distill_only or not labelled,
+        clip_grad=args.clip_grad,
+        grad_accum_steps=args.grad_accum_steps,
+        amp=args.amp_dtype if args.amp else None,
+        torchcompile=args.torchcompile,
+        channels_last=args.channels_last,
+        max_steps=args.max_steps,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+    )
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    output = args.output or args.resume
+    if output is None:
+        raise ValueError("give --output for a new run, or --resume <output dir> to continue one")
+    if args.resume is None and checkpoint.complete(output):
+        raise CheckpointError(
+            f"--output {output} already holds a run ({checkpoint.complete(output)[-1].name}); "
+            f"pass --resume {output} to continue it, or choose another --output"
+        )
+    return Path(output)
+
+
+def run(args: argparse.Namespace) -> dict:
+    _check_arguments(args)
+    output = _output_dir(args)
+    resume_dir = checkpoint.latest(args.resume) if args.resume is not None else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = distributed.init(args.device)
+    try:
+        return _run(args, ctx, output, resume_dir)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
+    begin = time.perf_counter()
+    items, labelled = find_images(args.data_dir)
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    torch.manual_seed(args.seed)  # the same (random-init) teacher on every rank
+    teacher = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
+    student = evit_patch.apply(teacher, layers=args.layers, keep=keep_arg(args), fuse=not args.no_fuse)
+    torch.manual_seed(args.seed + ctx.rank)
+    if labelled and not args.distill_only:
+        check_labels(args.data_dir, items, teacher.num_classes)
+    if not labelled and not args.distill_only and ctx.is_main:
+        print(f"{args.data_dir}: no labels, distillation only")
+    dataset = TrainImages(items, train_transform(teacher, augment=not args.no_aug), seed=args.seed)
+    batches = ResumableBatches(
+        len(items),
+        args.batch_size,
+        seed=args.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        accum=args.grad_accum_steps,
+    )
+    loader = train_loader(dataset, batches, workers=args.workers, pin_memory=ctx.device.type == "cuda")
+    identity = _identity(args, ctx, teacher, student, len(items))
+    cfg = _train_config(args, labelled)
+    trainer = Trainer(teacher, student, loader, cfg, ctx, output, identity)
+    if resume_dir is not None:
+        trainer.resume(resume_dir)
+    if ctx.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(output)
+        if resume_dir is None:
+            (output / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        print(
+            f"{args.model} layers {identity['layers']} keep {identity['keep']}: {len(items)} images, "
+            f"{ctx.world_size} process(es) on {ctx.device}, global batch {identity['global_batch']}, "
+            f"{trainer.total_steps} steps (LR warm-up {trainer.lr_warmup}, keep warm-up {trainer.keep_warmup})"
+            + (f"; resuming {resume_dir} at step {trainer.position.step}" if resume_dir else ""),
+            flush=True,
+        )
+    val = None
+    if args.val_dir is not None and ctx.is_main:
+        val = val_loader(args.val_dir, teacher, batch_size=args.batch_size, workers=args.workers)
+    result = trainer.fit(val, resumed=resume_dir is not None)
+    final = trainer.save_final()
+    summary = {
+        **result,
+        "final": str(final) if final else None,
+        "identity": identity,
+        "wall_s": time.perf_counter() - begin,
+    }
+    if ctx.is_main:
+        (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"saved {final}: reload with evit_patch.load_pretrained({str(final)!r})", flush=True)
+    return summary
