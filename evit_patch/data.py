@@ -21,9 +21,14 @@ def default_cache_dir() -> Path:
 
 
 def read_manifest(csv_path: str | Path) -> list[tuple[Path, int]]:
-    """``(image path, label)`` pairs; paths are relative to a folder named like the CSV."""
+    """``(image path, label)`` pairs from a ``file,label`` CSV.
+
+    Relative paths are read against a folder named like the CSV when there is one (the layout of
+    ``../shared/data/images``: ``imagenet_val.csv`` beside ``imagenet_val/``), else against the
+    CSV's own folder; absolute paths are taken as they are.
+    """
     csv_path = Path(csv_path)
-    root = csv_path.with_suffix("")
+    root = csv_path.with_suffix("") if csv_path.with_suffix("").is_dir() else csv_path.parent
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or "file" not in rows[0] or "label" not in rows[0]:
