@@ -194,7 +194,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         axes[1].plot([r["speedup"] for r in sub], [r[metric] for r in sub], "o-", label=f"layers {layers}")
     axes[0].set_xlabel("GMACs per image")
     # A ratio timed against the original in the same rounds: absolute img/s drifts with machine load.
-    axes[1].set_xlabel("measured speedup over the original")
+    axes[1].set_xlabel("measured throughput, relative to the original")
     for ax in axes:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
