@@ -119,17 +119,36 @@ def read_config(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def load_pretrained(directory: str | os.PathLike) -> nn.Module:
+def load_pretrained(
+    directory: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> nn.Module:
     """Rebuild the patched model saved in ``directory``: timm architecture, EViT plan, weights.
 
     Nothing pickled is executed: the weights are safetensors, the rest is JSON. The model is
     returned in eval mode.
+
+    Args:
+        directory: a folder written by :func:`save_pretrained`, or a Hugging Face Hub repo id
+            (``"user/name"``, see :func:`push_to_hub`) when no such folder exists.
+        revision: Hub only: branch, tag or commit; default the main branch.
+        cache_dir: Hub only: the download cache; default Hugging Face's.
+        local_files_only: Hub only: read the cache, never download (as ``HF_HUB_OFFLINE=1``).
+
+    Raises:
+        CheckpointError: the files are missing, malformed or do not fit the architecture, or the
+            repo cannot be found.
     """
     import timm
     from safetensors.torch import load_model
 
     from .apply import apply
+    from .hub import resolve
 
+    directory = resolve(directory, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     meta = read_config(directory)
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
