@@ -68,7 +68,7 @@ def resolve(
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     repo_id = str(source)
     try:

@@ -19,6 +19,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 import evit_patch
+
 from ..weights import create_model
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
