@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,3 +72,21 @@ def compare_speed(
         times_b.append(b)
     ratios = [a / b for a, b in zip(times_a, times_b)]
     return SpeedComparison(len(x), statistics.median(times_a), statistics.median(times_b), (min(ratios), max(ratios)))
+
+
+def time_interleaved(
+    runners: dict[str, Callable[[], object]], *, rounds: int = 10, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds of each zero-argument ``runner`` over ``rounds`` rounds; each round calls every
+    runner once, starting one later each round, so drift hits them alike. CPU only (no device sync)."""
+    names = list(runners)
+    for _ in range(warmup):
+        for name in names:
+            runners[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            begin = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - begin)
+    return {name: statistics.median(values) for name, values in times.items()}
