@@ -9,6 +9,7 @@ import huggingface_hub
 import pytest
 import torch
 from conftest import images, make_vit
+from huggingface_hub import constants
 
 import evit_patch
 from evit_patch import CheckpointError
@@ -69,7 +70,7 @@ def test_push_uploads_the_save_pretrained_files(fake_hub):
 
 
 def test_pushed_files_load_back_from_the_offline_cache(fake_hub, tmp_path, monkeypatch):
-    assert huggingface_hub.constants.HF_HUB_OFFLINE  # conftest: no test reaches the network
+    assert constants.HF_HUB_OFFLINE  # conftest: no test reaches the network
     model = _model()
     evit_patch.push_to_hub(model, "alice/deit-tiny-evit")
     _cache(tmp_path, "alice/deit-tiny-evit", fake_hub.uploaded)
