@@ -74,7 +74,7 @@ def test_pushed_files_load_back_from_the_offline_cache(fake_hub, tmp_path, monke
     model = _model()
     evit_patch.push_to_hub(model, "alice/deit-tiny-evit")
     _cache(tmp_path, "alice/deit-tiny-evit", fake_hub.uploaded)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     loaded = evit_patch.load_pretrained("alice/deit-tiny-evit")
     assert evit_patch.get_config(loaded) == evit_patch.get_config(model)
     x = images(2)
