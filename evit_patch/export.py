@@ -8,6 +8,7 @@ the exported graph is static in tokens and dynamic in batch only; ONNX uses stan
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -48,6 +49,22 @@ def _example(model: nn.Module, example: torch.Tensor | None, dynamic_batch: bool
     return example
 
 
+def _dynamic_shapes(dynamic_batch: bool) -> tuple[dict, ...] | None:
+    return ({0: torch.export.Dim(BATCH, min=1)},) if dynamic_batch else None
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    """Eval mode and no autograd while exporting; the caller's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def export_program(
     model: nn.Module, example: torch.Tensor | None = None, *, dynamic_batch: bool = True
 ) -> torch.export.ExportedProgram:
@@ -65,14 +82,8 @@ def export_program(
         The exported program; ``program.module()(x)`` runs it for any batch size (>= 1).
     """
     example = _example(model, example, dynamic_batch)
-    dynamic_shapes = ({0: torch.export.Dim(BATCH, min=1)},) if dynamic_batch else None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes, strict=False)
-    finally:
-        model.train(was_training)
+    with _evaluating(model):
+        return torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch), strict=False)
 
 
 def export_onnx(
@@ -102,19 +113,22 @@ def export_onnx(
         import onnxscript  # noqa: F401  (the exporter needs it; fail early with the fix)
     except ImportError as exc:
         raise ImportError('ONNX export needs onnx and onnxscript: pip install "evit_patch[onnx]"') from exc
-    program = export_program(model, example, dynamic_batch=dynamic_batch)
+    example = _example(model, example, dynamic_batch)
     if external_data is None:
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx_program = torch.onnx.export(
-        program,
-        dynamo=True,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        opset_version=opset,
-        verbose=False,
-    )
+    with _evaluating(model):  # the exporter runs torch.export as export_program does, and names the batch
+        onnx_program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=_dynamic_shapes(dynamic_batch),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            verbose=False,
+        )
     if external_data:  # the side file is named after the destination: no temporary name
         onnx_program.save(str(path), external_data=True)
     else:
