@@ -75,10 +75,14 @@ def compare_speed(
 
 
 def time_interleaved(
-    runners: dict[str, Callable[[], object]], *, rounds: int = 10, warmup: int = 2
+    runners: dict[str, Callable[[], object]], *, rounds: int = 10, warmup: int = 2, settle: int = 1
 ) -> dict[str, float]:
     """Median seconds of each zero-argument ``runner`` over ``rounds`` rounds; each round calls every
-    runner once, starting one later each round, so drift hits them alike. CPU only (no device sync)."""
+    runner, starting one later each round, so drift hits them alike. CPU only (no device sync).
+
+    ``settle`` untimed calls precede each timed one: runtimes whose idle threads spin for a while
+    (OpenMP, onnxruntime) would otherwise bill that spinning to the runner timed next.
+    """
     names = list(runners)
     for _ in range(warmup):
         for name in names:
@@ -86,6 +90,8 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds):
         for name in names[index % len(names) :] + names[: index % len(names)]:
+            for _ in range(settle):
+                runners[name]()
             begin = time.perf_counter()
             runners[name]()
             times[name].append(time.perf_counter() - begin)

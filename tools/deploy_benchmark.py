@@ -1,13 +1,14 @@
 """onnxruntime vs eager PyTorch latency on this CPU, for the original and the EViT-patched model.
 
     python tools/deploy_benchmark.py                                   # real DeiT-Tiny, keep 0.7 @ 3, 6, 9
-    python tools/deploy_benchmark.py --batch-size 1 16 --rounds 30 --json deploy.json
+    python tools/deploy_benchmark.py --batch-size 1 16 --rounds 40 --json deploy.json
 
 Both models are exported with evit_patch.export_onnx (dynamic batch); onnxruntime runs on the
 CPU with as many intra-op threads as torch. Per batch size, the four runners (eager/onnxruntime x
-original/patched) are timed in interleaved rounds after warm-up, and medians are reported with
-the ratios between them. Weights: --checkpoint, else ../shared/data/weights/<model>.safetensors,
-else the hub (--pretrained).
+original/patched) are timed in interleaved rounds after warm-up, each timed call after an untimed
+one of the same runner (so no runtime pays for another's spinning threads), and medians are
+reported with the ratios between them. Run it on an otherwise idle machine.
+Weights: --checkpoint, else ../shared/data/weights/<model>.safetensors, else the hub (--pretrained).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
     parser.add_argument("--keep", type=float, default=0.7)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default torch's)")
     parser.add_argument("--json", type=Path, default=None)
