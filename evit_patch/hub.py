@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .errors import CheckpointError
 from .persist import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 
 def push_to_hub(
@@ -26,7 +30,7 @@ def push_to_hub(
     commit_message: str = "Upload EViT-patched model (evit_patch)",
     architecture: str | None = None,
     model_kwargs: dict | None = None,
-):
+) -> CommitInfo:
     """Save ``model`` with :func:`save_pretrained` and upload it to the Hub repo ``repo_id``.
 
     The repo is created if needed. Anyone can then call ``evit_patch.load_pretrained(repo_id)``.
@@ -41,7 +45,7 @@ def push_to_hub(
         model_kwargs: as for :func:`save_pretrained`.
 
     Returns:
-        huggingface_hub's ``CommitInfo`` of the upload.
+        The upload's commit (its ``commit_url`` links to it).
     """
     from huggingface_hub import HfApi
 
