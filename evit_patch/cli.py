@@ -4,8 +4,8 @@
     evit-patch export --model deit_tiny_patch16_224 --pretrained --format onnx --output deit_tiny_evit.onnx --verify
     evit-patch COMMAND --help                     # the options of one command
 
-Each command is a module of evit_patch.commands with add_arguments(parser) and run(args); the
-same modules back tools/*.py, so the CLI adds no logic of its own.
+--model takes a timm name: weights come from --checkpoint (a local file) or --pretrained (the
+hub), else the model is randomly initialised, which is enough for explain and for timing.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from types import ModuleType
 
 from .errors import EViTError
 
+# Each command is a module of evit_patch.commands with add_arguments(parser) and run(args); the same
+# modules back tools/*.py, so the CLI adds no logic of its own.
 COMMANDS = ("explain", "export", "benchmark", "evaluate", "plan", "visualize")
-"""Subcommands, in --help order: each names a module of evit_patch.commands. Register one by adding its name."""
+"""Subcommands in --help order, each a module of evit_patch.commands; register one (finetune) by adding its name."""
 
 USER_ERRORS = (EViTError, FileNotFoundError, ImportError)
 """Errors reported as one line (``evit-patch CMD: error: ...``, exit 2) rather than a traceback."""
