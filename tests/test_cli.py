@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,11 +47,15 @@ def test_command_help_is_the_module_docstring(capsys):
     assert "evit-patch export --load ./deit-tiny-evit --format pt2" in out
 
 
-def test_explain_prints_the_plan(capsys):
-    assert cli.main(["explain", "--model", "deit_tiny_patch16_224", "--layers", "3", "6", "9", "--keep", "0.7"]) == 0
+def test_explain_prints_the_plan(capsys, tmp_path):
+    argv = ["explain", "--model", "deit_tiny_patch16_224", "--layers", "3", "6", "9", "--keep", "0.7"]
+    assert cli.main([*argv, "--json", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out
     expected = evit_patch.explain(evit_patch.apply(timm.create_model("deit_tiny_patch16_224"), [3, 6, 9], 0.7))
     assert out == f"{expected}\n"
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["gmacs_patched"] == expected.macs_patched / 1e9
+    assert [b["tokens_in"] for b in saved["blocks"]][3:11:3] == [197, 140, 100]
     assert out.splitlines()[0] == "EViT plan for VisionTransformer (deit_tiny_patch16_224) (fuse=True)"
     assert "      1.254      0.821   (0.655x MACs, ideal speedup 1.53x)" in out
 
