@@ -27,14 +27,16 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 """Above this many parameter bytes the ONNX weights go to a side file (protobuf stops at 2 GiB)."""
 
 
-def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
+def example_input(model: nn.Module, batch: int = 2, *, seed: int | None = None) -> torch.Tensor:
     """Random images of the size, dtype and device ``model`` expects (a resized model's own size)."""
     from timm.data import resolve_data_config
 
     param = next(model.parameters())
     channels, *size = resolve_data_config({}, model=model)["input_size"]
     size = getattr(getattr(model, "patch_embed", None), "img_size", None) or size
-    return torch.randn(batch, channels, *size, dtype=param.dtype, device=param.device)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, *size, dtype=param.dtype, generator=generator)
+    return x.to(param.device)
 
 
 def _example(model: nn.Module, example: torch.Tensor | None, dynamic_batch: bool) -> torch.Tensor:
