@@ -75,13 +75,20 @@ def compare_speed(
 
 
 def time_interleaved(
-    runners: dict[str, Callable[[], object]], *, rounds: int = 10, warmup: int = 2, settle: int = 1
+    runners: dict[str, Callable[[], object]],
+    *,
+    rounds: int = 10,
+    warmup: int = 2,
+    settle: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median seconds of each zero-argument ``runner`` over ``rounds`` rounds; each round calls every
     runner, starting one later each round, so drift hits them alike. CPU only (no device sync).
 
     ``settle`` untimed calls precede each timed one: runtimes whose idle threads spin for a while
     (OpenMP, onnxruntime) would otherwise bill that spinning to the runner timed next.
+    ``clock=time.thread_time`` times single-threaded runners in CPU time, which other processes
+    on a shared host barely disturb.
     """
     names = list(runners)
     for _ in range(warmup):
@@ -92,7 +99,7 @@ def time_interleaved(
         for name in names[index % len(names) :] + names[: index % len(names)]:
             for _ in range(settle):
                 runners[name]()
-            begin = time.perf_counter()
+            begin = clock()
             runners[name]()
-            times[name].append(time.perf_counter() - begin)
+            times[name].append(clock() - begin)
     return {name: statistics.median(values) for name, values in times.items()}

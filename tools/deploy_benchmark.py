@@ -7,7 +7,8 @@ Both models are exported with evit_patch.export_onnx (dynamic batch); onnxruntim
 CPU with as many intra-op threads as torch. Per batch size, the four runners (eager/onnxruntime x
 original/patched) are timed in interleaved rounds after warm-up, each timed call after an untimed
 one of the same runner (so no runtime pays for another's spinning threads), and medians are
-reported with the ratios between them. Run it on an otherwise idle machine.
+reported with the ratios between them. Run it on an otherwise idle machine; on a busy shared
+host, --cpu-time runs everything on one thread and times thread CPU time instead of wall time.
 Weights: --checkpoint, else ../shared/data/weights/<model>.safetensors, else the hub (--pretrained).
 """
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import onnxruntime
@@ -50,8 +52,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default torch's)")
+    parser.add_argument("--cpu-time", action="store_true", help="1 thread, timed in thread CPU time (shared hosts)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.cpu_time:
+        if args.threads not in (None, 1):
+            parser.error("--cpu-time times one thread: leave --threads out or set it to 1")
+        args.threads = 1
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"timm {timm.__version__}, Python {platform.python_version()}"
     )
     print(f"{args.model} ({checkpoint or 'hub weights'}), keep {args.keep} at {args.layers}\n{environment}")
+    environment += ", thread CPU time" if args.cpu_time else ", wall-clock time"
     results: dict = {"model": args.model, "layers": args.layers, "keep": args.keep, "environment": environment}
     with tempfile.TemporaryDirectory() as folder:
         sessions = {
@@ -75,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         for batch in args.batch_size:
             runners = _runners({"original": original, "patched": patched}, sessions, example_input(original, batch))
             with torch.inference_mode():
-                seconds = time_interleaved(runners, rounds=args.rounds, warmup=args.warmup)
+                clock = time.thread_time if args.cpu_time else time.perf_counter
+                seconds = time_interleaved(runners, rounds=args.rounds, warmup=args.warmup, clock=clock)
             rows.append({"batch_size": batch, "ms": {k: 1e3 * v for k, v in seconds.items()}})
     results["rows"] = rows
     _print(rows)
