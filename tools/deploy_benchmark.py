@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{cpu_name()}, {threads} threads, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"timm {timm.__version__}, Python {platform.python_version()}"
     )
-    print(f"{args.model} ({checkpoint or 'hub weights'}), keep {args.keep} at {args.layers}\n{environment}")
     environment += ", thread CPU time" if args.cpu_time else ", wall-clock time"
+    print(f"{args.model} ({checkpoint or 'hub weights'}), keep {args.keep} at {args.layers}\n{environment}")
     results: dict = {"model": args.model, "layers": args.layers, "keep": args.keep, "environment": environment}
     with tempfile.TemporaryDirectory() as folder:
         sessions = {
