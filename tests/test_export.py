@@ -56,3 +56,19 @@ def test_non_image_example_is_refused(fast):
         evit_patch.UnsupportedInputError, match=r"expected a \(B, C, H, W\) example, got shape \(3, 224, 224\)"
     ):
         evit_patch.export_program(fast, images(1)[0])
+
+
+def test_onnx_weights_can_go_to_a_side_file(tmp_path):
+    pytest.importorskip("onnxscript", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
+    pytest.importorskip("onnxruntime", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
+    from evit_patch.export import INPUT_NAME, onnx_session
+
+    fast = evit_patch.apply(make_vit("test_vit", dtype=torch.float32), layers=[2], keep=0.5)
+    path = evit_patch.export_onnx(fast, tmp_path / "out" / "m.onnx", external_data=True)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert path.stat().st_size < (path.parent / "m.onnx.data").stat().st_size
+    x = example_input(fast, 2, seed=0)
+    with torch.no_grad():
+        want = fast(x)
+    got = torch.from_numpy(onnx_session(path).run(None, {INPUT_NAME: x.numpy()})[0])
+    assert torch.equal(got.argmax(-1), want.argmax(-1)) and got.shape == want.shape
