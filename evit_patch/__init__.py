@@ -12,7 +12,9 @@ from .calibrate import CalibrationResult, calibrate
 from .config import EViTConfig
 from .errors import CheckpointError, EViTError, InvalidPlanError, UnsupportedInputError, UnsupportedModelError
 from .explain import Explanation, explain
+from .export import export_onnx, export_program
 from .families import list_supported, register_family
+from .hub import push_to_hub
 from .persist import load_pretrained, save_pretrained
 from .reorganize import cls_attention_from_probs, cls_attention_from_qk, num_kept, reorganize
 from .reorganizer import TokenReorganizer
@@ -37,12 +39,15 @@ __all__ = [
     "cls_attention_from_probs",
     "cls_attention_from_qk",
     "explain",
+    "export_onnx",
+    "export_program",
     "get_config",
     "is_patched",
     "list_supported",
     "load_pretrained",
     "num_kept",
     "plan",
+    "push_to_hub",
     "register_family",
     "reorganize",
     "reorganizers",

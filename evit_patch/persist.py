@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import write_atomically
 from .errors import CheckpointError
 from .families import describe
 from .state import get_config
@@ -48,18 +48,6 @@ def _model_kwargs(model: nn.Module) -> dict:
     return kwargs
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: never a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -90,8 +78,8 @@ def save_pretrained(
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return directory
 
 
@@ -119,17 +107,36 @@ def read_config(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def load_pretrained(directory: str | os.PathLike) -> nn.Module:
+def load_pretrained(
+    directory: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> nn.Module:
     """Rebuild the patched model saved in ``directory``: timm architecture, EViT plan, weights.
 
     Nothing pickled is executed: the weights are safetensors, the rest is JSON. The model is
     returned in eval mode.
+
+    Args:
+        directory: a folder written by :func:`save_pretrained`, or a Hugging Face Hub repo id
+            (``"user/name"``, see :func:`push_to_hub`) when no such folder exists.
+        revision: Hub only: branch, tag or commit; default the main branch.
+        cache_dir: Hub only: the download cache; default Hugging Face's.
+        local_files_only: Hub only: read the cache, never download (as ``HF_HUB_OFFLINE=1``).
+
+    Raises:
+        CheckpointError: the files are missing, malformed or do not fit the architecture, or the
+            repo cannot be found.
     """
     import timm
     from safetensors.torch import load_model
 
     from .apply import apply
+    from .hub import resolve
 
+    directory = resolve(directory, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     meta = read_config(directory)
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,3 +72,34 @@ def compare_speed(
         times_b.append(b)
     ratios = [a / b for a, b in zip(times_a, times_b)]
     return SpeedComparison(len(x), statistics.median(times_a), statistics.median(times_b), (min(ratios), max(ratios)))
+
+
+def time_interleaved(
+    runners: dict[str, Callable[[], object]],
+    *,
+    rounds: int = 10,
+    warmup: int = 2,
+    settle: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median seconds of each zero-argument ``runner`` over ``rounds`` rounds; each round calls every
+    runner, starting one later each round, so drift hits them alike. CPU only (no device sync).
+
+    ``settle`` untimed calls precede each timed one: runtimes whose idle threads spin for a while
+    (OpenMP, onnxruntime) would otherwise bill that spinning to the runner timed next.
+    ``clock=time.thread_time`` times single-threaded runners in CPU time, which other processes
+    on a shared host barely disturb.
+    """
+    names = list(runners)
+    for _ in range(warmup):
+        for name in names:
+            runners[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            for _ in range(settle):
+                runners[name]()
+            begin = clock()
+            runners[name]()
+            times[name].append(clock() - begin)
+    return {name: statistics.median(values) for name, values in times.items()}

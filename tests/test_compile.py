@@ -1,4 +1,4 @@
-"""``torch.compile(fullgraph=True)``: zero graph breaks, parity with eager, gradients, keep changes."""
+"""``torch.compile(fullgraph=True)``: zero graph breaks, no recompiles across batch sizes, parity, gradients, keep."""
 
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ def _small_vit():
     return VisionTransformer(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3).eval()
 
 
-def test_fullgraph_inductor_matches_eager_without_graph_breaks():
+def test_fullgraph_inductor_matches_eager_without_graph_breaks_for_a_dynamic_batch():
     fast = evit_patch.apply(_small_vit(), layers=[1, 3], keep=0.7)
-    x = torch.randn(4, 3, 64, 64)
+    first = torch.randn(4, 3, 64, 64)
+    torch._dynamo.mark_dynamic(first, 0)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(fast, fullgraph=True)
     with torch.no_grad():
-        out = compiled(x)
-        torch.testing.assert_close(out, fast(x), rtol=1e-4, atol=1e-4)
+        for x in (first, torch.randn(7, 3, 64, 64)):
+            torch.testing.assert_close(compiled(x), fast(x), rtol=1e-4, atol=1e-4)
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1
 
@@ -52,3 +53,44 @@ def test_changing_keep_is_picked_up_by_a_compiled_model():
         )  # 64 -> ceil(44.8)=45 (+2) -> ceil(0.7*46)=33 (+2)
         evit_patch.set_keep(fast, 1.0)
         assert compiled(x).shape[1] == 65
+
+
+def _compile_counted(model, **kwargs):
+    """``torch.compile`` through a backend that counts the graphs dynamo hands it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counters.clear()
+    counter = CompileCounterWithBackend(kwargs.pop("backend", "aot_eager"))
+    return torch.compile(model, fullgraph=True, backend=counter, **kwargs), counter
+
+
+def test_a_batch_marked_dynamic_compiles_once_for_every_batch_size():
+    fast = evit_patch.apply(_small_vit(), layers=[1, 3], keep=0.7)
+    compiled, counter = _compile_counted(fast)
+    first = torch.randn(2, 3, 64, 64)
+    torch._dynamo.mark_dynamic(first, 0)
+    with torch.no_grad():
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for batch in (2, 3, 5, 8):
+                x = first if batch == 2 else torch.randn(batch, 3, 64, 64)
+                torch.testing.assert_close(compiled(x), fast(x), rtol=1e-5, atol=1e-5)
+        assert counter.frame_count == 1
+        # Dynamo never makes a size of 1 symbolic: batch 1 is its own graph, compiled once.
+        x = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(compiled(x), fast(x), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 2
+    assert dict(counters["graph_break"]) == {}
+
+
+def test_default_compile_recompiles_once_then_generalizes_the_batch():
+    """Without ``mark_dynamic`` the first batch size is baked in; the second one makes it dynamic."""
+    fast = evit_patch.apply(_small_vit(), layers=[1, 3], keep=0.7)
+    compiled, counter = _compile_counted(fast)
+    seen = []
+    with torch.no_grad():
+        for batch in (2, 3, 5, 8):
+            x = torch.randn(batch, 3, 64, 64)
+            torch.testing.assert_close(compiled(x), fast(x), rtol=1e-5, atol=1e-5)
+            seen.append(counter.frame_count)
+    assert seen == [1, 2, 2, 2]

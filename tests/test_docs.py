@@ -40,9 +40,11 @@ def site(tmp_path_factory):
 
 def test_docs_build_strict(site):
     pages = {p.parent.name for p in site.glob("*/index.html")}
-    assert {"how-it-works", "api", "supported-models", "visualisation", "faq", "adding-a-family"} <= pages
+    assert {"how-it-works", "api", "supported-models", "visualisation", "faq", "adding-a-family", "deployment"} <= pages
     api = (site / "api" / "index.html").read_text()
-    for name in ("evit_patch.apply", "evit_patch.visualize", "evit_patch.track_tokens"):
+    deployment = ("evit_patch.save_pretrained", "evit_patch.load_pretrained", "evit_patch.push_to_hub")
+    deployment += ("evit_patch.export_program", "evit_patch.export_onnx")
+    for name in ("evit_patch.apply", "evit_patch.visualize", "evit_patch.track_tokens", *deployment):
         assert f'id="{name}"' in api, name
 
 

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
-import pytest
 import torch
 from conftest import images, make_vit
 from PIL import Image
 
 import evit_patch
+from evit_patch import cli
 from evit_patch.tracking import PatchStatus, track_tokens
 from evit_patch.visualize import CAPTION, PAD
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _panel(sheet: Image.Image, row: int, column: int, w: int, h: int) -> torch.Tensor:
@@ -49,13 +44,6 @@ def test_any_image_size_sets_the_panel_shape():
     assert sheet.size == (PAD + 2 * (112 + PAD), PAD + 6 * (CAPTION + 80 + PAD))
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("visualize_cli", ROOT / "tools" / "visualize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_writes_the_figure_for_a_batch_of_images(tmp_path, capsys):
     from safetensors.torch import save_file
 
@@ -69,12 +57,11 @@ def test_cli_writes_the_figure_for_a_batch_of_images(tmp_path, capsys):
         paths.append(tmp_path / f"{n}.jpg")
         Image.fromarray(noise.numpy()).save(paths[-1])
     out = tmp_path / "figs" / "kept.png"
-    cli = _cli()
-    common = ["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path), "--panel", "64"]
-    cli.main([*common, "--image", *map(str, paths), "--layers", "2", "5", "--keep", "0.5", "--output", str(out)])
+    common = ["visualize", "--checkpoint", str(checkpoint), "--data-dir", str(tmp_path), "--panel", "64"]
+    argv = [*common, "--image", *map(str, paths), "--layers", "2", "5", "--keep", "0.5", "--output", str(out)]
+    assert cli.main(argv) == 0
     assert Image.open(out).size == (PAD + 3 * (64 + PAD), PAD + 4 * (CAPTION + 64 + PAD))
     assert sorted(p.name for p in out.parent.iterdir()) == ["kept.png"]
     assert f"wrote {out}" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        cli.main([*common, "--image", str(tmp_path / "missing.jpg")])
-    assert f"image not found: {tmp_path / 'missing.jpg'}" in capsys.readouterr().err
+    assert cli.main([*common, "--image", str(tmp_path / "missing.jpg")]) == 2
+    assert capsys.readouterr().err == f"evit-patch visualize: error: image not found: {tmp_path / 'missing.jpg'}\n"

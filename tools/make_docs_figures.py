@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from visualize import SHARED, class_names, figure, load_model, save_png
+from evit_patch.commands.visualize import SHARED, class_names, figure, load_model, save_png
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 200_000

@@ -28,3 +28,24 @@ def keep_arg(args: argparse.Namespace) -> float | list[float]:
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The original model in eval mode, from --checkpoint, --pretrained, or random init."""
     return create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
+
+
+def add_load_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--load",
+        default=None,
+        metavar="DIR_OR_REPO",
+        help="a save_pretrained directory or Hub repo id; replaces --model, weights and plan options",
+    )
+
+
+def patched_model(args: argparse.Namespace, **apply_kwargs) -> nn.Module:
+    """The patched model in eval mode: ``--load`` as saved, else ``--model`` patched with the plan options."""
+    import evit_patch
+
+    if getattr(args, "load", None):
+        return evit_patch.load_pretrained(args.load)
+    fast = evit_patch.apply(
+        load_model(args), layers=args.layers, keep=keep_arg(args), fuse=not args.no_fuse, **apply_kwargs
+    )
+    return fast.eval()

@@ -1,0 +1,104 @@
+"""The ``evit-patch`` CLI: subcommands wrap evit_patch.commands, ``python -m evit_patch`` works, errors are one line."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import WEIGHTS
+
+import evit_patch
+from evit_patch import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "test_vit", "--layers", "1", "3", "--keep", "0.5"]  # timm's 6-block, 64-channel test ViT
+
+
+def test_console_script_is_installed_for_cli_main():
+    (entry,) = importlib.metadata.entry_points(group="console_scripts", name="evit-patch")
+    assert entry.value == "evit_patch.cli:main" and entry.load() is cli.main
+
+
+def test_python_m_help_lists_every_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "evit_patch", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: evit-patch [-h] [--version] COMMAND ...")
+    text = " ".join(result.stdout.split())  # argparse wraps help to the terminal's width
+    for name in cli.COMMANDS:
+        summary = " ".join(cli._summary(importlib.import_module(f"evit_patch.commands.{name}")).split())
+        assert f" {name} {summary}" in text, name
+    assert "export" in cli.COMMANDS and "visualize" in cli.COMMANDS
+
+
+def test_command_help_is_the_module_docstring(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: evit-patch export" in out and "--format {onnx,pt2,safetensors}" in out
+    assert "evit-patch export --load ./deit-tiny-evit --format pt2" in out
+
+
+def test_explain_prints_the_plan(capsys, tmp_path):
+    argv = ["explain", "--model", "deit_tiny_patch16_224", "--layers", "3", "6", "9", "--keep", "0.7"]
+    assert cli.main([*argv, "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    expected = evit_patch.explain(evit_patch.apply(timm.create_model("deit_tiny_patch16_224"), [3, 6, 9], 0.7))
+    assert out == f"{expected}\n"
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["gmacs_patched"] == expected.macs_patched / 1e9
+    assert [b["tokens_in"] for b in saved["blocks"]][3:11:3] == [197, 140, 100]
+    assert out.splitlines()[0] == "EViT plan for VisionTransformer (deit_tiny_patch16_224) (fuse=True)"
+    assert "      1.254      0.821   (0.655x MACs, ideal speedup 1.53x)" in out
+
+
+def test_errors_are_one_line_with_exit_code_2(capsys):
+    assert cli.main(["explain", "--model", "deit_tiny_patch16_224", "--layers", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "evit-patch explain: error: VisionTransformer (deit_tiny_patch16_224): layer 12 is out of range; "
+        "the model has 12 blocks (valid indices 0..11)\n"
+    )
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt2", "onnx"])
+def test_export_writes_and_verifies(fmt, tmp_path, capsys):
+    model = TINY
+    if fmt == "onnx":
+        if any(importlib.util.find_spec(m) is None for m in ("onnxscript", "onnxruntime")):
+            pytest.skip('needs the onnx extra: pip install "evit_patch[onnx]"')
+        if not WEIGHTS.is_file():
+            pytest.skip(f"real weights not found at {WEIGHTS}")
+        # Real weights: a random-init model's near-uniform attention ties [CLS] scores to float32
+        # precision, and onnxruntime may then keep another token than eager PyTorch.
+        model = ["--model", "deit_tiny_patch16_224", "--checkpoint", str(WEIGHTS), "--keep", "0.7"]
+    output = tmp_path / {"safetensors": "saved", "pt2": "m.pt2", "onnx": "m.onnx"}[fmt]
+    assert cli.main(["export", *model, "--format", fmt, "--output", str(output), "--batch-size", "3", "--verify"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"wrote {output} ({fmt}, dynamic batch)"
+    assert [line.split(" = ")[0] for line in lines[1:]] == [f"verify batch {b}: max |{fmt} - eager|" for b in (1, 3)]
+    assert all(float(line.split(" = ")[1]) <= 1e-4 for line in lines[1:])
+    assert output.exists()
+
+
+def test_export_of_a_saved_model_and_a_failed_verification(tmp_path, capsys):
+    saved = tmp_path / "saved"
+    model = evit_patch.apply(timm.create_model("test_vit"), layers=[2], keep=0.6)
+    evit_patch.save_pretrained(model, saved)
+    args = ["export", "--load", str(saved), "--format", "safetensors", "--output", str(tmp_path / "copy"), "--verify"]
+    assert cli.main([*args, "--tolerance", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"evit-patch export: error: export verification failed: {tmp_path / 'copy'} differs")
+    assert evit_patch.get_config(evit_patch.load_pretrained(tmp_path / "copy")) == evit_patch.get_config(model)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.equal(evit_patch.load_pretrained(tmp_path / "copy")(x), model.eval()(x))

@@ -1,0 +1,58 @@
+"""ONNX through the dynamo exporter: standard ops only, dynamic batch, onnxruntime matches eager on real data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import evit_patch
+from evit_patch.export import BATCH, INPUT_NAME, STANDARD_ONNX_DOMAINS, onnx_op_types, onnx_session
+
+onnx = pytest.importorskip("onnx", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
+pytest.importorskip("onnxscript", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
+pytest.importorskip("onnxruntime", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(real_model, tmp_path_factory):
+    """Genuine DeiT-Tiny patched at keep 0.7 @ 3, 6, 9, exported once for every test here."""
+    fast = evit_patch.apply(real_model, layers=[3, 6, 9], keep=0.7)
+    path = evit_patch.export_onnx(fast, tmp_path_factory.mktemp("onnx") / "deit_tiny_evit.onnx")
+    return fast, path
+
+
+def test_onnxruntime_matches_eager_on_real_images(exported, real_images):
+    fast, path = exported
+    images, _, num_val = real_images
+    session = onnx_session(path)
+    for x in (images[:1], images[1:num_val]):  # batch 1 and batch 74: one file, any batch size
+        got = torch.from_numpy(session.run(None, {INPUT_NAME: x.numpy()})[0])
+        with torch.no_grad():
+            want = fast(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_graph_has_standard_ops_only(exported):
+    _, path = exported
+    ops = onnx_op_types(path)
+    assert set(ops) <= STANDARD_ONNX_DOMAINS, f"non-standard domains: {set(ops) - STANDARD_ONNX_DOMAINS}"
+    standard = set().union(*ops.values())
+    assert {"TopK", "Gather", "ScatterElements", "MatMul", "Softmax"} <= standard, sorted(standard)
+    model = onnx.load(str(path))
+    assert not model.functions
+    assert sum(node.op_type == "TopK" for node in model.graph.node) == 3
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_batch_dimension_is_symbolic_and_file_is_self_contained(exported):
+    _, path = exported
+    model = onnx.load(str(path))
+    (graph_input,) = model.graph.input
+    dims = graph_input.type.tensor_type.shape.dim
+    assert graph_input.name == INPUT_NAME and dims[0].dim_param == BATCH
+    assert [d.dim_value for d in dims[1:]] == [3, 224, 224]
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no side file, no temporary left
