@@ -7,14 +7,11 @@ files (safetensors + JSON) into the Hugging Face cache, so nothing pickled is ev
 
 from __future__ import annotations
 
-import os
 import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .errors import CheckpointError
 from .persist import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 
 if TYPE_CHECKING:
@@ -59,39 +56,3 @@ def push_to_hub(
             commit_message=commit_message,
             allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
         )
-
-
-def resolve(
-    source: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-) -> Path:
-    """A local directory as is, else the Hub repo ``source`` downloaded into (or found in) the cache."""
-    if Path(source).is_dir():
-        return Path(source)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
-    repo_id = str(source)
-    try:
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
-        )
-    except HFValidationError as exc:
-        raise CheckpointError(
-            f"{repo_id}: no such directory, and not a Hugging Face Hub repo id ('user/name'): {exc}"
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        raise CheckpointError(
-            f"{repo_id}: no such directory, and the Hub repo is not in the local cache while downloads are "
-            f"off (HF_HUB_OFFLINE=1 or local_files_only) or the Hub is unreachable: {exc}"
-        ) from exc
-    except HfHubHTTPError as exc:
-        raise CheckpointError(f"{repo_id}: no such directory, and the Hub refused the download: {exc}") from exc
-    return Path(folder)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .atomic import write_atomically
+from .download import resolve
 from .errors import CheckpointError
 from .families import describe
 from .state import get_config
@@ -134,9 +135,13 @@ def load_pretrained(
     from safetensors.torch import load_model
 
     from .apply import apply
-    from .hub import resolve
-
-    directory = resolve(directory, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    directory = resolve(
+        directory,
+        [CONFIG_NAME, WEIGHTS_NAME],
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+    )
     meta = read_config(directory)
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
