@@ -135,6 +135,7 @@ def load_pretrained(
     from safetensors.torch import load_model
 
     from .apply import apply
+
     directory = resolve(
         directory,
         [CONFIG_NAME, WEIGHTS_NAME],
