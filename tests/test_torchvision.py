@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import images
@@ -108,3 +110,47 @@ def test_fullgraph_compile_matches_eager():
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(fast, fullgraph=True)(x), fast(x), rtol=1e-4, atol=1e-4)
     assert dict(counters["graph_break"]) == {}
+
+
+def timm_to_torchvision(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The key mapping from a timm ViT/DeiT state dict to torchvision's VisionTransformer."""
+    out = {
+        "conv_proj.weight": state["patch_embed.proj.weight"],
+        "conv_proj.bias": state["patch_embed.proj.bias"],
+        "class_token": state["cls_token"],
+        "encoder.pos_embedding": state["pos_embed"],
+        "encoder.ln.weight": state["norm.weight"],
+        "encoder.ln.bias": state["norm.bias"],
+        "heads.head.weight": state["head.weight"],
+        "heads.head.bias": state["head.bias"],
+    }
+    pairs = {
+        "ln_1": "norm1",
+        "self_attention.in_proj": "attn.qkv",
+        "self_attention.out_proj": "attn.proj",
+        "ln_2": "norm2",
+        "mlp.0": "mlp.fc1",
+        "mlp.3": "mlp.fc2",
+    }
+    for i in range(depth):
+        for tv, tm in pairs.items():
+            sep = "_" if tv == "self_attention.in_proj" else "."
+            for kind in ("weight", "bias"):
+                out[f"encoder.layers.encoder_layer_{i}.{tv}{sep}{kind}"] = state[f"blocks.{i}.{tm}.{kind}"]
+    return out
+
+
+@pytest.mark.slow
+def test_real_deit_tiny_weights_give_the_timm_patched_output(real_model, real_images):
+    """The genuine DeiT-Tiny in torchvision's class, patched, equals the patched timm model."""
+    tv = VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=3, hidden_dim=192, mlp_dim=768)
+    tv.load_state_dict(timm_to_torchvision(real_model.state_dict(), 12), strict=True)
+    tv, timm_model = tv.double().eval(), copy.deepcopy(real_model).double()
+    x = real_images[0][:8].double()
+    with torch.no_grad():
+        torch.testing.assert_close(tv(x), timm_model(x), rtol=0, atol=1e-9)
+        fast_tv = evit_patch.apply(tv, layers=[3, 6, 9], keep=0.7)
+        fast_timm = evit_patch.apply(timm_model, layers=[3, 6, 9], keep=0.7)
+        got, want = fast_tv(x), fast_timm(x)
+    assert not torch.allclose(got, tv(x), atol=1e-3)  # the patch changes the output ...
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)  # ... identically in both libraries
