@@ -88,7 +88,8 @@ def _install_default_guards(graph: fx.Graph, defaults: dict[str, Any], where: st
     fx renames specialised placeholders (``attn_mask`` -> ``attn_mask_1``), so a caller passing
     ``attn_mask=...`` would get a bare ``TypeError``; restore the names and say why instead.
     """
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    # ``**kwargs`` stays a live input (its placeholder target starts with "**"): a family guards it.
+    placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.target.startswith("*")][1:]
     for node, (name, default) in zip(placeholders, defaults.items(), strict=True):
         _erase_users(node)
         node.target = name
