@@ -78,6 +78,7 @@ def trace_block(block: nn.Module, *, where: str, leaf_types: Iterable[type[nn.Mo
         block.train(was_training)
     _install_default_guards(graph, defaults, where)
     gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
+    _keep_module_order(gm, block)
     gm.train(was_training)
     return gm
 
@@ -111,3 +112,13 @@ def _erase_users(node: fx.Node) -> None:
     for user in list(node.users):
         _erase_users(user)
         user.graph.erase_node(user)
+
+
+def _keep_module_order(gm: fx.GraphModule, block: nn.Module) -> None:
+    """Register submodules in the block's order, not fx's order of first use, so the patched
+    model's ``state_dict`` lists its keys as the original does (transformers declares attention
+    before the norm that feeds it)."""
+    for name, module in gm.named_modules():
+        original = block.get_submodule(name) if name else block
+        order = {key: i for i, key in enumerate(original._modules)}
+        module._modules = dict(sorted(module._modules.items(), key=lambda item: order.get(item[0], len(order))))

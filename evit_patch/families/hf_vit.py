@@ -178,6 +178,10 @@ class HFVisionTransformer(Family):
         )
         return counter.get_total_flops() // 2 + heads
 
+    def resized(self, model: nn.Module, img_size) -> nn.Module:
+        self._check_size(model, img_size)
+        return model
+
     def prepare_block(self, block: nn.Module) -> nn.Module:
         implementation = block.attention.config._attn_implementation
         prepared = copy.copy(block)
