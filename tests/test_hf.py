@@ -131,6 +131,9 @@ def test_call_time_options_are_refused():
     fast = evit_patch.apply(model, layers=[1], keep=0.5)
     with pytest.raises(evit_patch.UnsupportedInputError, match=r"ViTLayer was patched .*: output_hidden_states cannot"):
         fast(x, output_hidden_states=True)
+    with pytest.raises(evit_patch.UnsupportedInputError, match=r"ViTLayer was patched .*: output_attentions cannot"):
+        evit_patch.apply(_small(implementation="eager"), layers=[1], keep=0.5)(x, output_attentions=True)
+    torch.testing.assert_close(fast(x, output_hidden_states=False, output_attentions=False).logits, fast(x).logits)
     mask = torch.ones(1, 65)
     mask[0, 5] = 0
     with pytest.raises(evit_patch.UnsupportedInputError, match=r"vit\.layers\.1 was patched .* attention_mask=None"):
