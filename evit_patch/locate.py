@@ -153,11 +153,18 @@ def _linear_macs(node: fx.Node, modules: dict[str, nn.Module]) -> int:
     return 0
 
 
+def _value_path(op: fx.Node) -> set[fx.Node]:
+    """Manual attention: what feeds ``probs @ v`` (a separate value projection is no ancestor of the softmax)."""
+    downstream = _descendants(op)
+    mixes = [n for n in op.graph.nodes if n in downstream and _is_call(n, _MATMUL_FUNCTIONS, _MATMUL_METHODS)]
+    return _ancestors(mixes[0]) if mixes else set()
+
+
 def _check_point_between(gm: fx.GraphModule, op: fx.Node, add: fx.Node, where: str) -> tuple[int, int]:
     """Linear MACs per token before and after the add; refuse parallel blocks."""
     modules = dict(gm.named_modules())
     before, after = _ancestors(add), _descendants(add)
-    attention_path = _ancestors(op) | _descendants(op)
+    attention_path = _ancestors(op) | _descendants(op) | _value_path(op)
     pre = post = 0
     for node in gm.graph.nodes:
         macs = _linear_macs(node, modules)

@@ -78,6 +78,7 @@ def trace_block(block: nn.Module, *, where: str, leaf_types: Iterable[type[nn.Mo
         block.train(was_training)
     _install_default_guards(graph, defaults, where)
     gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
+    _keep_module_order(gm, block)
     gm.train(was_training)
     return gm
 
@@ -88,7 +89,8 @@ def _install_default_guards(graph: fx.Graph, defaults: dict[str, Any], where: st
     fx renames specialised placeholders (``attn_mask`` -> ``attn_mask_1``), so a caller passing
     ``attn_mask=...`` would get a bare ``TypeError``; restore the names and say why instead.
     """
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    # ``**kwargs`` stays a live input (its placeholder target starts with "**"): a family guards it.
+    placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.target.startswith("*")][1:]
     for node, (name, default) in zip(placeholders, defaults.items(), strict=True):
         _erase_users(node)
         node.target = name
@@ -110,3 +112,13 @@ def _erase_users(node: fx.Node) -> None:
     for user in list(node.users):
         _erase_users(user)
         user.graph.erase_node(user)
+
+
+def _keep_module_order(gm: fx.GraphModule, block: nn.Module) -> None:
+    """Register submodules in the block's order, not fx's order of first use, so the patched
+    model's ``state_dict`` lists its keys as the original does (transformers declares attention
+    before the norm that feeds it)."""
+    for name, module in gm.named_modules():
+        original = block.get_submodule(name) if name else block
+        order = {key: i for i, key in enumerate(original._modules)}
+        module._modules = dict(sorted(module._modules.items(), key=lambda item: order.get(item[0], len(order))))

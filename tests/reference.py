@@ -68,3 +68,39 @@ def reference_forward_torchvision(model, images, layers, keep, fuse: bool = True
             x = reference_reorganize(x, probs, 1, keeps[index], fuse)
         x = x + block.mlp(block.ln_2(x))
     return model.heads(model.encoder.ln(x)[:, 0])
+
+
+def reference_forward_hf(model, images, layers, keep, fuse: bool = True):
+    """EViT forward of a transformers ViT*/DeiT* image model, each layer by hand from its Linears.
+
+    "eager" attention computes its softmax in float32 and casts back (transformers' own
+    semantics), so the reference does too, and ranks tokens by those float32 probabilities;
+    "sdpa" keeps the model dtype. Returns the head's
+    logits (the (cls + distillation) / 2 average for DeiT with teacher) or, for a bare
+    ``ViTModel``/``DeiTModel``, ``(last_hidden_state, pooler_output)``.
+    """
+    keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
+    base = model.base_model
+    prefix = 2 if hasattr(base.embeddings, "distillation_token") else 1
+    eager = model.config._attn_implementation == "eager"
+    x = base.embeddings(images)
+    for index, layer in enumerate(base.layers):
+        attn = layer.attention
+        batch, tokens, _ = x.shape
+        h = layer.layernorm_before(x)
+        q, k, v = (
+            p(h).reshape(batch, tokens, -1, attn.head_dim).transpose(1, 2)
+            for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+        logits = (q @ k.transpose(-2, -1)) * attn.head_dim**-0.5
+        probs = logits.softmax(dim=-1, dtype=torch.float32) if eager else logits.softmax(dim=-1)
+        x = x + attn.o_proj((probs.to(x.dtype) @ v).transpose(1, 2).reshape(batch, tokens, -1))
+        if index in keeps:
+            x = reference_reorganize(x, probs, prefix, keeps[index], fuse)
+        x = x + layer.mlp(layer.layernorm_after(x))
+    x = base.layernorm(x)
+    if base is model:
+        return x, (base.pooler(x) if base.pooler is not None else None)
+    if hasattr(model, "distillation_classifier"):
+        return (model.cls_classifier(x[:, 0]) + model.distillation_classifier(x[:, 1])) / 2
+    return model.classifier(x[:, 0])

@@ -38,13 +38,3 @@ register_refusal(
         "windowed attention on a fixed 2-D token grid with no class token: dropping tokens breaks the windows",
     )
 )
-register_refusal(
-    RefusedFamily(
-        "transformers.ViT",
-        {
-            "transformers.models.vit.modeling_vit.ViTPreTrainedModel",
-            "transformers.models.deit.modeling_deit.DeiTPreTrainedModel",
-        },
-        "Hugging Face models do not trace with torch.fx; not supported yet",
-    )
-)
