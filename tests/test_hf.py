@@ -168,3 +168,59 @@ def test_fullgraph_compile_matches_eager():
         got = torch.compile(fast, fullgraph=True)(x).logits
         torch.testing.assert_close(got, fast(x).logits, rtol=1e-4, atol=1e-4)
     assert dict(counters["graph_break"]) == {}
+
+
+def timm_to_hf_vit(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The key mapping from a timm ViT/DeiT state dict to transformers' ViTForImageClassification."""
+    out = {
+        "vit.embeddings.cls_token": state["cls_token"],
+        "vit.embeddings.position_embeddings": state["pos_embed"],
+        "vit.embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        "vit.embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+        "vit.layernorm.weight": state["norm.weight"],
+        "vit.layernorm.bias": state["norm.bias"],
+        "classifier.weight": state["head.weight"],
+        "classifier.bias": state["head.bias"],
+    }
+    for i in range(depth):
+        qkv_w, qkv_b = state[f"blocks.{i}.attn.qkv.weight"].chunk(3), state[f"blocks.{i}.attn.qkv.bias"].chunk(3)
+        for name, w, b in zip(("q_proj", "k_proj", "v_proj"), qkv_w, qkv_b):
+            out[f"vit.layers.{i}.attention.{name}.weight"], out[f"vit.layers.{i}.attention.{name}.bias"] = w, b
+        for hf, tm in {
+            "attention.o_proj": "attn.proj",
+            "layernorm_before": "norm1",
+            "layernorm_after": "norm2",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        }.items():
+            for kind in ("weight", "bias"):
+                out[f"vit.layers.{i}.{hf}.{kind}"] = state[f"blocks.{i}.{tm}.{kind}"]
+    return out
+
+
+@pytest.mark.slow
+def test_real_deit_tiny_weights_give_the_timm_patched_output(real_model, real_images):
+    """The genuine DeiT-Tiny in transformers' ViT class, patched, equals the patched timm model."""
+    import copy
+
+    config = transformers.ViTConfig(
+        image_size=224,
+        patch_size=16,
+        hidden_size=192,
+        num_hidden_layers=12,
+        num_attention_heads=3,
+        intermediate_size=768,
+        num_labels=1000,
+        layer_norm_eps=1e-6,
+        attn_implementation="sdpa",
+    )
+    hf = transformers.ViTForImageClassification(config)
+    hf.load_state_dict(timm_to_hf_vit(real_model.state_dict(), 12), strict=True)
+    hf, timm_model = hf.double().eval(), copy.deepcopy(real_model).double()
+    x = real_images[0][:8].double()
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(hf, x), timm_model(x), rtol=0, atol=1e-9)
+        got = _logits(evit_patch.apply(hf, layers=[3, 6, 9], keep=0.7), x)
+        want = evit_patch.apply(timm_model, layers=[3, 6, 9], keep=0.7)(x)
+    assert not torch.allclose(got, _logits(hf, x), atol=1e-3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
