@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import images
-from reference import reference_forward_hf
+from reference import assert_patches_like_timm, reference_forward_hf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -201,8 +201,6 @@ def timm_to_hf_vit(state: dict[str, torch.Tensor], depth: int) -> dict[str, torc
 @pytest.mark.slow
 def test_real_deit_tiny_weights_give_the_timm_patched_output(real_model, real_images):
     """The genuine DeiT-Tiny in transformers' ViT class, patched, equals the patched timm model."""
-    import copy
-
     config = transformers.ViTConfig(
         image_size=224,
         patch_size=16,
@@ -216,11 +214,4 @@ def test_real_deit_tiny_weights_give_the_timm_patched_output(real_model, real_im
     )
     hf = transformers.ViTForImageClassification(config)
     hf.load_state_dict(timm_to_hf_vit(real_model.state_dict(), 12), strict=True)
-    hf, timm_model = hf.double().eval(), copy.deepcopy(real_model).double()
-    x = real_images[0][:8].double()
-    with torch.no_grad():
-        torch.testing.assert_close(_logits(hf, x), timm_model(x), rtol=0, atol=1e-9)
-        got = _logits(evit_patch.apply(hf, layers=[3, 6, 9], keep=0.7), x)
-        want = evit_patch.apply(timm_model, layers=[3, 6, 9], keep=0.7)(x)
-    assert not torch.allclose(got, _logits(hf, x), atol=1e-3)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    assert_patches_like_timm(hf, real_model, real_images[0][:8], logits=_logits)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import images
-from reference import reference_forward_torchvision
+from reference import assert_patches_like_timm, reference_forward_torchvision
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import vit_b_16
@@ -145,12 +143,4 @@ def test_real_deit_tiny_weights_give_the_timm_patched_output(real_model, real_im
     """The genuine DeiT-Tiny in torchvision's class, patched, equals the patched timm model."""
     tv = VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=3, hidden_dim=192, mlp_dim=768)
     tv.load_state_dict(timm_to_torchvision(real_model.state_dict(), 12), strict=True)
-    tv, timm_model = tv.double().eval(), copy.deepcopy(real_model).double()
-    x = real_images[0][:8].double()
-    with torch.no_grad():
-        torch.testing.assert_close(tv(x), timm_model(x), rtol=0, atol=1e-9)
-        fast_tv = evit_patch.apply(tv, layers=[3, 6, 9], keep=0.7)
-        fast_timm = evit_patch.apply(timm_model, layers=[3, 6, 9], keep=0.7)
-        got, want = fast_tv(x), fast_timm(x)
-    assert not torch.allclose(got, tv(x), atol=1e-3)  # the patch changes the output ...
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)  # ... identically in both libraries
+    assert_patches_like_timm(tv, real_model, real_images[0][:8])
