@@ -11,9 +11,10 @@ from .budget import default_layers, plan
 from .config import EViTConfig
 from .errors import InvalidPlanError
 from .families import describe, find_family
-from .profile import PROFILE_ATTR, profile_of, trace_blocks
+from .profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
 from .reorganizer import TokenReorganizer
-from .rewrite import insert_reorganizer
+from .rewrite import insert_position_gathers, insert_reorganizer, with_size_weights
+from .token_track import TokenTrack
 
 DEFAULT_KEEP = 0.7
 
@@ -65,17 +66,40 @@ def apply(
     source = model if img_size is None else family.resized(model, img_size)
     patched = copy.deepcopy(source) if source is model else source
     traced = trace_blocks(patched, family)
-    for layer, rate in zip(config.layers, config.keep):
-        block = traced[layer]
-        reorganizer = TokenReorganizer(
-            rate,
-            num_prefix_tokens=family.num_prefix_tokens(patched),
-            source=block.site.source,
-            fuse=config.fuse,
-            scale=block.site.scale,
-            layer=layer,
-        )
-        gm = insert_reorganizer(block.graph_module, block.site, reorganizer)
-        patched.set_submodule(block.name, gm)
+    track = _track(patched, family, traced)
+    rates = dict(zip(config.layers, config.keep))
+    for index, block in enumerate(traced):
+        bias = block.site.bias
+        if track is not None:
+            rotary = family.rotary_args(patched)
+            bias = insert_position_gathers(block.graph_module, block.site, track, rotary, first=index == 0)
+        if index in rates:
+            reorganizer = TokenReorganizer(
+                rates[index],
+                num_prefix_tokens=family.num_prefix_tokens(patched),
+                source=block.site.source,
+                fuse=config.fuse,
+                scale=block.site.scale,
+                layer=index,
+                score=family.score(patched),
+                track=track,
+            )
+            insert_reorganizer(block.graph_module, block.site, reorganizer, bias)
+        if index in rates or track is not None:
+            patched.set_submodule(block.name, block.graph_module)
+    if track is not None:
+        name = family.final_norm(patched)
+        weighted = family.pool(patched) == "avg"
+        norm = with_size_weights(patched.get_submodule(name), track, weighted, where=f"{describe(patched)}.{name}")
+        patched.set_submodule(name, norm)
     setattr(patched, PROFILE_ATTR, profile_of(traced, patched, family))
     return patched
+
+
+def _track(model: nn.Module, family, traced: list[TracedBlock]) -> TokenTrack | None:
+    """A :class:`TokenTrack` when some op after a reorganization depends on token positions or counts."""
+    positional = family.rotary_args(model) or any(t.site.bias is not None for t in traced)
+    if not positional and family.pool(model) != "avg":
+        return None
+    prefix = family.num_prefix_tokens(model)
+    return TokenTrack(prefix, family.num_tokens(model) - prefix)

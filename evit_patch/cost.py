@@ -27,7 +27,9 @@ class BlockCost:
     channels: int
     num_prefix_tokens: int
     recomputes_cls_row: bool
-    """Fused attention: the [CLS] row is recomputed from q and k."""
+    """Fused attention: the score is recomputed from q and k."""
+    received_score: bool = False
+    """The score is the attention every token receives: recomputing it costs the whole ``N x N`` map."""
 
     def tokens_out(self, tokens_in: int, keep: float | None, fuse: bool) -> int:
         """Tokens the MLP sees when the block reorganizes at ``keep`` (``None``: not patched)."""
@@ -46,7 +48,7 @@ class BlockCost:
         total += tokens_out * self.post_macs_per_token
         if tokens_out != tokens_in:
             if self.recomputes_cls_row:
-                total += tokens_in * self.qk_width
+                total += tokens_in * self.qk_width * (tokens_in if self.received_score else 1)
             if fuse:
                 total += (tokens_in - self.num_prefix_tokens) * self.channels
         return total

@@ -7,7 +7,9 @@ fused or manual attention, post-norm blocks) need no special cases:
 - the attention residual add: the first add downstream of that op whose other operand feeds the
   attention (the residual stream) rather than coming out of it;
 - a point between attention and MLP exists: every projection of the block runs either before
-  that add or after it (a parallel block computes its MLP beside the attention instead).
+  that add or after it (a parallel block computes its MLP beside the attention instead);
+- a position bias: an attention mask (or a term added to the logits) computed without the
+  tokens, such as BEiT's relative position bias; a mask that depends on the tokens is refused.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class BlockSite:
     """``(q, k)`` for fused attention, ``(probs,)`` for manual attention."""
     scale: float | None
     residual_add: fx.Node
+    bias: fx.Node | None
+    """A position bias the attention adds to its logits (indexed by original token position)."""
+    bias_user: fx.Node | None
+    """The node that reads ``bias`` (the SDPA call, or the add before the softmax)."""
     pre_macs_per_token: int
     """Projection MACs per token before the residual add (they see every token)."""
     post_macs_per_token: int
@@ -98,13 +104,8 @@ def _attention_op(graph: fx.Graph, where: str) -> tuple[ScoreSource, fx.Node]:
 
 def _check_fused_call(op: fx.Node, where: str) -> tuple[tuple[fx.Node, fx.Node], float | None]:
     q, k = _arg(op, 0, "query"), _arg(op, 1, "key")
-    mask, causal = _arg(op, 3, "attn_mask"), _arg(op, 5, "is_causal", False)
+    causal = _arg(op, 5, "is_causal", False)
     scale, gqa = op.kwargs.get("scale"), op.kwargs.get("enable_gqa", False)
-    if mask is not None:
-        raise UnsupportedModelError(
-            f"{where}: expected attention without a mask, found attn_mask={mask} "
-            "(a user-supplied or built-in attention mask)"
-        )
     if causal is not False or gqa is not False:
         raise UnsupportedModelError(
             f"{where}: expected non-causal, non-grouped attention, found is_causal={causal}, enable_gqa={gqa}"
@@ -122,6 +123,39 @@ def _check_softmax(op: fx.Node, where: str) -> None:
         raise UnsupportedModelError(
             f"{where}: expected the attention softmax over the last (key) dimension, found dim={dim}"
         )
+
+
+def _tokens_input(graph: fx.Graph) -> fx.Node:
+    return next(n for n in graph.nodes if n.op == "placeholder")
+
+
+def _position_bias(source: ScoreSource, op: fx.Node, where: str) -> tuple[fx.Node | None, fx.Node | None]:
+    """``(bias, user)``: the attention's additive term that does not depend on the tokens."""
+    tokens = _tokens_input(op.graph)
+    if source is ScoreSource.QUERY_KEY:
+        mask = _arg(op, 3, "attn_mask")
+        candidates = [(mask, op)] if mask is not None else []
+    else:
+        feeding = _ancestors(op) | {op}
+        matmuls = [n for n in op.graph.nodes if n in feeding and _is_call(n, _MATMUL_FUNCTIONS, _MATMUL_METHODS)]
+        after_logits = _descendants(matmuls[-1]) if matmuls else set()
+        candidates = [
+            (term, node)
+            for node in op.graph.nodes
+            if node in feeding and node in after_logits and _is_call(node, _ADD_FUNCTIONS, {"add", "__add__"})
+            for term in node.args[:2]
+            if isinstance(term, fx.Node) and term not in after_logits and term is not matmuls[-1]
+        ]
+    if not candidates:
+        return None, None
+    bias, user = candidates[0]
+    if len(candidates) > 1 or not isinstance(bias, fx.Node) or tokens in _ancestors(bias):
+        raise UnsupportedModelError(
+            f"{where}: expected attention without a mask, or with one position bias computed without "
+            f"the tokens (as BEiT's relative position bias), found {[str(c) for c, _ in candidates]} "
+            "(a mask that depends on the input cannot follow reorganized tokens)"
+        )
+    return bias, user
 
 
 def _residual_add(op: fx.Node, where: str) -> fx.Node:
@@ -222,12 +256,13 @@ def locate(gm: fx.GraphModule, *, where: str) -> BlockSite:
     else:
         _check_softmax(op, where)
         score_inputs, scale = (op,), None
+    bias, bias_user = _position_bias(source, op, where)
     add = _residual_add(op, where)
     pre, post = _check_point_between(gm, op, add, where)
-    return BlockSite(where, source, op, score_inputs, scale, add, pre, post)
+    return BlockSite(where, source, op, score_inputs, scale, add, bias, bias_user, pre, post)
 
 
-def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int) -> BlockCost:
+def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int, received_score: bool = False) -> BlockCost:
     """The block's analytic cost; needs ``tensor_meta`` on the graph (shape propagation)."""
     qk_width, v_width, _ = _attention_widths(site.source, site.attention, site.where)
     return BlockCost(
@@ -238,4 +273,5 @@ def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int) -> Blo
         channels=channels,
         num_prefix_tokens=num_prefix_tokens,
         recomputes_cls_row=site.source is ScoreSource.QUERY_KEY,
+        received_score=received_score,
     )

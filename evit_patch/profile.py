@@ -14,6 +14,7 @@ from .cost import BlockCost
 from .errors import UnsupportedModelError
 from .families import Family, describe, find_family
 from .locate import BlockSite, block_cost, locate
+from .reorganizer import Score
 from .trace import trace_block
 
 PROFILE_ATTR = "evit_profile"
@@ -47,18 +48,23 @@ def trace_blocks(model: nn.Module, family: Family) -> list[TracedBlock]:
     prefix = family.num_prefix_tokens(model)
     channels = family.channels(model)
     tokens = family.num_tokens(model)
+    live = family.rotary_args(model)
+    received = family.score(model) is Score.RECEIVED
     traced = []
-    for name, block in family.blocks(model):
+    for index, (name, block) in enumerate(family.blocks(model)):
         where = f"{who}.{name}"
-        gm = trace_block(family.prepare_block(block), where=where, leaf_types=family.leaf_types())
+        gm = trace_block(family.prepare_block(block), where=where, leaf_types=family.leaf_types(), live=live)
         site = locate(gm, where=where)
-        _propagate_shapes(gm, block, where=where, tokens=tokens, channels=channels)
-        cost = block_cost(site, channels=channels, num_prefix_tokens=prefix)
+        inputs = [family.block_inputs(model, index)[arg] for arg in live]
+        _propagate_shapes(gm, block, inputs, where=where, tokens=tokens, channels=channels)
+        cost = block_cost(site, channels=channels, num_prefix_tokens=prefix, received_score=received)
         traced.append(TracedBlock(name, gm, site, cost))
     return traced
 
 
-def _propagate_shapes(gm: fx.GraphModule, block: nn.Module, *, where: str, tokens: int, channels: int) -> None:
+def _propagate_shapes(
+    gm: fx.GraphModule, block: nn.Module, inputs: list[torch.Tensor], *, where: str, tokens: int, channels: int
+) -> None:
     """Run the block once on zeros of the model's token count to annotate node shapes."""
     param = next(block.parameters(), None)
     device = param.device if param is not None else None
@@ -67,7 +73,7 @@ def _propagate_shapes(gm: fx.GraphModule, block: nn.Module, *, where: str, token
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(1, tokens, channels, device=device, dtype=dtype))
+            ShapeProp(gm).propagate(torch.zeros(1, tokens, channels, device=device, dtype=dtype), *inputs)
     except Exception as exc:
         raise UnsupportedModelError(
             f"{where}: running the traced block on (1, {tokens}, {channels}) tokens failed: {exc}"

@@ -10,7 +10,15 @@ import enum
 
 from torch import Tensor, nn
 
-from .reorganize import cls_attention_from_probs, cls_attention_from_qk, num_kept, reorganize
+from .reorganize import (
+    cls_attention_from_probs,
+    cls_attention_from_qk,
+    num_kept,
+    received_attention_from_probs,
+    received_attention_from_qk,
+    reorganize,
+)
+from .token_track import TokenTrack
 
 
 class ScoreSource(enum.Enum):
@@ -22,12 +30,22 @@ class ScoreSource(enum.Enum):
     """Manual attention: read the [CLS] row of the softmax output."""
 
 
+class Score(enum.Enum):
+    """What ranks the image tokens."""
+
+    CLS = "cls"
+    """EViT: the class token's attention, averaged over heads."""
+    RECEIVED = "received"
+    """No class token: attention received from every query, averaged over heads and queries."""
+
+
 class TokenReorganizer(nn.Module):
     """EViT reorganization at one block: keep the attentive tokens, fuse the rest.
 
-    Called as ``reorg(x, q, k)`` (query/key source) or ``reorg(x, probs)`` (probabilities), where
-    ``x`` is the residual stream right after the attention residual add. ``keep >= 1``, or a keep
-    rate that keeps every token, returns ``x`` itself: an exact no-op.
+    Called as ``reorg(x, q, k[, bias])`` (query/key source) or ``reorg(x, probs)``
+    (probabilities), where ``x`` is the residual stream right after the attention residual add and
+    ``bias`` the attention's additive mask. ``keep >= 1``, or a keep rate that keeps every token,
+    returns ``x`` itself: an exact no-op. With a ``track``, it records where the kept tokens came from.
     """
 
     def __init__(
@@ -39,6 +57,8 @@ class TokenReorganizer(nn.Module):
         fuse: bool = True,
         scale: float | None = None,
         layer: int = -1,
+        score: Score = Score.CLS,
+        track: TokenTrack | None = None,
     ) -> None:
         super().__init__()
         self.keep = float(keep)
@@ -47,23 +67,34 @@ class TokenReorganizer(nn.Module):
         self.source = source
         self.scale = scale
         self.layer = int(layer)
+        self.score = score
+        self.track = track
         self.force = False
         """Benchmarks only: reorganize (score, sort, gather) even when every token is kept."""
 
-    def forward(self, x: Tensor, attn_a: Tensor, attn_b: Tensor | None = None) -> Tensor:
+    def scores(self, attn_a: Tensor, attn_b: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """``(B, N - P)`` importance of each image token."""
+        cls = self.score is Score.CLS
+        if self.source is ScoreSource.QUERY_KEY:
+            from_qk = cls_attention_from_qk if cls else received_attention_from_qk
+            return from_qk(attn_a, attn_b, self.num_prefix_tokens, self.scale, bias)
+        from_probs = cls_attention_from_probs if cls else received_attention_from_probs
+        return from_probs(attn_a, self.num_prefix_tokens)
+
+    def forward(self, x: Tensor, attn_a: Tensor, attn_b: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         num_image = x.shape[1] - self.num_prefix_tokens
         keep = min(num_kept(num_image, self.keep), num_image)
         dropped = keep < num_image
         if not dropped and not self.force:
             return x
-        if self.source is ScoreSource.QUERY_KEY:
-            scores = cls_attention_from_qk(attn_a, attn_b, self.num_prefix_tokens, self.scale)
-        else:
-            scores = cls_attention_from_probs(attn_a, self.num_prefix_tokens)
-        return reorganize(x, scores, self.num_prefix_tokens, keep, self.fuse and dropped).tokens
+        fuse = self.fuse and dropped
+        out = reorganize(x, self.scores(attn_a, attn_b, bias), self.num_prefix_tokens, keep, fuse)
+        if self.track is not None:
+            self.track.record(out.kept_index, fuse)
+        return out.tokens
 
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer}, keep={self.keep}, fuse={self.fuse}, "
-            f"num_prefix_tokens={self.num_prefix_tokens}, source={self.source.value}"
+            f"num_prefix_tokens={self.num_prefix_tokens}, source={self.source.value}, score={self.score.value}"
         )

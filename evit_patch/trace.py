@@ -43,13 +43,20 @@ class BlockTracer(fx.Tracer):
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace_block(block: nn.Module, *, where: str, leaf_types: Iterable[type[nn.Module]] = ()) -> fx.GraphModule:
+def trace_block(
+    block: nn.Module,
+    *,
+    where: str,
+    leaf_types: Iterable[type[nn.Module]] = (),
+    live: Iterable[str] = (),
+) -> fx.GraphModule:
     """Symbolically trace ``block`` (in eval mode) with every argument after the first at its default.
 
     Args:
         block: the transformer block; called as ``block(x)`` by its model.
         where: ``"ModelClass.blocks.3"``, used in every message.
         leaf_types: extra module types not to trace through.
+        live: arguments the model always passes (a rotary table) that stay graph inputs.
 
     Raises:
         UnsupportedModelError: the block needs more than one input or fails to trace.
@@ -67,7 +74,13 @@ def trace_block(block: nn.Module, *, where: str, leaf_types: Iterable[type[nn.Mo
         raise UnsupportedModelError(
             f"{where}: expected a block called as block(x), but forward() also requires {required}"
         )
-    defaults = {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty}
+    live = set(live)
+    missing = live - {p.name for p in params}
+    if missing:
+        raise UnsupportedModelError(f"{where}: expected forward() to take {sorted(missing)}")
+    defaults = {
+        p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty and p.name not in live
+    }
     was_training = block.training
     block.eval()
     try:
@@ -76,14 +89,16 @@ def trace_block(block: nn.Module, *, where: str, leaf_types: Iterable[type[nn.Mo
         raise UnsupportedModelError(f"{where}: torch.fx could not trace {type(block).__name__}: {exc}") from exc
     finally:
         block.train(was_training)
-    _install_default_guards(graph, defaults, where)
+    named = [p.name for p in params[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    _install_default_guards(graph, named, defaults, where)
     gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
     _keep_module_order(gm, block)
+    _constants_not_persistent(gm)
     gm.train(was_training)
     return gm
 
 
-def _install_default_guards(graph: fx.Graph, defaults: dict[str, Any], where: str) -> None:
+def _install_default_guards(graph: fx.Graph, names: list[str], defaults: dict[str, Any], where: str) -> None:
     """Replace fx's anonymous specialisation asserts with one named guard per argument.
 
     fx renames specialised placeholders (``attn_mask`` -> ``attn_mask_1``), so a caller passing
@@ -91,7 +106,10 @@ def _install_default_guards(graph: fx.Graph, defaults: dict[str, Any], where: st
     """
     # ``**kwargs`` stays a live input (its placeholder target starts with "**"): a family guards it.
     placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.target.startswith("*")][1:]
-    for node, (name, default) in zip(placeholders, defaults.items(), strict=True):
+    for node, name in zip(placeholders, names):
+        if name not in defaults:
+            continue
+        default = defaults[name]
         _erase_users(node)
         node.target = name
         with graph.inserting_after(node):
@@ -112,6 +130,14 @@ def _erase_users(node: fx.Node) -> None:
     for user in list(node.users):
         _erase_users(user)
         user.graph.erase_node(user)
+
+
+def _constants_not_persistent(gm: fx.GraphModule) -> None:
+    """fx stores tensors computed from buffers at trace time (BEiT's ``relative_position_index.view(-1)``)
+    as ``_tensor_constant<i>`` buffers; keep them out of ``state_dict`` so its keys stay the original's."""
+    for module in gm.modules():
+        for name in [n for n in module._buffers if n.startswith("_tensor_constant")]:
+            module.register_buffer(name, module._buffers.pop(name), persistent=False)
 
 
 def _keep_module_order(gm: fx.GraphModule, block: nn.Module) -> None:

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from .errors import UnsupportedInputError
 from .families import describe
-from .reorganize import cls_attention_from_probs, cls_attention_from_qk, num_kept, reorganize
-from .reorganizer import ScoreSource, TokenReorganizer
+from .reorganize import num_kept, reorganize
+from .reorganizer import TokenReorganizer
 from .state import _require_patched
 
 
@@ -118,13 +118,10 @@ class _Recorder:
 
     def __call__(self, module: TokenReorganizer, args: tuple, kwargs: dict, output: Tensor) -> None:
         bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-        x, attn_a, attn_b = bound["x"], bound["attn_a"], bound.get("attn_b")
+        x = bound["x"]
         prefix = module.num_prefix_tokens
         batch, num_image = x.shape[0], x.shape[1] - prefix
-        if module.source is ScoreSource.QUERY_KEY:
-            scores = cls_attention_from_qk(attn_a, attn_b, prefix, module.scale)
-        else:
-            scores = cls_attention_from_probs(attn_a, prefix)
+        scores = module.scores(bound["attn_a"], bound.get("attn_b"), bound.get("bias"))
         keep = num_kept(num_image, module.keep)
         if module.keep >= 1.0 or keep >= num_image:  # the reorganizer's exact no-op
             kept_index = torch.arange(num_image, device=x.device).expand(batch, -1)

@@ -121,3 +121,139 @@ def assert_patches_like_timm(model, timm_model, images, logits=lambda m, x: m(x)
         want = evit_patch.apply(timm_model, layers=[3, 6, 9], keep=0.7)(x)
     assert not torch.allclose(got, original, atol=1e-3)  # the patch changes the output ...
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9)  # ... identically in both libraries
+
+
+# --- Position-aware families: one sample at a time, positions and sizes as Python lists. ---
+# ``pos[i]`` is token i's index in the original sequence (prefix included), ``None`` once fused;
+# ``size[i]`` how many original image tokens it stands for.
+
+
+def _rotate(x, sin, cos, half: bool):
+    """RoPE on ``x`` (H, D) with one position's sin/cos (D,): interleaved pairs or halves."""
+    if half:
+        x1, x2 = x.chunk(2, dim=-1)
+        turned = torch.cat([-x2, x1], dim=-1)
+    else:
+        turned = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
+    return x * cos + turned * sin
+
+
+def _qkv(attn, h):
+    """q, k, v as (1, H, N, D) from a BEiT/EVA attention's projections (k bias is zero)."""
+    if getattr(attn, "qkv", None) is not None:
+        q_bias = getattr(attn, "q_bias", None)
+        bias = None if q_bias is None else torch.cat([q_bias, torch.zeros_like(q_bias), attn.v_bias])
+        out = torch.nn.functional.linear(h, attn.qkv.weight, bias)
+        if attn.qkv.bias is not None:
+            out = out + attn.qkv.bias
+        q, k, v = out.reshape(1, h.shape[1], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    else:
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        q, k, v = (p(h).reshape(1, h.shape[1], attn.num_heads, -1).transpose(1, 2) for p in projections)
+    return q, k, v
+
+
+def _beit_bias(attn, pos):
+    """(1, H, N', N') relative position bias by hand: table[index[p_i, p_j]], 0 where a token is fused."""
+    heads = attn.relative_position_bias_table.shape[1]
+    bias = torch.zeros(1, heads, len(pos), len(pos), dtype=attn.relative_position_bias_table.dtype)
+    for i, p in enumerate(pos):
+        for j, r in enumerate(pos):
+            if p is not None and r is not None:
+                bias[0, :, i, j] = attn.relative_position_bias_table[attn.relative_position_index[p, r]]
+    return bias
+
+
+def _attention(kind, block, h, pos, prefix, rope):
+    """One block's attention output and its full (1, H, N, N) probabilities, by hand."""
+    if kind == "vit":
+        return reference_attention(block.attn, h)
+    attn = block.attn
+    q, k, v = _qkv(attn, h)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    logits_bias = 0
+    if kind == "beit" and attn.relative_position_bias_table is not None:
+        logits_bias = _beit_bias(attn, pos)
+    if kind == "eva" and rope is not None:
+        half = rope.shape[-1] // 2
+        q, k = q.clone(), k.clone()
+        for i, p in enumerate(pos):
+            if i >= prefix and p is not None:
+                row = rope[..., p - prefix, :]  # (2D,) or (H, 2D) for mixed RoPE
+                sin, cos = row[..., :half], row[..., half:]
+                half_rot = getattr(attn, "rotate_half", False)
+                q[0, :, i] = _rotate(q[0, :, i], sin, cos, half_rot)
+                k[0, :, i] = _rotate(k[0, :, i], sin, cos, half_rot)
+    probs = ((q @ k.transpose(-2, -1)) * attn.scale + logits_bias).softmax(dim=-1)
+    out = (probs @ v).transpose(1, 2).reshape(1, h.shape[1], -1)
+    out = attn.norm(out) if hasattr(attn, "norm") else out
+    return attn.proj(out), probs
+
+
+def _layer_scales(kind, block):
+    if kind == "vit":
+        return block.ls1, block.ls2
+    gamma1, gamma2 = block.gamma_1, block.gamma_2
+    return (lambda y: y if gamma1 is None else gamma1 * y), (lambda y: y if gamma2 is None else gamma2 * y)
+
+
+def _embed(kind, model, image):
+    """Tokens entering the first block (1, N, C), and the rotary table (EVA) or ``None``."""
+    x = model.patch_embed(image)
+    if kind == "vit":
+        return model.norm_pre(model._pos_embed(x)), None
+    if kind == "eva":
+        x, rope = model._pos_embed(x)
+        return model.norm_pre(x), rope
+    x = torch.cat([model.cls_token.expand(1, -1, -1), x], dim=1)
+    return (x if model.pos_embed is None else x + model.pos_embed), None
+
+
+def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls):
+    """EViT on one sample, moving ``pos`` and ``size`` along with the tokens."""
+    n_image = x.shape[1] - prefix
+    n_keep = math.ceil(keep * n_image)
+    if keep >= 1 or n_keep >= n_image:
+        return x, pos, size
+    scores = probs[0, :, 0, prefix:].mean(dim=0) if cls else probs[0, :, :, prefix:].mean(dim=(0, 1))
+    order = sorted(range(n_image), key=lambda i: -scores[i].item())
+    kept, dropped = order[:n_keep], order[n_keep:]
+    rows = [x[0, :prefix]] + [x[0, prefix + i][None] for i in kept]
+    new_pos = pos[:prefix] + [pos[prefix + i] for i in kept]
+    new_size = size[:prefix] + [size[prefix + i] for i in kept]
+    if fuse:
+        rows.append(sum(scores[i] * x[0, prefix + i] for i in dropped)[None])
+        new_pos.append(None)
+        new_size.append(sum(size[prefix + i] for i in dropped))
+    return torch.cat(rows)[None], new_pos, new_size
+
+
+def reference_forward_tracked(kind, model, images, layers, keep, fuse: bool = True):
+    """EViT forward of a timm ViT ("vit"), ``Beit`` or ``Eva`` (pre-norm blocks), sample by sample:
+    position bias and rotary rows looked up by each token's original position, [CLS] or
+    received-attention scores, and a size-weighted average pool."""
+    keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
+    prefix = model.num_prefix_tokens
+    cls = getattr(model, "cls_token", None) is not None
+    outputs = []
+    for image in images:
+        x, rope = _embed(kind, model, image[None])
+        pos = list(range(x.shape[1]))
+        size = [1] * x.shape[1]
+        for index, block in enumerate(model.blocks):
+            ls1, ls2 = _layer_scales(kind, block)
+            table = rope[index] if rope is not None and getattr(model, "rope_mixed", False) else rope
+            out, probs = _attention(kind, block, block.norm1(x), pos, prefix, table)
+            x = x + ls1(out)
+            if index in keeps:
+                x, pos, size = _reorganize_sample(x, probs, pos, size, prefix, keeps[index], fuse, cls)
+            x = x + ls2(block.mlp(block.norm2(x)))
+        x = model.norm(x)
+        if model.global_pool == "avg":
+            weights = torch.tensor(size[prefix:], dtype=x.dtype)
+            pooled = (x[0, prefix:] * weights[:, None]).sum(dim=0) / weights.sum()
+        else:
+            pooled = x[0, 0]
+        outputs.append(model.head(model.fc_norm(pooled[None])))
+    return torch.cat(outputs)

@@ -22,18 +22,17 @@ def _tiny(**kwargs):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(class_token=False, global_pool="avg"), r"VisionTransformer has no class token \(num_prefix_tokens=0"),
-        (
-            dict(class_token=False, reg_tokens=4, global_pool="avg"),
-            r"no class token \(num_prefix_tokens=4, global_pool='avg'\)",
-        ),
-        (dict(global_pool="avg"), r"has global_pool='avg': its output depends on every image token"),
         (dict(global_pool="map"), r"pools with an attention-pool head \(global_pool='map'\)"),
-        (dict(global_pool=""), r"has global_pool='': its output depends on every image token"),
+        (dict(global_pool=""), r"has global_pool='': its output reads every image token one by one"),
+        (dict(global_pool="max"), r"has global_pool='max': .* expected global_pool='token' or 'avg'"),
+        (
+            dict(class_token=False, reg_tokens=1, global_pool="avg", pool_include_prefix=True),
+            r"averages prefix and image tokens together \(pool_include_prefix=True\)",
+        ),
     ],
-    ids=["gap", "registers_only", "avg_head", "map_head", "no_pool"],
+    ids=["map_head", "no_pool", "max_pool", "pool_include_prefix"],
 )
-def test_heads_without_class_token_are_refused(kwargs, message):
+def test_heads_that_read_every_token_are_refused(kwargs, message):
     with pytest.raises(UnsupportedModelError, match=message):
         evit_patch.apply(_tiny(**kwargs), layers=[1], keep=0.7)
 
@@ -86,11 +85,11 @@ def test_non_vits_and_known_families_are_refused_by_name():
     with pytest.raises(UnsupportedModelError, match=r"expects a torch.nn.Module vision transformer, got str"):
         evit_patch.apply("deit_small_patch16_224", layers=[1], keep=0.7)
     with pytest.raises(
-        UnsupportedModelError, match=r"Beit \(beit_base_patch16_224.*\) is not supported by evit_patch: "
+        UnsupportedModelError, match=r"SwinTransformer \(swin_tiny_patch4_window7_224\) is not supported by evit_patch"
     ):
-        evit_patch.apply(timm.create_model("beit_base_patch16_224", img_size=64), layers=[1], keep=0.7)
-    with pytest.raises(UnsupportedModelError, match=r"Eva .* rotary position tables"):
-        evit_patch.apply(timm.create_model("eva02_tiny_patch14_224", img_size=56), layers=[1], keep=0.7)
+        evit_patch.apply(timm.create_model("swin_tiny_patch4_window7_224"), layers=[1], keep=0.7)
+    with pytest.raises(UnsupportedModelError, match=r"VisionTransformerRelPos .* not supported .* own buffers"):
+        evit_patch.apply(timm.create_model("vit_relpos_small_patch16_224", img_size=64), layers=[1], keep=0.7)
 
 
 def test_user_attention_mask_is_refused_at_call_time():
@@ -104,22 +103,39 @@ def test_user_attention_mask_is_refused_at_call_time():
         fast(images(1), attn_mask=mask)
 
 
-def test_attention_mask_built_into_a_block_is_refused():
-    """A block that always passes a mask to its attention has no sound EViT point."""
+class _MaskedBlock(torch.nn.Module):
+    """A block that always passes a mask to its attention: a constant one, or one made from the tokens."""
 
-    class MaskedBlock(torch.nn.Module):
-        def __init__(self, block):
-            super().__init__()
-            self.inner = block
-            self.register_buffer("mask", torch.zeros(17, 17))
+    def __init__(self, block, from_tokens: bool):
+        super().__init__()
+        self.inner, self.from_tokens = block, from_tokens
+        self.register_buffer("mask", torch.randn(17, 17, generator=torch.Generator().manual_seed(0)))
 
-        def forward(self, x):
-            return self.inner(x, attn_mask=self.mask)
+    def forward(self, x):
+        mask = x[0, :, :1] @ x[0, :, :1].T if self.from_tokens else self.mask
+        return self.inner(x, attn_mask=mask)
 
+
+def test_attention_mask_made_from_the_tokens_is_refused():
     model = _tiny()
-    model.blocks[2] = MaskedBlock(model.blocks[2])
-    with pytest.raises(UnsupportedModelError, match=r"blocks.2: expected attention without a mask, found attn_mask="):
+    model.blocks[2] = _MaskedBlock(model.blocks[2], from_tokens=True)
+    with pytest.raises(
+        UnsupportedModelError, match=r"blocks.2: expected attention without a mask, or with one position bias "
+    ):
         evit_patch.apply(model, layers=[1], keep=0.7)
+
+
+def test_constant_attention_mask_is_followed_like_a_position_bias():
+    """A constant (N, N) mask is a position bias: reordering every token must not change the output."""
+    model = _tiny()
+    model.blocks[2] = _MaskedBlock(model.blocks[2], from_tokens=False)
+    model = model.double()
+    fast = evit_patch.apply(model, layers=[1], keep=1.0)
+    evit_patch.reorganizers(fast)[0].force = True
+    x = images(2, size=64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-12)
+        assert (evit_patch.apply(model, layers=[1], keep=0.5)(x) - model(x)).abs().max() > 1e-3
 
 
 def test_nothing_is_half_patched_after_a_late_failure():

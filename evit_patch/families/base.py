@@ -5,9 +5,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..reorganizer import Score
 
 
 def describe(model: nn.Module) -> str:
@@ -69,6 +71,27 @@ class Family(abc.ABC):
         same names), so the patched model's ``state_dict`` keys are the original's.
         """
         return block
+
+    def score(self, model: nn.Module) -> Score:
+        """What ranks the image tokens: the [CLS] row (EViT), or received attention without a class token."""
+        return Score.CLS
+
+    def pool(self, model: nn.Module) -> str:
+        """``"token"`` (the head reads prefix tokens) or ``"avg"`` (it averages the image tokens,
+        so a fused token must count as the tokens it stands for)."""
+        return "token"
+
+    def rotary_args(self, model: nn.Module) -> tuple[str, ...]:
+        """Block arguments holding a per-image-token rotary table; they stay graph inputs."""
+        return ()
+
+    def block_inputs(self, model: nn.Module, index: int) -> dict[str, torch.Tensor]:
+        """Values of :meth:`rotary_args` for block ``index``, to run a traced block once."""
+        return {}
+
+    def final_norm(self, model: nn.Module) -> str:
+        """Name of the per-token module between the last block and the pool."""
+        return "norm"
 
     def leaf_types(self) -> tuple[type[nn.Module], ...]:
         """Module types the tracer must not enter (mode-dependent helpers)."""

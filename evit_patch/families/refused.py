@@ -7,25 +7,10 @@ from .registry import register_refusal
 
 register_refusal(
     RefusedFamily(
-        "timm.Beit",
-        {"timm.models.beit.Beit"},
-        "BEiT adds a relative position bias indexed by token position in every block; after pruning "
-        "it would be applied to the wrong tokens",
-    )
-)
-register_refusal(
-    RefusedFamily(
-        "timm.Eva",
-        {"timm.models.eva.Eva"},
-        "EVA/EVA02 rotary position tables are frozen per token position; pruned tokens would be "
-        "rotated by the wrong angles",
-    )
-)
-register_refusal(
-    RefusedFamily(
         "timm.VisionTransformerRelPos",
         {"timm.models.vision_transformer_relpos.VisionTransformerRelPos"},
-        "relative position bias indexed by token position (see timm.Beit)",
+        "relative position bias applied by a module that indexes it by token position from its own "
+        "buffers, not as an attention mask evit_patch could re-index",
     )
 )
 register_refusal(

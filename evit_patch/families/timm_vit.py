@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UnsupportedModelError
+from ..reorganizer import Score
 from .base import Family, describe
 from .registry import register_family
 
@@ -25,35 +26,59 @@ def _patches(embed: nn.Module, size: tuple[int, int]) -> int:
     return int(grid[0] * grid[1])
 
 
+def check_pool(model: nn.Module, who: str) -> None:
+    """Token pooling, or an average over the image tokens (size-weighted once tokens are fused)."""
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError(
+            f"{who} pools with an attention-pool head (global_pool={model.global_pool!r}); "
+            "expected global_pool='token' or 'avg'"
+        )
+    if model.global_pool not in ("token", "avg"):
+        raise UnsupportedModelError(
+            f"{who} has global_pool={model.global_pool!r}: its output reads every image token "
+            "one by one, which EViT drops and fuses; expected global_pool='token' or 'avg'"
+        )
+    if model.global_pool == "avg" and getattr(model, "pool_include_prefix", False):
+        raise UnsupportedModelError(
+            f"{who} averages prefix and image tokens together (pool_include_prefix=True); expected "
+            "an average over the image tokens only"
+        )
+    if getattr(model, "cls_token", None) is None and model.global_pool != "avg":
+        raise UnsupportedModelError(
+            f"{who} has no class token and global_pool={model.global_pool!r}; expected a class token "
+            "or global_pool='avg'"
+        )
+
+
+def score_of(model: nn.Module) -> Score:
+    """[CLS] attention where there is a class token, else the attention each token receives."""
+    return Score.CLS if getattr(model, "cls_token", None) is not None else Score.RECEIVED
+
+
+def pool_of(model: nn.Module) -> str:
+    return "avg" if model.global_pool == "avg" else "token"
+
+
 @register_family
 class TimmVisionTransformer(Family):
     name = "timm.VisionTransformer"
     notes = (
-        "vit_*, deit_*, deit3_*, distilled DeiT, register-token and CLIP-style ViTs with a class "
-        "token and a token-pooled head"
+        "vit_*, deit_*, deit3_*, distilled DeiT, register-token and CLIP-style ViTs; token-pooled, or "
+        "average-pooled (*_gap_*) with or without a class token: without one, tokens are ranked by the "
+        "attention they receive, and the fused token counts as the tokens it stands for in the average"
     )
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
 
     def check(self, model: nn.Module) -> None:
-        who = describe(model)
-        if getattr(model, "cls_token", None) is None:
-            raise UnsupportedModelError(
-                f"{who} has no class token (num_prefix_tokens={model.num_prefix_tokens}, "
-                f"global_pool={model.global_pool!r}): EViT ranks image tokens by the [CLS] token's "
-                "attention, expected a model with a class token"
-            )
-        if getattr(model, "attn_pool", None) is not None:
-            raise UnsupportedModelError(
-                f"{who} pools with an attention-pool head (global_pool={model.global_pool!r}); "
-                "expected a head that reads the class token (global_pool='token')"
-            )
-        if model.global_pool != "token":
-            raise UnsupportedModelError(
-                f"{who} has global_pool={model.global_pool!r}: its output depends on every image "
-                "token, which EViT drops and fuses; expected global_pool='token'"
-            )
+        check_pool(model, describe(model))
+
+    def score(self, model: nn.Module) -> Score:
+        return score_of(model)
+
+    def pool(self, model: nn.Module) -> str:
+        return pool_of(model)
 
     def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:
         return [(f"blocks.{name}", block) for name, block in model.blocks.named_children()]

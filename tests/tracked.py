@@ -1,0 +1,117 @@
+"""Checks every position-aware family passes (BEiT, EVA/RoPE, average-pooled ViTs), each against
+the hand-written per-sample reference in ``reference.py``. The family test files call these."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from reference import reference_forward_tracked
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import evit_patch
+from evit_patch import token_track
+from evit_patch.families import find_family
+
+
+def randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Give position tables, layer scales, query/key projections and the head real magnitudes: at
+    their init (zeros, 1e-5 or 0.1 scales, near-uniform attention) a wrong position or a wrong
+    pool would barely move the output."""
+    keys = ("relative_position_bias_table", "gamma", "head.", "cls_token", "reg_token", "qkv.weight", "q_proj.weight")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(key in name for key in keys):
+                p.normal_(0, 0.5 if "weight" not in name else 0.2)
+    return model
+
+
+def check_matches_reference(kind, model, x, layers, keep, fuse):
+    fast = evit_patch.apply(model, layers=layers, keep=keep, fuse=fuse)
+    with torch.no_grad():
+        got, want, original = fast(x), reference_forward_tracked(kind, model, x, layers, keep, fuse), model(x)
+    assert (got - original).abs().max() > 1e-3  # the patch changes the output ...
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)  # ... exactly as the reference does
+
+
+def check_keep_one_is_exact(model, x):
+    fast = evit_patch.apply(model, layers=[0, 1, 2, 3], keep=1.0)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
+
+
+def check_permutation(model, x, monkeypatch, gather: str):
+    """Keep every token but reorder them by score: with positions followed, the output is the
+    original's; with ``gather`` disabled (tables read in the new order), it is not."""
+    fast = evit_patch.apply(model, layers=[1, 2], keep=1.0)
+    for reorganizer in evit_patch.reorganizers(fast):
+        reorganizer.force = True
+    with torch.no_grad():
+        original = model(x)
+        torch.testing.assert_close(fast(x), original, rtol=0, atol=1e-12)
+        monkeypatch.setattr(token_track, gather, lambda table, index: table)
+        assert (fast(x) - original).abs().max() > 1e-3
+
+
+def check_gradients(kind, model, x):
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.6)
+    fast(x).square().sum().backward()
+    reference_forward_tracked(kind, model, x, [1, 2], 0.6).square().sum().backward()
+    got = dict(fast.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is None:  # unused by this configuration (e.g. a head-less pre-logits path)
+            continue
+        assert got[name].grad is not None, name
+        torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-7, atol=1e-9, msg=name)
+
+
+def check_original_untouched(model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.7)
+    assert [type(m) for m in model.modules()] == modules
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert list(fast.state_dict()) == list(before)
+    fast.load_state_dict(before, strict=True)
+    assert type(fast) is type(model)
+
+
+def check_macs(model, x):
+    """``explain``'s analytic MACs equal what FlopCounterMode counts, original and patched."""
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
+    report = evit_patch.explain(fast)
+    for m, expected in ((model, report.macs_original), (fast, report.macs_patched)):
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            m(x[:1])
+        assert counter.get_total_flops() // 2 == expected
+
+
+def check_compile(model, x):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    fast = evit_patch.apply(copy.deepcopy(model).float(), layers=[1, 2], keep=0.7)
+    x = x.float()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fast, fullgraph=True)(x), fast(x), rtol=1e-4, atol=1e-4)
+    assert dict(counters["graph_break"]) == {}
+
+
+def check_stale_track_is_refused(model, x):
+    """Reading the track with tokens it does not describe fails loudly instead of misplacing them:
+    here block 1 reorganizes, then the final norm gets the full token set."""
+    fast = evit_patch.apply(model, layers=[1], keep=0.5)
+    calls = []
+    handle = fast.blocks[0].register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    with torch.no_grad():
+        fast(x)
+        handle.remove()
+        args, kwargs = calls[0]
+        fast.blocks[0](*args, **kwargs)
+        fast.blocks[1](*args, **kwargs)
+        with pytest.raises(evit_patch.EViTError, match="must run its blocks in order"):
+            fast.get_submodule(find_family(model).final_norm(model))(args[0])
