@@ -16,8 +16,15 @@ from .export import export_onnx, export_program
 from .families import list_supported, register_family
 from .hub import push_to_hub
 from .persist import load_pretrained, save_pretrained
-from .reorganize import cls_attention_from_probs, cls_attention_from_qk, num_kept, reorganize
-from .reorganizer import TokenReorganizer
+from .reorganize import (
+    cls_attention_from_probs,
+    cls_attention_from_qk,
+    num_kept,
+    received_attention_from_probs,
+    received_attention_from_qk,
+    reorganize,
+)
+from .reorganizer import Score, TokenReorganizer
 from .state import get_config, is_patched, reorganizers, set_keep
 from .tracking import TokenTrace, track_tokens
 from .visualize import visualize
@@ -31,6 +38,7 @@ __all__ = [
     "EViTError",
     "Explanation",
     "InvalidPlanError",
+    "Score",
     "TokenReorganizer",
     "UnsupportedInputError",
     "UnsupportedModelError",
@@ -48,6 +56,8 @@ __all__ = [
     "num_kept",
     "plan",
     "push_to_hub",
+    "received_attention_from_probs",
+    "received_attention_from_qk",
     "register_family",
     "reorganize",
     "reorganizers",

@@ -83,6 +83,7 @@ def apply(
                 layer=index,
                 score=family.score(patched),
                 track=track,
+                fuse_mean=family.pool(patched) == "avg",
             )
             insert_reorganizer(block.graph_module, block.site, reorganizer, bias)
         if index in rates or track is not None:

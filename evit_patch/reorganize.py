@@ -96,7 +96,9 @@ class Reorganized(NamedTuple):
     """``(B, k)`` index of each kept token among the input's image tokens (0 = first after the prefix)."""
 
 
-def reorganize(x: Tensor, scores: Tensor, num_prefix: int, num_keep: int, fuse: bool = True) -> Reorganized:
+def reorganize(
+    x: Tensor, scores: Tensor, num_prefix: int, num_keep: int, fuse: bool = True, fuse_mean: bool = False
+) -> Reorganized:
     """Keep the top-``num_keep`` image tokens by score and optionally fuse the rest into one token.
 
     The fused token is ``sum_i a_i x_i`` over the dropped tokens with their raw scores ``a_i``
@@ -108,6 +110,8 @@ def reorganize(x: Tensor, scores: Tensor, num_prefix: int, num_keep: int, fuse: 
         num_prefix: ``P`` tokens at the front, kept in place.
         num_keep: ``k`` with ``1 <= k <= N - P``.
         fuse: append the fused token.
+        fuse_mean: fuse with normalised weights, ``sum_i a_i x_i / sum_i a_i``: a token on the scale
+            of the ones it replaces, for heads that average the tokens (see ``docs/how-it-works.md``).
     """
     batch, num_tokens, channels = x.shape
     kept_index = scores.topk(num_keep, dim=1, largest=True, sorted=True).indices
@@ -123,5 +127,7 @@ def reorganize(x: Tensor, scores: Tensor, num_prefix: int, num_keep: int, fuse: 
     # Zero the kept tokens' weights: the fused token sums the dropped ones only, and gradients
     # still reach q and k through the dropped tokens' scores.
     dropped_weight = scores.scatter(1, kept_index, 0.0).to(x.dtype)
+    if fuse_mean:
+        dropped_weight = dropped_weight / dropped_weight.sum(dim=1, keepdim=True)
     fused = torch.bmm(dropped_weight.unsqueeze(1), x[:, num_prefix:])
     return Reorganized(torch.cat([selected, fused], dim=1), kept_index)

@@ -59,6 +59,7 @@ class TokenReorganizer(nn.Module):
         layer: int = -1,
         score: Score = Score.CLS,
         track: TokenTrack | None = None,
+        fuse_mean: bool = False,
     ) -> None:
         super().__init__()
         self.keep = float(keep)
@@ -69,6 +70,8 @@ class TokenReorganizer(nn.Module):
         self.layer = int(layer)
         self.score = score
         self.track = track
+        self.fuse_mean = bool(fuse_mean)
+        """Fuse with normalised weights (average-pooled heads); EViT's raw weights otherwise."""
         self.force = False
         """Benchmarks only: reorganize (score, sort, gather) even when every token is kept."""
 
@@ -88,7 +91,7 @@ class TokenReorganizer(nn.Module):
         if not dropped and not self.force:
             return x
         fuse = self.fuse and dropped
-        out = reorganize(x, self.scores(attn_a, attn_b, bias), self.num_prefix_tokens, keep, fuse)
+        out = reorganize(x, self.scores(attn_a, attn_b, bias), self.num_prefix_tokens, keep, fuse, self.fuse_mean)
         if self.track is not None:
             self.track.record(out.kept_index, fuse)
         return out.tokens

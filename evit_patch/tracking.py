@@ -141,7 +141,10 @@ class _Recorder:
             origin = torch.cat([origin, origin.new_full((batch, 1), -1)], 1)
             members = torch.cat([members, (dropped @ entering[1].to(dropped.dtype)) > 0], 1)
             is_fused = torch.cat([is_fused, is_fused.new_ones(batch, 1)], 1)
-            weights = torch.cat([weights, (scores.unsqueeze(1) * dropped).to(torch.float64) @ entering[3]], 1)
+            fused_weights = (scores.unsqueeze(1) * dropped).to(torch.float64)
+            if module.fuse_mean:
+                fused_weights = fused_weights / fused_weights.sum(-1, keepdim=True)
+            weights = torch.cat([weights, fused_weights @ entering[3]], 1)
         self.stages.append(
             Stage(module.layer, module.keep, scores, kept_index, fuse, origin, members, is_fused, weights)
         )

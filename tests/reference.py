@@ -164,6 +164,16 @@ def _beit_bias(attn, pos):
     return bias
 
 
+def _lookup_bias(full, pos):
+    """(1, H, N', N') entries of a full (1, H, N, N) bias at the tokens' original positions; 0 where fused."""
+    bias = torch.zeros(1, full.shape[1], len(pos), len(pos), dtype=full.dtype)
+    for i, p in enumerate(pos):
+        for j, r in enumerate(pos):
+            if p is not None and r is not None:
+                bias[0, :, i, j] = full[0, :, p, r]
+    return bias
+
+
 def _attention(kind, block, h, pos, prefix, rope):
     """One block's attention output and its full (1, H, N, N) probabilities, by hand."""
     if kind == "vit":
@@ -175,6 +185,8 @@ def _attention(kind, block, h, pos, prefix, rope):
     logits_bias = 0
     if kind == "beit" and attn.relative_position_bias_table is not None:
         logits_bias = _beit_bias(attn, pos)
+    if kind == "relpos" and attn.rel_pos is not None:
+        logits_bias = _lookup_bias(attn.rel_pos.get_bias(), pos)
     if kind == "eva" and rope is not None:
         half = rope.shape[-1] // 2
         q, k = q.clone(), k.clone()
@@ -192,7 +204,7 @@ def _attention(kind, block, h, pos, prefix, rope):
 
 
 def _layer_scales(kind, block):
-    if kind == "vit":
+    if kind in ("vit", "relpos"):
         return block.ls1, block.ls2
     gamma1, gamma2 = block.gamma_1, block.gamma_2
     return (lambda y: y if gamma1 is None else gamma1 * y), (lambda y: y if gamma2 is None else gamma2 * y)
@@ -206,12 +218,15 @@ def _embed(kind, model, image):
     if kind == "eva":
         x, rope = model._pos_embed(x)
         return model.norm_pre(x), rope
+    if kind == "relpos":
+        return (x if model.cls_token is None else torch.cat([model.cls_token.expand(1, -1, -1), x], dim=1)), None
     x = torch.cat([model.cls_token.expand(1, -1, -1), x], dim=1)
     return (x if model.pos_embed is None else x + model.pos_embed), None
 
 
-def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls):
-    """EViT on one sample, moving ``pos`` and ``size`` along with the tokens."""
+def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls, mean):
+    """EViT on one sample, moving ``pos`` and ``size`` along with the tokens; ``mean``: the fused
+    token is the score-weighted mean of the dropped tokens (average-pooled heads)."""
     n_image = x.shape[1] - prefix
     n_keep = math.ceil(keep * n_image)
     if keep >= 1 or n_keep >= n_image:
@@ -223,14 +238,16 @@ def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls):
     new_pos = pos[:prefix] + [pos[prefix + i] for i in kept]
     new_size = size[:prefix] + [size[prefix + i] for i in kept]
     if fuse:
-        rows.append(sum(scores[i] * x[0, prefix + i] for i in dropped)[None])
+        fused = sum(scores[i] * x[0, prefix + i] for i in dropped)
+        rows.append((fused / sum(scores[i] for i in dropped) if mean else fused)[None])
         new_pos.append(None)
         new_size.append(sum(size[prefix + i] for i in dropped))
     return torch.cat(rows)[None], new_pos, new_size
 
 
 def reference_forward_tracked(kind, model, images, layers, keep, fuse: bool = True):
-    """EViT forward of a timm ViT ("vit"), ``Beit`` or ``Eva`` (pre-norm blocks), sample by sample:
+    """EViT forward of a timm ViT ("vit"), ``Beit``, ``Eva`` or ``VisionTransformerRelPos``
+    ("relpos") with pre-norm blocks, sample by sample:
     position bias and rotary rows looked up by each token's original position, [CLS] or
     received-attention scores, and a size-weighted average pool."""
     keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
@@ -247,7 +264,8 @@ def reference_forward_tracked(kind, model, images, layers, keep, fuse: bool = Tr
             out, probs = _attention(kind, block, block.norm1(x), pos, prefix, table)
             x = x + ls1(out)
             if index in keeps:
-                x, pos, size = _reorganize_sample(x, probs, pos, size, prefix, keeps[index], fuse, cls)
+                mean = model.global_pool == "avg"
+                x, pos, size = _reorganize_sample(x, probs, pos, size, prefix, keeps[index], fuse, cls, mean)
             x = x + ls2(block.mlp(block.norm2(x)))
         x = model.norm(x)
         if model.global_pool == "avg":

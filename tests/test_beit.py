@@ -7,6 +7,7 @@ import torch
 from conftest import images, make_vit
 from tracked import (
     check_compile,
+    check_export,
     check_gradients,
     check_keep_one_is_exact,
     check_macs,
@@ -78,3 +79,7 @@ def test_shared_relative_position_bias_is_refused():
     model.rel_pos_bias = torch.nn.Identity()  # what use_shared_rel_pos_bias=True builds: a model-level module
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"Beit .*use_shared_rel_pos_bias=True"):
         evit_patch.apply(model, keep=0.7)
+
+
+def test_export_matches_eager():
+    check_export(_small(), images(3, size=64))

@@ -7,6 +7,7 @@ import torch
 from conftest import images, make_vit
 from tracked import (
     check_compile,
+    check_export,
     check_gradients,
     check_keep_one_is_exact,
     check_macs,
@@ -92,3 +93,7 @@ def test_patch_dropout_is_refused():
     model = make_vit("eva02_tiny_patch14_224", img_size=56, depth=2, patch_drop_rate=0.5)
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"Eva .*drops patches at random .*patch_drop_rate"):
         evit_patch.apply(model, layers=[1], keep=0.7)
+
+
+def test_export_matches_eager():
+    check_export(_small(), _images())

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import images, make_vit
 from tracked import (
+    check_export,
     check_gradients,
     check_keep_one_is_exact,
     check_macs,
@@ -99,3 +100,7 @@ def test_fullgraph_compile_matches_eager():
     from tracked import check_compile
 
     check_compile(_small(dtype=torch.float32), images(2, size=64))
+
+
+def test_export_matches_eager():
+    check_export(_small(), images(3, size=64))

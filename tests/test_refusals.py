@@ -88,8 +88,10 @@ def test_non_vits_and_known_families_are_refused_by_name():
         UnsupportedModelError, match=r"SwinTransformer \(swin_tiny_patch4_window7_224\) is not supported by evit_patch"
     ):
         evit_patch.apply(timm.create_model("swin_tiny_patch4_window7_224"), layers=[1], keep=0.7)
-    with pytest.raises(UnsupportedModelError, match=r"VisionTransformerRelPos .* not supported .* own buffers"):
-        evit_patch.apply(timm.create_model("vit_relpos_small_patch16_224", img_size=64), layers=[1], keep=0.7)
+    with pytest.raises(UnsupportedModelError, match=r"PoolingVisionTransformer \(pit_ti_224\) .* hierarchical"):
+        evit_patch.apply(timm.create_model("pit_ti_224"), layers=[1], keep=0.7)
+    with pytest.raises(UnsupportedModelError, match=r"Cait \(cait_xxs24_224\) .* class token joins only"):
+        evit_patch.apply(timm.create_model("cait_xxs24_224", img_size=64), layers=[1], keep=0.7)
 
 
 def test_user_attention_mask_is_refused_at_call_time():

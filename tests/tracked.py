@@ -115,3 +115,15 @@ def check_stale_track_is_refused(model, x):
         fast.blocks[1](*args, **kwargs)
         with pytest.raises(evit_patch.EViTError, match="must run its blocks in order"):
             fast.get_submodule(find_family(model).final_norm(model))(args[0])
+
+
+def check_export(model, x):
+    """``torch.export`` traces through the track (cleared after each call, so no tensor attribute
+    outlives it) and the exported program equals eager on other batch sizes."""
+    fast = evit_patch.apply(copy.deepcopy(model).float(), layers=[1, 2], keep=0.7)
+    program = evit_patch.export_program(fast, x[:2].float())
+    for batch in (1, 3):
+        with torch.no_grad():
+            torch.testing.assert_close(
+                program.module()(x[:batch].float()), fast(x[:batch].float()), rtol=1e-5, atol=1e-5
+            )

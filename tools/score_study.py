@@ -6,9 +6,11 @@ are measured here on the genuine DeiT-Tiny and real ImageNet images, the only re
 available offline:
 
 - token-pooled DeiT-Tiny: [CLS] score (EViT) vs received-attention score;
-- the same weights average-pooled (``global_pool='avg'``, per-token norm): size-weighted vs plain
-  mean over the surviving tokens, with either score. Absolute accuracy of this variant is low (its
-  head was trained on the class token); agreement with its own unpatched self is what counts.
+- the same weights average-pooled (``global_pool='avg'``, per-token norm): the fused token as a
+  score-weighted mean or EViT's raw weighted sum, counted by its size or as one token in the mean,
+  with either score. Its head was trained on the class token, so
+  its logits mean nothing (top-1 under 1 %); what is compared is the pooled feature the head
+  would read: cosine similarity and relative error against the unpatched model's.
 
     python tools/score_study.py --checkpoint ../shared/data/weights/deit_tiny_patch16_224.safetensors \\
         --data ../shared/data/images/imagenet_val.csv ../shared/data/images/imagenet_sample.csv
@@ -28,11 +30,19 @@ from evit_patch.reorganizer import Score
 from evit_patch.token_track import SizeWeightedTokens
 from evit_patch.weights import create_model
 
+POOLINGS = {  # name: (fuse_mean, size-weighted)
+    "fused mean, size-weighted (shipped)": (True, True),
+    "fused mean, plain mean": (True, False),
+    "EViT fused sum, size-weighted": (False, True),
+    "EViT fused sum, plain mean": (False, False),
+}
 
-def variant(model, layers, keep, score: Score, weighted: bool):
+
+def variant(model, layers, keep, score: Score, weighted: bool, fuse_mean: bool = False):
     patched = evit_patch.apply(model, layers=layers, keep=keep)
     for reorganizer in evit_patch.reorganizers(patched):
         reorganizer.score = score
+        reorganizer.fuse_mean = fuse_mean
     for module in patched.modules():
         if isinstance(module, SizeWeightedTokens):
             module.weighted = weighted
@@ -53,29 +63,41 @@ def main() -> None:
     transform = create_transform(**resolve_data_config({}, model=token))
     sets = [load_images(path, transform) for path in args.data]
     images, labels = torch.cat([s[0] for s in sets]), torch.cat([s[1] for s in sets])
-    rows = []
+    token_rows, avg_rows = [], []
+    reference = pooled(avg, images)
     for keep in args.keep:
-        for pool, model in (("token", token), ("avg", avg)):
-            for score in (Score.CLS, Score.RECEIVED):
-                for weighted in (True, False) if pool == "avg" else (True,):
-                    patched = variant(model, args.layers, keep, score, weighted)
-                    c = compare(model, patched, images, labels, progress=False)
-                    pooling = "token" if pool == "token" else ("size-weighted" if weighted else "plain mean")
-                    rows.append((keep, pool, score.value, pooling, c))
-                    print(
-                        f"keep {keep} {pool:5s} score={score.value:8s} pool={pooling:13s} "
-                        f"agreement {100 * c.agreement:5.1f} %  top-1 {100 * c.top1_original:5.1f} -> "
-                        f"{100 * c.top1_patched:5.1f} %  KL {c.mean_kl:.4f}",
-                        flush=True,
-                    )
-    print(f"\n{len(images)} images, layers {args.layers}")
-    print("| keep | head | score | pooling | agreement | top-1 original → patched | KL |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for keep, pool, score, pooling, c in rows:
+        for score in (Score.CLS, Score.RECEIVED):
+            c = compare(token, variant(token, args.layers, keep, score, True), images, labels, progress=False)
+            token_rows.append((keep, score.value, c))
+            print(f"keep {keep} token head, {score.value}: agreement {100 * c.agreement:.1f} %", flush=True)
+            for pooling, (fuse_mean, weighted) in POOLINGS.items():
+                got = pooled(variant(avg, args.layers, keep, score, weighted, fuse_mean), images)
+                cosine = torch.nn.functional.cosine_similarity(got, reference, dim=-1).mean().item()
+                error = ((got - reference).norm(dim=-1) / reference.norm(dim=-1)).mean().item()
+                avg_rows.append((keep, score.value, pooling, cosine, error))
+                print(f"keep {keep} avg head, {score.value}, {pooling}: cosine {cosine:.4f}", flush=True)
+    print(f"\n{len(images)} images, layers {args.layers}\n")
+    print("| keep | score | agreement | top-1 original → patched | KL |")
+    print("| --- | --- | --- | --- | --- |")
+    for keep, score, c in token_rows:
         print(
-            f"| {keep} | {pool} | {score} | {pooling} | {100 * c.agreement:.1f} % | "
+            f"| {keep} | {score} | {100 * c.agreement:.1f} % | "
             f"{100 * c.top1_original:.1f} → {100 * c.top1_patched:.1f} % | {c.mean_kl:.4f} |"
         )
+    print("\n| keep | score | fused token, pooling | cosine to original | relative error |")
+    print("| --- | --- | --- | --- | --- |")
+    for keep, score, pooling, cosine, error in avg_rows:
+        print(f"| {keep} | {score} | {pooling} | {cosine:.4f} | {error:.3f} |")
+
+
+@torch.inference_mode()
+def pooled(model, images, batch_size: int = 64) -> torch.Tensor:
+    """The pooled feature the head reads (after ``fc_norm``), batch by batch."""
+    parts = [
+        model.forward_head(model.forward_features(images[i : i + batch_size]), pre_logits=True)
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(parts).double()
 
 
 if __name__ == "__main__":

@@ -5,21 +5,63 @@ from __future__ import annotations
 from .base import RefusedFamily
 from .registry import register_refusal
 
-register_refusal(
-    RefusedFamily(
-        "timm.VisionTransformerRelPos",
-        {"timm.models.vision_transformer_relpos.VisionTransformerRelPos"},
-        "relative position bias applied by a module that indexes it by token position from its own "
-        "buffers, not as an attention mask evit_patch could re-index",
-    )
+_HIERARCHICAL = (
+    "a hierarchical model: tokens live on a 2-D grid that is pooled or merged between stages, "
+    "which a dropped or fused token breaks"
 )
+
 register_refusal(
     RefusedFamily(
         "timm.SwinTransformer",
         {
             "timm.models.swin_transformer.SwinTransformer",
             "timm.models.swin_transformer_v2.SwinTransformerV2",
+            "timm.models.swin_transformer_v2_cr.SwinTransformerV2Cr",
         },
         "windowed attention on a fixed 2-D token grid with no class token: dropping tokens breaks the windows",
+    )
+)
+register_refusal(
+    RefusedFamily(
+        "timm.hierarchical",
+        {
+            "timm.models.pit.PoolingVisionTransformer",
+            "timm.models.mvitv2.MultiScaleVit",
+            "timm.models.hiera.Hiera",
+            "timm.models.twins.Twins",
+            "timm.models.levit.Levit",
+        },
+        f"PiT, MViTv2, Hiera, Twins, LeViT: {_HIERARCHICAL}",
+    )
+)
+register_refusal(
+    RefusedFamily(
+        "timm.Cait",
+        {"timm.models.cait.Cait"},
+        "the class token joins only in the last (class-attention) blocks: the blocks before them have "
+        "no [CLS] row to rank tokens by, and class attention updates the class token alone",
+    )
+)
+register_refusal(
+    RefusedFamily(
+        "timm.Xcit",
+        {"timm.models.xcit.Xcit"},
+        "cross-covariance attention mixes channels, not tokens, and a local patch interaction "
+        "convolves the 2-D token grid: neither has a token-to-token attention row or survives dropped tokens",
+    )
+)
+register_refusal(
+    RefusedFamily(
+        "timm.CrossVit",
+        {"timm.models.crossvit.CrossVit"},
+        "two token branches at different patch sizes exchange information through their class "
+        "tokens in multi-scale blocks, not a single block sequence",
+    )
+)
+register_refusal(
+    RefusedFamily(
+        "timm.NaFlexVit",
+        {"timm.models.naflexvit.NaFlexVit"},
+        "variable-length packed sequences with per-sample patch masks: the attention mask depends on the input",
     )
 )
