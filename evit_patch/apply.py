@@ -12,7 +12,7 @@ from .config import EViTConfig
 from .errors import InvalidPlanError
 from .families import describe, find_family
 from .profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
-from .reorganizer import TokenReorganizer
+from .reorganizer import Score, TokenReorganizer
 from .rewrite import insert_position_gathers, insert_reorganizer, with_size_weights
 from .token_track import TokenTrack
 
@@ -28,6 +28,7 @@ def apply(
     flops: float | None = None,
     speedup: float | None = None,
     img_size: int | tuple[int, int] | None = None,
+    score: str | None = None,
 ) -> nn.Module:
     """Return an EViT copy of ``model`` that reorganizes tokens after attention at ``layers``.
 
@@ -47,6 +48,10 @@ def apply(
         speedup: instead of ``keep``, a FLOP-ideal speedup budget.
         img_size: patch a copy resized to this input size (timm's position-embedding
             interpolation); with ``flops=1.0`` it runs at the original's cost.
+        score: what ranks the image tokens: ``"cls"``, the [CLS] token's attention (EViT), or
+            ``"received"``, the attention each token receives from every query (the only choice
+            without a class token; it costs one ``N x N`` map at each reorganizing block). ``None``:
+            ``"cls"`` where the model has a class token. See docs/how-it-works.md for measurements.
 
     Raises:
         UnsupportedModelError: the model or a block cannot be patched soundly (nothing changed).
@@ -57,12 +62,13 @@ def apply(
     if flops is not None or speedup is not None:
         if keep is not None:
             raise InvalidPlanError(f"{describe(model)}: give keep or a budget (flops/speedup), not both")
-        config = plan(model, flops=flops, speedup=speedup, layers=layers, img_size=img_size, fuse=fuse)
+        config = plan(model, flops=flops, speedup=speedup, layers=layers, img_size=img_size, fuse=fuse, score=score)
     else:
         num_blocks = len(family.blocks(model))
         layers = default_layers(num_blocks) if layers is None else layers
         keep = DEFAULT_KEEP if keep is None else keep
-        config = EViTConfig.build(layers, keep, fuse, num_blocks=num_blocks, where=describe(model))
+        config = EViTConfig.build(layers, keep, fuse, num_blocks=num_blocks, where=describe(model), score=score)
+    ranking = _score(model, family, config.score)
     source = model if img_size is None else family.resized(model, img_size)
     patched = copy.deepcopy(source) if source is model else source
     traced = trace_blocks(patched, family)
@@ -81,7 +87,7 @@ def apply(
                 fuse=config.fuse,
                 scale=block.site.scale,
                 layer=index,
-                score=family.score(patched),
+                score=ranking,
                 track=track,
                 fuse_mean=family.pool(patched) == "avg",
             )
@@ -95,6 +101,17 @@ def apply(
         patched.set_submodule(name, norm)
     setattr(patched, PROFILE_ATTR, profile_of(traced, patched, family))
     return patched
+
+
+def _score(model: nn.Module, family, requested: str | None) -> Score:
+    default = family.score(model)
+    if requested is None:
+        return default
+    if requested == Score.CLS.value and default is Score.RECEIVED:
+        raise InvalidPlanError(
+            f"{describe(model)} has no class token: score='cls' needs one; use score='received' (the default here)"
+        )
+    return Score(requested)
 
 
 def _track(model: nn.Module, family, traced: list[TracedBlock]) -> TokenTrack | None:

@@ -67,20 +67,21 @@ def plan_for_budget(
     layers: Sequence[int] | None = None,
     fuse: bool = True,
     where: str = "model",
+    score: str | None = None,
 ) -> EViTConfig:
     """One keep rate for every layer in ``layers``, as large as ``target_macs`` allows."""
     layers = tuple(layers) if layers is not None else default_layers(cost.num_blocks)
-    EViTConfig.build(layers, 1.0, fuse, num_blocks=cost.num_blocks, where=where)  # validates the layers
-    original = cost.explain(EViTConfig(layers, (1.0,) * len(layers), fuse)).macs_original
-    lowest = cost.macs(EViTConfig(layers, (1e-6,) * len(layers), fuse))
+    EViTConfig.build(layers, 1.0, fuse, num_blocks=cost.num_blocks, where=where, score=score)  # validates
+    original = cost.explain(EViTConfig(layers, (1.0,) * len(layers), fuse, score)).macs_original
+    lowest = cost.macs(EViTConfig(layers, (1e-6,) * len(layers), fuse, score))
     if lowest > target_macs:
         raise InvalidPlanError(
             f"{where}: a budget of {target_macs / 1e9:.3f} GMACs ({target_macs / original:.3f}x of "
             f"{original / 1e9:.3f}) is infeasible at layers {list(layers)}: keeping a single token there "
             f"still costs {lowest / 1e9:.3f} GMACs ({lowest / original:.3f}x); reorganize at earlier or more layers"
         )
-    uniform = _largest_keep(lambda k: cost.macs(EViTConfig(layers, (k,) * len(layers), fuse)), target_macs)
-    return EViTConfig.build(layers, uniform, fuse, num_blocks=cost.num_blocks, where=where)
+    uniform = _largest_keep(lambda k: cost.macs(EViTConfig(layers, (k,) * len(layers), fuse, score)), target_macs)
+    return EViTConfig.build(layers, uniform, fuse, num_blocks=cost.num_blocks, where=where, score=score)
 
 
 def plan(
@@ -91,6 +92,7 @@ def plan(
     layers: Sequence[int] | None = None,
     img_size: int | tuple[int, int] | None = None,
     fuse: bool = True,
+    score: str | None = None,
 ) -> EViTConfig:
     """The EViT configuration that meets a budget relative to ``model`` at its own input size.
 
@@ -101,6 +103,7 @@ def plan(
         layers: reorganizing blocks; default D/4, D/2, 3D/4 (3, 6, 9 for 12 blocks).
         img_size: plan for inputs of this size (the budget stays relative to the native size):
             ``img_size=272, flops=1.0`` is EViT's same-cost higher resolution.
+        score: as for :func:`~evit_patch.apply`; the received-attention score costs more MACs.
 
     Raises:
         InvalidPlanError: the budget is malformed or infeasible at these layers (the message
@@ -110,7 +113,9 @@ def plan(
     native = CostModel.of(model)
     cost = native if img_size is None else CostModel.of(_resized(model, img_size), img_size)
     reference = native.explain(EViTConfig((0,), (1.0,), fuse)).macs_original
-    return plan_for_budget(cost, target_macs=fraction * reference, layers=layers, fuse=fuse, where=describe(model))
+    return plan_for_budget(
+        cost, target_macs=fraction * reference, layers=layers, fuse=fuse, where=describe(model), score=score
+    )
 
 
 def _resized(model: nn.Module, img_size) -> nn.Module:

@@ -16,6 +16,15 @@ def _check_keep(keep: object, what: str) -> float:
     return float(keep)
 
 
+SCORES = ("cls", "received")
+
+
+def check_score(score: object, where: str) -> str | None:
+    if score is not None and score not in SCORES:
+        raise InvalidPlanError(f"{where}: score must be one of {SCORES} or None (the family's default), got {score!r}")
+    return score
+
+
 @dataclass(frozen=True)
 class EViTConfig:
     """Where EViT reorganizes tokens: ``layers`` (0-indexed blocks, ascending), one keep rate each."""
@@ -23,6 +32,8 @@ class EViTConfig:
     layers: tuple[int, ...]
     keep: tuple[float, ...]
     fuse: bool = True
+    score: str | None = None
+    """``"cls"`` (EViT), ``"received"`` (attention received), or ``None``: the family's default."""
 
     @classmethod
     def build(
@@ -33,6 +44,7 @@ class EViTConfig:
         *,
         num_blocks: int,
         where: str = "model",
+        score: str | None = None,
     ) -> EViTConfig:
         """Validate user input against a model with ``num_blocks`` blocks.
 
@@ -63,15 +75,16 @@ class EViTConfig:
                 )
         keeps = [_check_keep(k, f"{where}, layer {layer}") for layer, k in zip(layer_list, keeps)]
         pairs = sorted(zip((int(x) for x in layer_list), keeps))
-        return cls(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), bool(fuse))
+        return cls(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), bool(fuse), check_score(score, where))
 
     def keep_at(self, layer: int) -> float | None:
         """The keep rate at ``layer``, ``None`` where the block does not reorganize."""
         return dict(zip(self.layers, self.keep)).get(layer)
 
     def to_dict(self) -> dict:
-        return {"layers": list(self.layers), "keep": list(self.keep), "fuse": self.fuse}
+        return {"layers": list(self.layers), "keep": list(self.keep), "fuse": self.fuse, "score": self.score}
 
     @classmethod
     def from_dict(cls, data: dict) -> EViTConfig:
-        return cls(tuple(data["layers"]), tuple(float(k) for k in data["keep"]), bool(data.get("fuse", True)))
+        layers, keep = tuple(data["layers"]), tuple(float(k) for k in data["keep"])
+        return cls(layers, keep, bool(data.get("fuse", True)), check_score(data.get("score"), "EViTConfig"))

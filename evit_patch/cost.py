@@ -28,8 +28,6 @@ class BlockCost:
     num_prefix_tokens: int
     recomputes_cls_row: bool
     """Fused attention: the score is recomputed from q and k."""
-    received_score: bool = False
-    """The score is the attention every token receives: recomputing it costs the whole ``N x N`` map."""
 
     def tokens_out(self, tokens_in: int, keep: float | None, fuse: bool) -> int:
         """Tokens the MLP sees when the block reorganizes at ``keep`` (``None``: not patched)."""
@@ -41,14 +39,15 @@ class BlockCost:
             return tokens_in
         return self.num_prefix_tokens + kept + int(fuse)
 
-    def macs(self, tokens_in: int, tokens_out: int, fuse: bool = True) -> int:
-        """MACs of one sample through the block."""
+    def macs(self, tokens_in: int, tokens_out: int, fuse: bool = True, received: bool = False) -> int:
+        """MACs of one sample through the block; ``received``: the score is the attention every
+        token receives, whose recomputation costs the whole ``N x N`` map, not one row."""
         total = tokens_in * self.pre_macs_per_token
         total += tokens_in * tokens_in * (self.qk_width + self.v_width)
         total += tokens_out * self.post_macs_per_token
         if tokens_out != tokens_in:
             if self.recomputes_cls_row:
-                total += tokens_in * self.qk_width * (tokens_in if self.received_score else 1)
+                total += tokens_in * self.qk_width * (tokens_in if received else 1)
             if fuse:
                 total += (tokens_in - self.num_prefix_tokens) * self.channels
         return total

@@ -89,6 +89,7 @@ class CostModel:
 
     def explain(self, config: EViTConfig) -> Explanation:
         tokens, rows = self.tokens, []
+        received = (config.score or self.profile.score) == "received"
         for index, (name, cost) in enumerate(zip(self.profile.block_names, self.profile.costs)):
             keep = config.keep_at(index)
             out = cost.tokens_out(tokens, keep, config.fuse)
@@ -100,7 +101,7 @@ class CostModel:
                     tokens,
                     out,
                     macs_original=cost.macs(self.tokens, self.tokens),
-                    macs_patched=cost.macs(tokens, out, config.fuse),
+                    macs_patched=cost.macs(tokens, out, config.fuse, received),
                 )
             )
             tokens = out

@@ -262,7 +262,7 @@ def locate(gm: fx.GraphModule, *, where: str) -> BlockSite:
     return BlockSite(where, source, op, score_inputs, scale, add, bias, bias_user, pre, post)
 
 
-def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int, received_score: bool = False) -> BlockCost:
+def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int) -> BlockCost:
     """The block's analytic cost; needs ``tensor_meta`` on the graph (shape propagation)."""
     qk_width, v_width, _ = _attention_widths(site.source, site.attention, site.where)
     return BlockCost(
@@ -273,5 +273,4 @@ def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int, receiv
         channels=channels,
         num_prefix_tokens=num_prefix_tokens,
         recomputes_cls_row=site.source is ScoreSource.QUERY_KEY,
-        received_score=received_score,
     )

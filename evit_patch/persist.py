@@ -152,7 +152,9 @@ def load_pretrained(
     dtype = getattr(torch, meta.get("dtype", "float32"), None)
     if not isinstance(dtype, torch.dtype):
         raise CheckpointError(f"{directory}: unknown dtype {meta.get('dtype')!r} in {CONFIG_NAME}")
-    model = apply(base.to(dtype), layers=evit["layers"], keep=evit["keep"], fuse=evit.get("fuse", True))
+    model = apply(
+        base.to(dtype), layers=evit["layers"], keep=evit["keep"], fuse=evit.get("fuse", True), score=evit.get("score")
+    )
     try:
         load_model(model, str(weights), strict=True)
     except RuntimeError as exc:

@@ -40,6 +40,8 @@ class ModelProfile:
     num_prefix_tokens: int
     block_names: tuple[str, ...]
     costs: tuple[BlockCost, ...]
+    score: str = Score.CLS.value
+    """The family's default score for this model (a patched model's own score is in its config)."""
 
 
 def trace_blocks(model: nn.Module, family: Family) -> list[TracedBlock]:
@@ -49,7 +51,6 @@ def trace_blocks(model: nn.Module, family: Family) -> list[TracedBlock]:
     channels = family.channels(model)
     tokens = family.num_tokens(model)
     live = family.rotary_args(model)
-    received = family.score(model) is Score.RECEIVED
     traced = []
     for index, (name, block) in enumerate(family.blocks(model)):
         where = f"{who}.{name}"
@@ -57,7 +58,7 @@ def trace_blocks(model: nn.Module, family: Family) -> list[TracedBlock]:
         site = locate(gm, where=where)
         inputs = [family.block_inputs(model, index)[arg] for arg in live]
         _propagate_shapes(gm, block, inputs, where=where, tokens=tokens, channels=channels)
-        cost = block_cost(site, channels=channels, num_prefix_tokens=prefix, received_score=received)
+        cost = block_cost(site, channels=channels, num_prefix_tokens=prefix)
         traced.append(TracedBlock(name, gm, site, cost))
     return traced
 
@@ -89,6 +90,7 @@ def profile_of(traced: list[TracedBlock], model: nn.Module, family: Family) -> M
         num_prefix_tokens=family.num_prefix_tokens(model),
         block_names=tuple(t.name for t in traced),
         costs=tuple(t.cost for t in traced),
+        score=family.score(model).value,
     )
 
 

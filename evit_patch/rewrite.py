@@ -10,7 +10,7 @@ from torch import nn
 
 from .locate import BlockSite
 from .reorganizer import TokenReorganizer
-from .token_track import BiasGather, RopeGather, SizeWeightedTokens, TokenTrack, TrackStart
+from .token_track import PositionGather, SizeWeightedTokens, TokenTrack, TrackStart
 from .trace import BlockTracer
 
 REORGANIZER_NAME = "evit"
@@ -62,13 +62,13 @@ def insert_position_gathers(
         tokens = anchor = started
     for name in rotary_args:
         table = next(n for n in placeholders if n.target == name)
-        gm.add_submodule(f"evit_{name}", RopeGather(track, site.where))
+        gm.add_submodule(f"evit_{name}", PositionGather(track, "rope", site.where))
         with graph.inserting_after(anchor):
             anchor = graph.call_module(f"evit_{name}", (table, tokens))
         table.replace_all_uses_with(anchor, delete_user_cb=partial(operator.is_not, anchor))
     bias = site.bias
     if bias is not None:
-        gm.add_submodule("evit_bias", BiasGather(track, site.where))
+        gm.add_submodule("evit_bias", PositionGather(track, "bias", site.where))
         with graph.inserting_after(bias if bias not in placeholders else anchor):
             gathered = graph.call_module("evit_bias", (bias, tokens))
         site.bias_user.replace_input_with(bias, gathered)

@@ -32,7 +32,10 @@ def _require_patched(model: nn.Module, what: str) -> list[TokenReorganizer]:
 def get_config(model: nn.Module) -> EViTConfig:
     """The live EViT configuration of a patched model, read from its reorganizers."""
     mods = _require_patched(model, "get_config")
-    return EViTConfig(tuple(m.layer for m in mods), tuple(m.keep for m in mods), mods[0].fuse)
+    # ``None`` where the score is the model's default, as in a config the caller built.
+    score = mods[0].score.value
+    score = None if score == getattr(model, PROFILE_ATTR).score else score
+    return EViTConfig(tuple(m.layer for m in mods), tuple(m.keep for m in mods), mods[0].fuse, score)
 
 
 def set_keep(model: nn.Module, keep: float | Iterable[float]) -> None:

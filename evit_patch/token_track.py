@@ -137,32 +137,27 @@ class TrackStart(nn.Module):
         return x
 
 
-class BiasGather(nn.Module):
-    """An attention bias built for the original token order, re-indexed for the current tokens."""
+class PositionGather(nn.Module):
+    """A table built for the original token order, re-indexed for the current tokens: an attention
+    bias (``kind="bias"``, see :func:`gather_bias`) or a rotary table (``kind="rope"``, see
+    :func:`gather_rope`)."""
 
-    def __init__(self, track: TokenTrack, where: str) -> None:
+    def __init__(self, track: TokenTrack, kind: str, where: str) -> None:
         super().__init__()
-        self.track, self.where = track, where
+        if kind not in ("bias", "rope"):
+            raise ValueError(f"kind must be 'bias' or 'rope', got {kind!r}")
+        self.track, self.kind, self.where = track, kind, where
 
-    def forward(self, bias: Tensor, x: Tensor) -> Tensor:
+    def forward(self, table: Tensor, x: Tensor) -> Tensor:
         self.track.check(x.shape[1], self.where)
         if self.track.positions is None:
-            return bias
-        return gather_bias(bias, self.track.token_index()).to(bias.dtype)
+            return table
+        if self.kind == "bias":
+            return gather_bias(table, self.track.token_index()).to(table.dtype)
+        return gather_rope(table, self.track.positions)
 
-
-class RopeGather(nn.Module):
-    """A rotary table for the original image tokens, re-indexed for the current ones."""
-
-    def __init__(self, track: TokenTrack, where: str) -> None:
-        super().__init__()
-        self.track, self.where = track, where
-
-    def forward(self, rope: Tensor, x: Tensor) -> Tensor:
-        self.track.check(x.shape[1], self.where)
-        if self.track.positions is None:
-            return rope
-        return gather_rope(rope, self.track.positions)
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
 
 
 class SizeWeightedTokens(nn.Module):

@@ -245,14 +245,14 @@ def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls, mean):
     return torch.cat(rows)[None], new_pos, new_size
 
 
-def reference_forward_tracked(kind, model, images, layers, keep, fuse: bool = True):
+def reference_forward_tracked(kind, model, images, layers, keep, fuse: bool = True, score=None):
     """EViT forward of a timm ViT ("vit"), ``Beit``, ``Eva`` or ``VisionTransformerRelPos``
     ("relpos") with pre-norm blocks, sample by sample:
     position bias and rotary rows looked up by each token's original position, [CLS] or
     received-attention scores, and a size-weighted average pool."""
     keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
     prefix = model.num_prefix_tokens
-    cls = getattr(model, "cls_token", None) is not None
+    cls = getattr(model, "cls_token", None) is not None if score is None else score == "cls"
     outputs = []
     for image in images:
         x, rope = _embed(kind, model, image[None])

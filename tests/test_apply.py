@@ -125,9 +125,16 @@ def test_list_supported_names_families():
     entries = {e.family: e for e in evit_patch.list_supported()}
     assert entries["timm.VisionTransformer"].supported
     assert not entries["timm.SwinTransformer"].supported
-    assert [e.family for e in evit_patch.list_supported("timm.Vision*", include_refused=False)] == [
-        "timm.VisionTransformer"
+    assert sorted(e.family for e in evit_patch.list_supported("timm.Vision*", include_refused=False)) == [
+        "timm.VisionTransformer",
+        "timm.VisionTransformerRelPos",
     ]
+    assert {e.family for e in evit_patch.list_supported("timm.*", include_refused=False)} == {
+        "timm.Beit",
+        "timm.Eva",
+        "timm.VisionTransformerRelPos",
+        "timm.VisionTransformer",
+    }
 
 
 def test_forced_reorganization_at_keep_one_only_permutes_tokens():

@@ -154,7 +154,8 @@ def _sweep(model, args, device) -> list[dict]:
     for layers in args.sweep_layers:
         layer_list = [int(v) for v in layers.split(",")]
         for keep in args.sweep_keep:
-            fast = evit_patch.apply(model, layers=layer_list, keep=keep, fuse=not args.no_fuse).to(device)
+            fast = evit_patch.apply(model, layers=layer_list, keep=keep, fuse=not args.no_fuse, score=args.score)
+            fast = fast.to(device)
             _, measured = _measure(model, fast, args, device, args.batch_size[:1], args.img_size)
             row = {"layers": layers, "keep": keep, **measured[0]}
             if images is not None:
@@ -219,7 +220,8 @@ def run(args: argparse.Namespace) -> dict:
             _plot(rows, args.plot)
     else:
         keep = 1.0 if args.overhead else keep_arg(args)
-        fast = evit_patch.apply(model, layers=args.layers, keep=keep, fuse=not args.no_fuse).to(device)
+        fast = evit_patch.apply(model, layers=args.layers, keep=keep, fuse=not args.no_fuse, score=args.score)
+        fast = fast.to(device)
         if args.overhead:
             for module in evit_patch.reorganizers(fast):
                 module.force = True

@@ -19,6 +19,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str =
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9], help="0-indexed blocks (default: 3 6 9)")
     parser.add_argument("--keep", type=float, nargs="+", default=[0.7], help="keep rate, one or one per layer")
     parser.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
+    parser.add_argument(
+        "--score",
+        choices=["cls", "received"],
+        default=None,
+        help="rank tokens by [CLS] attention or by attention received (default: cls where there is a class token)",
+    )
 
 
 def keep_arg(args: argparse.Namespace) -> float | list[float]:
@@ -46,6 +52,11 @@ def patched_model(args: argparse.Namespace, **apply_kwargs) -> nn.Module:
     if getattr(args, "load", None):
         return evit_patch.load_pretrained(args.load)
     fast = evit_patch.apply(
-        load_model(args), layers=args.layers, keep=keep_arg(args), fuse=not args.no_fuse, **apply_kwargs
+        load_model(args),
+        layers=args.layers,
+        keep=keep_arg(args),
+        fuse=not args.no_fuse,
+        score=args.score,
+        **apply_kwargs,
     )
     return fast.eval()

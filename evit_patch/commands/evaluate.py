@@ -35,7 +35,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     results = []
     for keep in keeps:
         fast = evit_patch.apply(
-            model, layers=args.layers, keep=keep[0] if len(keep) == 1 else keep, fuse=not args.no_fuse
+            model,
+            layers=args.layers,
+            keep=keep[0] if len(keep) == 1 else keep,
+            fuse=not args.no_fuse,
+            score=args.score,
         )
         gmacs = evit_patch.explain(fast).macs_patched / 1e9
         for name, (images, labels) in sets.items():

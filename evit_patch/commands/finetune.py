@@ -166,7 +166,9 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     torch.manual_seed(args.seed)  # the same (random-init) teacher on every rank
     teacher = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
-    student = evit_patch.apply(teacher, layers=args.layers, keep=keep_arg(args), fuse=not args.no_fuse)
+    student = evit_patch.apply(
+        teacher, layers=args.layers, keep=keep_arg(args), fuse=not args.no_fuse, score=args.score
+    )
     torch.manual_seed(args.seed + ctx.rank)
     if labelled and not args.distill_only:
         check_labels(args.data_dir, items, teacher.num_classes)
