@@ -28,6 +28,8 @@ class BlockCost:
     num_prefix_tokens: int
     recomputes_cls_row: bool
     """Fused attention: the score is recomputed from q and k."""
+    fixed_macs: int = 0
+    """Per-call MACs that do not scale with the tokens (a relative-position bias MLP)."""
 
     def tokens_out(self, tokens_in: int, keep: float | None, fuse: bool) -> int:
         """Tokens the MLP sees when the block reorganizes at ``keep`` (``None``: not patched)."""
@@ -42,7 +44,7 @@ class BlockCost:
     def macs(self, tokens_in: int, tokens_out: int, fuse: bool = True, received: bool = False) -> int:
         """MACs of one sample through the block; ``received``: the score is the attention every
         token receives, whose recomputation costs the whole ``N x N`` map, not one row."""
-        total = tokens_in * self.pre_macs_per_token
+        total = self.fixed_macs + tokens_in * self.pre_macs_per_token
         total += tokens_in * tokens_in * (self.qk_width + self.v_width)
         total += tokens_out * self.post_macs_per_token
         if tokens_out != tokens_in:

@@ -14,6 +14,7 @@ fused or manual attention, post-norm blocks) need no special cases:
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ class BlockSite:
     """Projection MACs per token before the residual add (they see every token)."""
     post_macs_per_token: int
     """Projection MACs per token after it (they see the reorganized tokens)."""
+    table_projections: tuple[fx.Node, ...] = ()
+    """Projections that never see the tokens (a relative-position MLP): a fixed cost per call."""
 
 
 def _is_call(node: fx.Node, functions: set, methods: set[str]) -> bool:
@@ -187,6 +190,13 @@ def _linear_macs(node: fx.Node, modules: dict[str, nn.Module]) -> int:
     return 0
 
 
+def _in_features(node: fx.Node, modules: dict[str, nn.Module]) -> int:
+    if node.op == "call_module":
+        return modules[node.target].in_features
+    weight = _arg(node, 1, "weight")
+    return fx.graph_module._get_attr(node.graph.owning_module, weight.target).shape[1]
+
+
 def _value_path(op: fx.Node) -> set[fx.Node]:
     """Manual attention: what feeds ``probs @ v`` (a separate value projection is no ancestor of the softmax)."""
     downstream = _descendants(op)
@@ -194,17 +204,24 @@ def _value_path(op: fx.Node) -> set[fx.Node]:
     return _ancestors(mixes[0]) if mixes else set()
 
 
-def _check_point_between(gm: fx.GraphModule, op: fx.Node, add: fx.Node, where: str) -> tuple[int, int]:
-    """Linear MACs per token before and after the add; refuse parallel blocks."""
+def _check_point_between(
+    gm: fx.GraphModule, op: fx.Node, add: fx.Node, where: str
+) -> tuple[int, int, tuple[fx.Node, ...]]:
+    """Linear MACs per token before and after the add, and the projections that never see the
+    tokens (a position-bias MLP, counted per call); refuse parallel blocks."""
     modules = dict(gm.named_modules())
     before, after = _ancestors(add), _descendants(add)
     attention_path = _ancestors(op) | _descendants(op) | _value_path(op)
+    on_tokens = _descendants(_tokens_input(gm.graph))
     pre = post = 0
+    tables = []
     for node in gm.graph.nodes:
         macs = _linear_macs(node, modules)
         if not macs:
             continue
-        if node in after:
+        if node not in on_tokens:
+            tables.append(node)
+        elif node in after:
             post += macs
         elif node in before and node in attention_path:
             pre += macs
@@ -219,7 +236,7 @@ def _check_point_between(gm: fx.GraphModule, op: fx.Node, add: fx.Node, where: s
             f"{where}: expected an MLP after the attention residual add, found none "
             "(no point between attention and MLP)"
         )
-    return pre, post
+    return pre, post, tuple(tables)
 
 
 def _attention_widths(source: ScoreSource, op: fx.Node, where: str) -> tuple[int, int, int]:
@@ -258,13 +275,21 @@ def locate(gm: fx.GraphModule, *, where: str) -> BlockSite:
         score_inputs, scale = (op,), None
     bias, bias_user = _position_bias(source, op, where)
     add = _residual_add(op, where)
-    pre, post = _check_point_between(gm, op, add, where)
-    return BlockSite(where, source, op, score_inputs, scale, add, bias, bias_user, pre, post)
+    pre, post, tables = _check_point_between(gm, op, add, where)
+    return BlockSite(where, source, op, score_inputs, scale, add, bias, bias_user, pre, post, tables)
 
 
 def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int) -> BlockCost:
     """The block's analytic cost; needs ``tensor_meta`` on the graph (shape propagation)."""
     qk_width, v_width, _ = _attention_widths(site.source, site.attention, site.where)
+    modules = dict(site.attention.graph.owning_module.named_modules())
+    table_macs = 0
+    for node in site.table_projections:
+        meta = node.all_input_nodes[0].meta.get("tensor_meta")
+        if meta is None:
+            raise UnsupportedModelError(f"{site.where}: could not infer the shape of {node}")
+        rows = math.prod(meta.shape) // _in_features(node, modules)
+        table_macs += rows * _linear_macs(node, modules)
     return BlockCost(
         pre_macs_per_token=site.pre_macs_per_token,
         post_macs_per_token=site.post_macs_per_token,
@@ -273,4 +298,5 @@ def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int) -> Blo
         channels=channels,
         num_prefix_tokens=num_prefix_tokens,
         recomputes_cls_row=site.source is ScoreSource.QUERY_KEY,
+        fixed_macs=table_macs,
     )

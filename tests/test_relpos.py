@@ -10,6 +10,7 @@ from tracked import (
     check_export,
     check_gradients,
     check_keep_one_is_exact,
+    check_macs,
     check_matches_reference,
     check_original_untouched,
     check_permutation,
@@ -82,3 +83,9 @@ def test_shared_bias_is_refused():
     model = make_vit("vit_srelpos_small_patch16_224", img_size=64, depth=2)
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"shares one relative position bias .*vit_srelpos"):
         evit_patch.apply(model, layers=[1], keep=0.7)
+
+
+@pytest.mark.parametrize("variant", ["mlp_gap", "table_cls_gap"])
+def test_explain_equals_counted_macs(variant):
+    """The bias MLP runs on the relative offsets, not the tokens: a fixed cost per block."""
+    check_macs(_small(variant), images(1, size=64))
