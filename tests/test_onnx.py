@@ -56,3 +56,27 @@ def test_batch_dimension_is_symbolic_and_file_is_self_contained(exported):
     assert graph_input.name == INPUT_NAME and dims[0].dim_param == BATCH
     assert [d.dim_value for d in dims[1:]] == [3, 224, 224]
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no side file, no temporary left
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("beit_base_patch16_224", dict(embed_dim=64, num_heads=4)),  # relative position bias
+        ("eva02_tiny_patch14_224", dict(img_size=56)),  # rotary tables
+        ("vit_relpos_medium_patch16_224", dict(embed_dim=64, num_heads=4)),  # bias MLP, no class token
+        ("vit_medium_patch16_gap_256", dict(embed_dim=64, num_heads=4)),  # received score, size-weighted pool
+    ],
+)
+def test_position_aware_families_export(name, options, tmp_path):
+    from conftest import images, make_vit
+    from tracked import randomise
+
+    options = dict(img_size=64, depth=4, num_classes=10) | options
+    model = randomise(make_vit(name, dtype=torch.float32, **options))
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.7)
+    x = images(3, size=options["img_size"], dtype=torch.float32)
+    path = evit_patch.export_onnx(fast, tmp_path / "model.onnx", x[:2])
+    assert set(onnx_op_types(path)) <= STANDARD_ONNX_DOMAINS  # the gathers lower to standard ops
+    got = torch.from_numpy(onnx_session(path).run(None, {INPUT_NAME: x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, fast(x), rtol=0, atol=1e-4)
