@@ -32,6 +32,8 @@ class Explanation:
     fuse: bool
     rows: tuple[BlockRow, ...]
     outside_macs: int
+    score: str = "cls"
+    """What ranks the tokens: ``"cls"`` or ``"received"``."""
 
     @property
     def macs_original(self) -> int:
@@ -49,7 +51,7 @@ class Explanation:
     def __str__(self) -> str:
         size = f" at {self.img_size[0]}x{self.img_size[1]}" if self.img_size else ""
         lines = [
-            f"EViT plan for {self.model}{size} (fuse={self.fuse})",
+            f"EViT plan for {self.model}{size} (fuse={self.fuse}, score={self.score})",
             f"{'block':>5} {'keep':>5} {'tokens in':>9} {'MLP tokens':>10} {'GMACs orig':>10} {'GMACs EViT':>10}",
         ]
         for r in self.rows:
@@ -89,7 +91,8 @@ class CostModel:
 
     def explain(self, config: EViTConfig) -> Explanation:
         tokens, rows = self.tokens, []
-        received = (config.score or self.profile.score) == "received"
+        score = config.score or self.profile.score
+        received = score == "received"
         for index, (name, cost) in enumerate(zip(self.profile.block_names, self.profile.costs)):
             keep = config.keep_at(index)
             out = cost.tokens_out(tokens, keep, config.fuse)
@@ -105,7 +108,7 @@ class CostModel:
                 )
             )
             tokens = out
-        return Explanation(self.profile.model, self.img_size, config.fuse, tuple(rows), self.outside_macs)
+        return Explanation(self.profile.model, self.img_size, config.fuse, tuple(rows), self.outside_macs, score)
 
     def macs(self, config: EViTConfig) -> int:
         return self.explain(config).macs_patched

@@ -50,7 +50,7 @@ def trace_blocks(model: nn.Module, family: Family) -> list[TracedBlock]:
     prefix = family.num_prefix_tokens(model)
     channels = family.channels(model)
     tokens = family.num_tokens(model)
-    live = family.rotary_args(model)
+    live = family.live_args(model)
     traced = []
     for index, (name, block) in enumerate(family.blocks(model)):
         where = f"{who}.{name}"

@@ -165,7 +165,9 @@ def _beit_bias(attn, pos):
 
 
 def _lookup_bias(full, pos):
-    """(1, H, N', N') entries of a full (1, H, N, N) bias at the tokens' original positions; 0 where fused."""
+    """(1, H, N', N') entries of a full (1, H, N, N) or (H, N, N) bias at the tokens' original
+    positions; 0 where fused."""
+    full = full.reshape(1, *full.shape[-3:])
     bias = torch.zeros(1, full.shape[1], len(pos), len(pos), dtype=full.dtype)
     for i, p in enumerate(pos):
         for j, r in enumerate(pos):
@@ -174,8 +176,9 @@ def _lookup_bias(full, pos):
     return bias
 
 
-def _attention(kind, block, h, pos, prefix, rope):
-    """One block's attention output and its full (1, H, N, N) probabilities, by hand."""
+def _attention(kind, block, h, pos, prefix, rope, shared=None):
+    """One block's attention output and its full (1, H, N, N) probabilities, by hand; ``shared``:
+    a (1, H, N, N) bias the model passes to every block."""
     if kind == "vit":
         return reference_attention(block.attn, h)
     attn = block.attn
@@ -187,6 +190,8 @@ def _attention(kind, block, h, pos, prefix, rope):
         logits_bias = _beit_bias(attn, pos)
     if kind == "relpos" and attn.rel_pos is not None:
         logits_bias = _lookup_bias(attn.rel_pos.get_bias(), pos)
+    if shared is not None:
+        logits_bias = logits_bias + _lookup_bias(shared, pos)
     if kind == "eva" and rope is not None:
         half = rope.shape[-1] // 2
         q, k = q.clone(), k.clone()
@@ -253,6 +258,11 @@ def reference_forward_tracked(kind, model, images, layers, keep, fuse: bool = Tr
     keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
     prefix = model.num_prefix_tokens
     cls = getattr(model, "cls_token", None) is not None if score is None else score == "cls"
+    shared = None
+    if kind == "beit" and model.rel_pos_bias is not None:
+        shared = model.rel_pos_bias()
+    if kind == "relpos" and model.shared_rel_pos is not None:
+        shared = model.shared_rel_pos.get_bias()
     outputs = []
     for image in images:
         x, rope = _embed(kind, model, image[None])
@@ -261,7 +271,7 @@ def reference_forward_tracked(kind, model, images, layers, keep, fuse: bool = Tr
         for index, block in enumerate(model.blocks):
             ls1, ls2 = _layer_scales(kind, block)
             table = rope[index] if rope is not None and getattr(model, "rope_mixed", False) else rope
-            out, probs = _attention(kind, block, block.norm1(x), pos, prefix, table)
+            out, probs = _attention(kind, block, block.norm1(x), pos, prefix, table, shared)
             x = x + ls1(out)
             if index in keeps:
                 mean = model.global_pool == "avg"

@@ -74,11 +74,14 @@ def test_base_model_cost():
     assert [r.tokens_out for r in report.rows] == [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3
 
 
-def test_shared_relative_position_bias_is_refused():
-    model = make_vit("beit_base_patch16_224", img_size=64, depth=2, embed_dim=64, num_heads=4)
-    model.rel_pos_bias = torch.nn.Identity()  # what use_shared_rel_pos_bias=True builds: a model-level module
-    with pytest.raises(evit_patch.UnsupportedModelError, match=r"Beit .*use_shared_rel_pos_bias=True"):
-        evit_patch.apply(model, keep=0.7)
+def test_shared_relative_position_bias_follows_positions(monkeypatch):
+    """use_shared_rel_pos_bias: the model passes one bias to every block; it stays a graph input
+    and is re-indexed like a per-block one."""
+    model = _small(use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+    assert model.rel_pos_bias is not None and model.blocks[0].attn.relative_position_bias_table is None
+    check_matches_reference("beit", model, images(3, size=64), [1, 2], [0.6, 0.5], True)
+    check_export(model, images(3, size=64))
+    check_permutation(model, images(2, size=64), monkeypatch, "gather_bias")
 
 
 def test_export_matches_eager():

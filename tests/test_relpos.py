@@ -17,8 +17,6 @@ from tracked import (
     randomise,
 )
 
-import evit_patch
-
 # an MLP bias without a class token (the default vit_relpos_*), a table bias ("bias") with a
 # class token and average pooling, and a class-token head.
 VARIANTS = {
@@ -79,10 +77,13 @@ def test_export_matches_eager():
     check_export(_small(), images(3, size=64))
 
 
-def test_shared_bias_is_refused():
-    model = make_vit("vit_srelpos_small_patch16_224", img_size=64, depth=2)
-    with pytest.raises(evit_patch.UnsupportedModelError, match=r"shares one relative position bias .*vit_srelpos"):
-        evit_patch.apply(model, layers=[1], keep=0.7)
+def test_shared_bias_follows_positions(monkeypatch):
+    """vit_srelpos_*: one bias MLP for all blocks, passed to each; re-indexed like a per-block one."""
+    model = _randomise(make_vit("vit_srelpos_small_patch16_224", img_size=64, depth=4, num_classes=10))
+    assert model.shared_rel_pos is not None
+    check_matches_reference("relpos", model, images(3, size=64), [1, 2], [0.6, 0.5], True)
+    check_macs(model, images(1, size=64))  # the shared MLP runs once per call, outside the blocks
+    check_permutation(model, images(2, size=64), monkeypatch, "gather_bias")
 
 
 @pytest.mark.parametrize("variant", ["mlp_gap", "table_cls_gap"])

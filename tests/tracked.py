@@ -44,7 +44,8 @@ def check_keep_one_is_exact(model, x):
 
 def check_permutation(model, x, monkeypatch, gather: str):
     """Keep every token but reorder them by score: with positions followed, the output is the
-    original's; with ``gather`` disabled (tables read in the new order), it is not."""
+    original's; with ``gather`` disabled (tables read in the new order), it is not. Call it last
+    in a test: the monkeypatch lasts until the test ends."""
     fast = evit_patch.apply(model, layers=[1, 2], keep=1.0)
     for reorganizer in evit_patch.reorganizers(fast):
         reorganizer.force = True

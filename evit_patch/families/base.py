@@ -85,8 +85,13 @@ class Family(abc.ABC):
         """Block arguments holding a per-image-token rotary table; they stay graph inputs."""
         return ()
 
+    def live_args(self, model: nn.Module) -> tuple[str, ...]:
+        """Block arguments the model always passes, kept as graph inputs: the rotary tables, and
+        tensors such as a position bias shared by all blocks (found in the graph like any bias)."""
+        return self.rotary_args(model)
+
     def block_inputs(self, model: nn.Module, index: int) -> dict[str, torch.Tensor]:
-        """Values of :meth:`rotary_args` for block ``index``, to run a traced block once."""
+        """Values of :meth:`live_args` for block ``index``, to run a traced block once."""
         return {}
 
     def final_norm(self, model: nn.Module) -> str:

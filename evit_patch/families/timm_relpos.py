@@ -7,9 +7,10 @@ BEiT's; this file only says where the model's parts are.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import UnsupportedModelError
 from .base import describe
 from .registry import register_family
 from .timm_vit import TimmVisionTransformer, check_pool
@@ -19,9 +20,8 @@ from .timm_vit import TimmVisionTransformer, check_pool
 class TimmVisionTransformerRelPos(TimmVisionTransformer):
     name = "timm.VisionTransformerRelPos"
     notes = (
-        "vit_relpos_*: the per-block relative position bias (table or MLP) follows each surviving "
-        "token's original position; class token or average pooling. A bias shared across blocks "
-        "(vit_srelpos_*) is refused"
+        "vit_relpos_*, vit_srelpos_*: the relative position bias (table or MLP, per block or shared) "
+        "follows each surviving token's original position; class token or average pooling"
     )
 
     def matches(self, model: nn.Module) -> bool:
@@ -29,10 +29,19 @@ class TimmVisionTransformerRelPos(TimmVisionTransformer):
         return cls.__module__ == "timm.models.vision_transformer_relpos" and cls.__name__ == "VisionTransformerRelPos"
 
     def check(self, model: nn.Module) -> None:
-        who = describe(model)
+        check_pool(model, describe(model))
+
+    def live_args(self, model: nn.Module) -> tuple[str, ...]:
+        return ("shared_rel_pos",) if model.shared_rel_pos is not None else ()
+
+    def outside_macs(self, model: nn.Module, img_size=None) -> int:
+        """Embedding and head, plus a shared bias MLP, which the model runs once per call."""
+        macs = super().outside_macs(model, img_size)
         if model.shared_rel_pos is not None:
-            raise UnsupportedModelError(
-                f"{who} shares one relative position bias across blocks (vit_srelpos_*), passed to every "
-                "block as an argument; expected a per-block bias"
-            )
-        check_pool(model, who)
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model.shared_rel_pos.get_bias()
+            macs += counter.get_total_flops() // 2
+        return macs
+
+    def block_inputs(self, model: nn.Module, index: int) -> dict[str, torch.Tensor]:
+        return {"shared_rel_pos": model.shared_rel_pos.get_bias()} if model.shared_rel_pos is not None else {}
