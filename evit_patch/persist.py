@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 
@@ -46,7 +47,31 @@ def _model_kwargs(model: nn.Module) -> dict:
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None:
         kwargs["img_size"] = list(img_size)
+    if isinstance(getattr(model, "global_pool", None), str):
+        kwargs["global_pool"] = model.global_pool
     return kwargs
+
+
+def _check_rebuilds(model: nn.Module, architecture: str, kwargs: dict) -> None:
+    """Refuse to save what ``load_pretrained`` could not rebuild (before anything is written)."""
+    try:
+        with torch.device("meta"):
+            rebuilt = timm.create_model(architecture, pretrained=False, **kwargs)
+    except Exception as exc:
+        raise CheckpointError(
+            f"save_pretrained: timm.create_model({architecture!r}, **{kwargs}) fails ({exc}); pass "
+            "architecture= and model_kwargs= that rebuild this model"
+        ) from exc
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if want != got:
+        differ = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        shown = ", ".join(f"{k}: {want.get(k)} here vs {got.get(k)} rebuilt" for k in differ[:3])
+        raise CheckpointError(
+            f"save_pretrained: timm.create_model({architecture!r}, **{kwargs}) does not rebuild "
+            f"{describe(model)} ({len(differ)} tensors differ; {shown}); pass the constructor "
+            "arguments it was built with as model_kwargs="
+        )
 
 
 def save_pretrained(
@@ -63,17 +88,24 @@ def save_pretrained(
         directory: where ``model.safetensors`` and ``evit_config.json`` go.
         architecture: timm model name; default ``model.pretrained_cfg["architecture"]``.
         model_kwargs: extra ``timm.create_model`` arguments, merged over the detected
-            ``num_classes`` and ``img_size``.
+            ``num_classes``, ``img_size`` and ``global_pool``.
+
+    Raises:
+        CheckpointError: ``timm.create_model(architecture, **model_kwargs)`` would not rebuild
+            this model (checked on the meta device, before anything is written).
     """
     from safetensors.torch import save_model
 
     config = get_config(model)
+    architecture = architecture or _architecture(model)
+    kwargs = {**_model_kwargs(model), **(model_kwargs or {})}
+    _check_rebuilds(model, architecture, kwargs)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "evit_patch_version": _version(),
-        "architecture": architecture or _architecture(model),
-        "model_kwargs": {**_model_kwargs(model), **(model_kwargs or {})},
+        "architecture": architecture,
+        "model_kwargs": kwargs,
         "evit": config.to_dict(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
@@ -131,7 +163,6 @@ def load_pretrained(
         CheckpointError: the files are missing, malformed or do not fit the architecture, or the
             repo cannot be found.
     """
-    import timm
     from safetensors.torch import load_model
 
     from .apply import apply

@@ -93,7 +93,7 @@ class TokenReorganizer(nn.Module):
         fuse = self.fuse and dropped
         out = reorganize(x, self.scores(attn_a, attn_b, bias), self.num_prefix_tokens, keep, fuse, self.fuse_mean)
         if self.track is not None:
-            self.track.record(out.kept_index, fuse)
+            self.track.record(out.kept_index, fuse, f"layer {self.layer}")
         return out.tokens
 
     def extra_repr(self) -> str:

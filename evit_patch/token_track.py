@@ -32,6 +32,8 @@ class TokenTrack(nn.Module):
         """``(B, M)`` original image-token index of each current image token."""
         self.sizes: Tensor | None = None
         """``(B, M)`` original image tokens each current one stands for (1, or more once fused)."""
+        self.active = False
+        """Between the first block and the final norm of one forward pass."""
 
     @property
     def fused_position(self) -> int:
@@ -44,9 +46,15 @@ class TokenTrack(nn.Module):
         """A new forward pass over ``num_tokens`` tokens (the image size may vary per call)."""
         self.clear()
         self.num_image_tokens = num_tokens - self.num_prefix_tokens
+        self.active = True
 
-    def record(self, kept_index: Tensor, fused: bool) -> None:
+    def finish(self) -> None:
+        self.clear()
+        self.active = False
+
+    def record(self, kept_index: Tensor, fused: bool, where: str = "") -> None:
         """Follow a reorganization that kept ``kept_index`` ``(B, k)`` and maybe appended a fused token."""
+        self.require_active(where)
         batch, count = kept_index.shape[0], self.num_image_tokens
         if self.positions is None:
             positions = torch.arange(count, device=kept_index.device).expand(batch, count)
@@ -60,8 +68,18 @@ class TokenTrack(nn.Module):
             new_sizes = torch.cat([new_sizes, sizes.sum(1, keepdim=True) - new_sizes.sum(1, keepdim=True)], dim=1)
         self.positions, self.sizes = new_positions, new_sizes
 
+    def require_active(self, where: str) -> None:
+        if not self.active:
+            raise EViTError(
+                f"{where}: the token track was used outside a forward pass of the whole model; a "
+                "position-aware patched model runs its blocks in order from the first, once per call, "
+                "so gradient checkpointing (set_grad_checkpointing), which re-runs blocks during "
+                "backward, is not supported"
+            )
+
     def check(self, num_tokens: int, where: str) -> None:
         """Fail loudly if the blocks did not run in order from the first (the state is stale)."""
+        self.require_active(where)
         if self.positions is not None and self.positions.shape[1] != num_tokens - self.num_prefix_tokens:
             raise EViTError(
                 f"{where}: the token track holds {self.positions.shape[1]} image tokens but the block "
@@ -171,7 +189,7 @@ class SizeWeightedTokens(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.track.check(x.shape[1], self.where)
         sizes = self.track.sizes
-        self.track.clear()
+        self.track.finish()
         if sizes is None or not self.weighted:
             return x
         return x * pool_weights(sizes, self.track.num_prefix_tokens).to(x.dtype)

@@ -8,6 +8,7 @@ from conftest import images, make_vit
 from tracked import (
     check_compile,
     check_export,
+    check_gradient_checkpointing_is_refused,
     check_gradients,
     check_keep_one_is_exact,
     check_macs,
@@ -86,3 +87,7 @@ def test_shared_relative_position_bias_follows_positions(monkeypatch):
 
 def test_export_matches_eager():
     check_export(_small(), images(3, size=64))
+
+
+def test_gradient_checkpointing_is_refused():
+    check_gradient_checkpointing_is_refused(_small(), images(2, size=64))

@@ -8,6 +8,7 @@ from conftest import images, make_vit
 from tracked import (
     check_compile,
     check_export,
+    check_gradient_checkpointing_is_refused,
     check_gradients,
     check_keep_one_is_exact,
     check_macs,
@@ -97,3 +98,7 @@ def test_patch_dropout_is_refused():
 
 def test_export_matches_eager():
     check_export(_small(), _images())
+
+
+def test_gradient_checkpointing_is_refused():
+    check_gradient_checkpointing_is_refused(_small(), _images())

@@ -8,6 +8,7 @@ import torch
 from conftest import images, make_vit
 from tracked import (
     check_export,
+    check_gradient_checkpointing_is_refused,
     check_gradients,
     check_keep_one_is_exact,
     check_macs,
@@ -104,3 +105,7 @@ def test_fullgraph_compile_matches_eager():
 
 def test_export_matches_eager():
     check_export(_small(), images(3, size=64))
+
+
+def test_gradient_checkpointing_is_refused():
+    check_gradient_checkpointing_is_refused(_small(), images(2, size=64))

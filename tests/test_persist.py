@@ -41,7 +41,7 @@ def test_config_records_plan_and_architecture(tmp_path):
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["architecture"] == "deit_tiny_patch16_224"
     assert meta["evit"] == {"layers": [2, 5], "keep": [0.6, 0.8], "fuse": True, "score": None}
-    assert meta["model_kwargs"] == {"num_classes": 10, "img_size": [224, 224]}
+    assert meta["model_kwargs"] == {"num_classes": 10, "img_size": [224, 224], "global_pool": "token"}
     assert meta["evit_patch_version"] == evit_patch.__version__
 
 
@@ -96,3 +96,27 @@ def test_failed_write_leaves_previous_save_intact(tmp_path, monkeypatch):
         evit_patch.save_pretrained(_finetuned_like(seed=1), tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_model_that_timm_cannot_rebuild_is_refused_before_writing(tmp_path):
+    """Built with depth=4, saved without saying so: load_pretrained would fail, so saving does."""
+    fast = evit_patch.apply(make_vit("deit_tiny_patch16_224", depth=4), layers=[1], keep=0.7)
+    with pytest.raises(evit_patch.CheckpointError, match=r"does not rebuild .* pass the constructor arguments"):
+        evit_patch.save_pretrained(fast, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    evit_patch.save_pretrained(fast, tmp_path / "out", model_kwargs={"depth": 4})
+    loaded = evit_patch.load_pretrained(tmp_path / "out")
+    x = images(1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fast(x))
+
+
+def test_average_pooled_beit_round_trips(tmp_path):
+    fast = evit_patch.apply(
+        make_vit("beit_base_patch16_224", img_size=64, depth=2, embed_dim=64, num_heads=4), layers=[1]
+    )
+    evit_patch.save_pretrained(fast, tmp_path, model_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 4})
+    loaded = evit_patch.load_pretrained(tmp_path)
+    x = images(2, size=64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fast(x))

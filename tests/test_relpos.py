@@ -8,6 +8,7 @@ import torch
 from conftest import images, make_vit
 from tracked import (
     check_export,
+    check_gradient_checkpointing_is_refused,
     check_gradients,
     check_keep_one_is_exact,
     check_macs,
@@ -90,3 +91,7 @@ def test_shared_bias_follows_positions(monkeypatch):
 def test_explain_equals_counted_macs(variant):
     """The bias MLP runs on the relative offsets, not the tokens: a fixed cost per block."""
     check_macs(_small(variant), images(1, size=64))
+
+
+def test_gradient_checkpointing_is_refused():
+    check_gradient_checkpointing_is_refused(_small(), images(2, size=64))

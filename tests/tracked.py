@@ -128,3 +128,13 @@ def check_export(model, x):
             torch.testing.assert_close(
                 program.module()(x[:batch].float()), fast(x[:batch].float()), rtol=1e-5, atol=1e-5
             )
+
+
+def check_gradient_checkpointing_is_refused(model, x):
+    """Checkpointing re-runs blocks during backward, after the track ended: a clear error, not a
+    wrong gradient."""
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.7).train()
+    fast.set_grad_checkpointing(True)
+    loss = fast(x).square().sum()
+    with pytest.raises(evit_patch.EViTError, match=r"gradient checkpointing \(set_grad_checkpointing\)"):
+        loss.backward()
