@@ -101,7 +101,7 @@ def _attention_op(graph: fx.Graph, where: str) -> tuple[ScoreSource, fx.Node]:
     found = len(fused) or len(manual)
     raise UnsupportedModelError(
         f"{where}: expected exactly one attention op (scaled_dot_product_attention or softmax) "
-        f"in the block, found {found}" + (" (parallel attention branches)" if found > 1 else "")
+        f"in the block, found {found}" + (" (parallel branches, or differential attention)" if found > 1 else "")
     )
 
 

@@ -47,7 +47,8 @@ def test_heads_that_read_every_token_are_refused(kwargs, message):
         ),
         (
             partial(ParallelThingsBlock, num_parallel=2),
-            r"VisionTransformer.blocks.0: expected exactly one attention op .* found 2 \(parallel attention branches\)",
+            r"VisionTransformer.blocks.0: expected exactly one attention op .* found 2 "
+            r"\(parallel branches, or differential attention\)",
         ),
     ],
     ids=["parallel_scaling", "parallel_things"],
