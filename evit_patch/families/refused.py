@@ -65,3 +65,54 @@ register_refusal(
         "variable-length packed sequences with per-sample patch masks: the attention mask depends on the input",
     )
 )
+
+# Hugging Face transformers image models other than ViT/DeiT (see hf_vit.py): matched by class path,
+# so transformers need not be installed; each reason names the timm model that works instead.
+_HF = "transformers.models"
+register_refusal(
+    RefusedFamily(
+        "transformers.Beit",
+        {f"{_HF}.beit.modeling_beit.BeitModel", f"{_HF}.beit.modeling_beit.BeitForImageClassification"},
+        "transformers' BEiT adds its relative position bias inside its own attention classes, which "
+        "evit_patch does not re-express; load the weights into timm's beit_* (supported) instead",
+    )
+)
+register_refusal(
+    RefusedFamily(
+        "transformers.Dinov2",
+        {
+            f"{_HF}.dinov2.modeling_dinov2.Dinov2Model",
+            f"{_HF}.dinov2.modeling_dinov2.Dinov2ForImageClassification",
+            f"{_HF}.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersModel",
+            f"{_HF}.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersForImageClassification",
+        },
+        "not yet a family (its layers differ from transformers' ViT); timm's vit_*_dinov2 and "
+        "vit_*_reg4_dinov2 models are supported",
+    )
+)
+register_refusal(
+    RefusedFamily(
+        "transformers.Swin",
+        {f"{_HF}.swin.modeling_swin.SwinModel", f"{_HF}.swin.modeling_swin.SwinForImageClassification"},
+        "windowed attention on a fixed 2-D token grid with no class token: dropping tokens breaks the windows",
+    )
+)
+register_refusal(
+    RefusedFamily(
+        "transformers.ViTMAE",
+        {f"{_HF}.vit_mae.modeling_vit_mae.ViTMAEModel", f"{_HF}.vit_mae.modeling_vit_mae.ViTMAEForPreTraining"},
+        "its embeddings mask a random subset of patches on every call; for the fine-tuned encoder use "
+        "transformers' ViTForImageClassification or timm's vit_* (both supported)",
+    )
+)
+register_refusal(
+    RefusedFamily(
+        "transformers.VisionEncoders",
+        {
+            f"{_HF}.clip.modeling_clip.CLIPVisionModel",
+            f"{_HF}.siglip.modeling_siglip.SiglipVisionModel",
+        },
+        "CLIP and SigLIP vision towers are not yet a family (SigLIP pools with attention, which "
+        "reads every token); timm's vit_*_clip_* models are supported",
+    )
+)
