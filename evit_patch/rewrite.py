@@ -8,6 +8,7 @@ from functools import partial
 import torch.fx as fx
 from torch import nn
 
+from .errors import UnsupportedModelError
 from .locate import BlockSite
 from .reorganizer import TokenReorganizer
 from .token_track import PositionGather, SizeWeightedTokens, TokenTrack, TrackStart
@@ -80,7 +81,13 @@ def insert_position_gathers(
 
 def with_size_weights(norm: nn.Module, track: TokenTrack, weighted: bool, *, where: str) -> fx.GraphModule:
     """``norm`` followed by :class:`SizeWeightedTokens`, keeping ``norm``'s parameter names."""
-    graph = BlockTracer().trace(norm)
+    try:
+        graph = BlockTracer().trace(norm)
+    except Exception as exc:  # fx raises many types; the cause is chained for the details
+        raise UnsupportedModelError(
+            f"{where}: torch.fx could not trace the final norm ({type(norm).__name__}), where the "
+            f"average pool's size weights go: {exc}"
+        ) from exc
     gm = fx.GraphModule(norm, graph, class_name=type(norm).__name__)
     gm.add_submodule("evit_pool", SizeWeightedTokens(track, weighted, where))
     output = next(n for n in gm.graph.nodes if n.op == "output")
