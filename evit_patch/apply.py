@@ -74,10 +74,10 @@ def apply(
     traced = trace_blocks(patched, family)
     track = _track(patched, family, traced)
     rates = dict(zip(config.layers, config.keep))
+    rotary, averaged = family.rotary_args(patched), family.pool(patched) == "avg"
     for index, block in enumerate(traced):
         bias = block.site.bias
         if track is not None:
-            rotary = family.rotary_args(patched)
             bias = insert_position_gathers(block.graph_module, block.site, track, rotary, first=index == 0)
         if index in rates:
             reorganizer = TokenReorganizer(
@@ -89,15 +89,14 @@ def apply(
                 layer=index,
                 score=ranking,
                 track=track,
-                fuse_mean=family.pool(patched) == "avg",
+                fuse_mean=averaged,
             )
             insert_reorganizer(block.graph_module, block.site, reorganizer, bias)
         if index in rates or track is not None:
             patched.set_submodule(block.name, block.graph_module)
     if track is not None:
         name = family.final_norm(patched)
-        weighted = family.pool(patched) == "avg"
-        norm = with_size_weights(patched.get_submodule(name), track, weighted, where=f"{describe(patched)}.{name}")
+        norm = with_size_weights(patched.get_submodule(name), track, averaged, where=f"{describe(patched)}.{name}")
         patched.set_submodule(name, norm)
     setattr(patched, PROFILE_ATTR, profile_of(traced, patched, family))
     return patched

@@ -128,13 +128,14 @@ def _check_softmax(op: fx.Node, where: str) -> None:
         )
 
 
-def _tokens_input(graph: fx.Graph) -> fx.Node:
+def tokens_input(graph: fx.Graph) -> fx.Node:
+    """The block's token input: its first placeholder."""
     return next(n for n in graph.nodes if n.op == "placeholder")
 
 
 def _position_bias(source: ScoreSource, op: fx.Node, where: str) -> tuple[fx.Node | None, fx.Node | None]:
     """``(bias, user)``: the attention's additive term that does not depend on the tokens."""
-    tokens = _tokens_input(op.graph)
+    tokens = tokens_input(op.graph)
     if source is ScoreSource.QUERY_KEY:
         mask = _arg(op, 3, "attn_mask")
         candidates = [(mask, op)] if mask is not None else []
@@ -212,7 +213,7 @@ def _check_point_between(
     modules = dict(gm.named_modules())
     before, after = _ancestors(add), _descendants(add)
     attention_path = _ancestors(op) | _descendants(op) | _value_path(op)
-    on_tokens = _descendants(_tokens_input(gm.graph))
+    on_tokens = _descendants(tokens_input(gm.graph))
     pre = post = 0
     tables = []
     for node in gm.graph.nodes:

@@ -9,17 +9,13 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import UnsupportedModelError
-from .locate import BlockSite
+from .locate import BlockSite, tokens_input
 from .reorganizer import TokenReorganizer
 from .token_track import PositionGather, SizeWeightedTokens, TokenTrack, TrackStart
 from .trace import BlockTracer
 
 REORGANIZER_NAME = "evit"
 """Submodule name of the inserted module inside a patched block (``blocks.3.evit``)."""
-
-
-def _tokens_input(graph: fx.Graph) -> fx.Node:
-    return next(n for n in graph.nodes if n.op == "placeholder")
 
 
 def insert_reorganizer(
@@ -52,7 +48,7 @@ def insert_position_gathers(
     attention now reads (``None`` without a bias).
     """
     graph = gm.graph
-    tokens = _tokens_input(graph)
+    tokens = tokens_input(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     anchor = placeholders[-1]
     if first:
