@@ -15,6 +15,7 @@ from .explain import Explanation, explain
 from .export import export_onnx, export_program
 from .families import list_supported, register_family
 from .hub import push_to_hub
+from .options import Method, Score
 from .persist import load_pretrained, save_pretrained
 from .reorganize import (
     cls_attention_from_probs,
@@ -24,7 +25,7 @@ from .reorganize import (
     received_attention_from_qk,
     reorganize,
 )
-from .reorganizer import Score, TokenReorganizer
+from .reorganizer import TokenReorganizer
 from .state import get_config, is_patched, reorganizers, set_keep
 from .tracking import TokenTrace, track_tokens
 from .visualize import visualize
@@ -38,6 +39,7 @@ __all__ = [
     "EViTError",
     "Explanation",
     "InvalidPlanError",
+    "Method",
     "Score",
     "TokenReorganizer",
     "UnsupportedInputError",

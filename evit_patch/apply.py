@@ -9,12 +9,13 @@ from torch import nn
 
 from .budget import default_layers, plan
 from .config import EViTConfig
-from .errors import InvalidPlanError
+from .errors import InvalidPlanError, UnsupportedModelError
 from .families import describe, find_family
-from .profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
-from .reorganizer import Score, TokenReorganizer
-from .rewrite import insert_position_gathers, insert_reorganizer, with_size_weights
-from .token_track import TokenTrack
+from .options import Method, Score, parse_option
+from .profile import PROFILE_ATTR, profile_of, trace_blocks
+from .reorganizer import TokenReorganizer
+from .rewrite import BlockEdit, rewrite_block, wrap_final_norm
+from .state import CONFIG_ATTR
 
 DEFAULT_KEEP = 0.7
 
@@ -28,7 +29,9 @@ def apply(
     flops: float | None = None,
     speedup: float | None = None,
     img_size: int | tuple[int, int] | None = None,
-    score: str | None = None,
+    score: str | Score | None = None,
+    method: str | Method = Method.EVIT,
+    proportional: bool | None = None,
 ) -> nn.Module:
     """Return an EViT copy of ``model`` that reorganizes tokens after attention at ``layers``.
 
@@ -40,7 +43,8 @@ def apply(
 
     Args:
         model: a supported vision transformer (see :func:`list_supported`).
-        layers: 0-indexed blocks that reorganize; default D/4, D/2, 3D/4 (3, 6, 9 of 12).
+        layers: 0-indexed blocks that reorganize; default D/4, D/2, 3D/4 (3, 6, 9 of 12), or
+            with ``method="merge"`` and a budget, every block from D/4 on (3-11 of 12).
         keep: fraction of image tokens kept at each layer, one rate or one per layer, in (0, 1];
             default 0.7 unless a budget is given.
         fuse: fuse the dropped tokens into one extra token (EViT's inattentive fusion).
@@ -52,6 +56,12 @@ def apply(
             ``"received"``, the attention each token receives from every query (the only choice
             without a class token; it costs one ``N x N`` map at each reorganizing block). ``None``:
             ``"cls"`` where the model has a class token. See docs/how-it-works.md for measurements.
+        method: ``"evit"`` (default: the paper's EViT, exactly) or ``"merge"``: each token not kept
+            is averaged into its most similar kept token, and later blocks use proportional
+            attention. Without fine-tuning, ``"merge"`` keeps far closer to the original at the
+            same MACs (docs/benchmarks.md): ``apply(model, flops=0.65, method="merge")``.
+        proportional: add ``log(size)`` to later attention logits, so a token standing for many
+            patches draws their attention; ``None``: on for ``"merge"``, off for ``"evit"``.
 
     Raises:
         UnsupportedModelError: the model or a block cannot be patched soundly (nothing changed).
@@ -59,64 +69,102 @@ def apply(
     """
     family = find_family(model)
     family.check(model)
+    method = parse_option(Method, method, describe(model))
     if flops is not None or speedup is not None:
         if keep is not None:
             raise InvalidPlanError(f"{describe(model)}: give keep or a budget (flops/speedup), not both")
-        config = plan(model, flops=flops, speedup=speedup, layers=layers, img_size=img_size, fuse=fuse, score=score)
+        config = plan(
+            model,
+            flops=flops,
+            speedup=speedup,
+            layers=layers,
+            img_size=img_size,
+            fuse=fuse,
+            score=score,
+            method=method,
+            proportional=proportional,
+        )
     else:
         num_blocks = len(family.blocks(model))
         layers = default_layers(num_blocks) if layers is None else layers
         keep = DEFAULT_KEEP if keep is None else keep
-        config = EViTConfig.build(layers, keep, fuse, num_blocks=num_blocks, where=describe(model), score=score)
+        config = EViTConfig.build(
+            layers,
+            keep,
+            fuse,
+            num_blocks=num_blocks,
+            where=describe(model),
+            score=score,
+            method=method,
+            proportional=proportional,
+        )
+    return patch_with(model, config, family, img_size=img_size)
+
+
+def patch_with(model: nn.Module, config: EViTConfig, family=None, *, img_size=None) -> nn.Module:
+    """Patch a copy of ``model`` with a validated ``config`` (``apply`` after planning)."""
+    family = family or find_family(model)
     ranking = _score(model, family, config.score)
     source = model if img_size is None else family.resized(model, img_size)
     patched = copy.deepcopy(source) if source is model else source
     traced = trace_blocks(patched, family)
-    track = _track(patched, family, traced)
     rates = dict(zip(config.layers, config.keep))
     rotary, averaged = family.rotary_args(patched), family.pool(patched) == "avg"
+    positional = bool(rotary) or any(t.site.bias is not None for t in traced)
+    # Merging weighs tokens by size; proportional attention and average pools read sizes later on.
+    stateful = positional or averaged or config.proportional_attention or config.method is Method.MERGE
+    first = min(config.layers)
+    prefix, channels = family.num_prefix_tokens(patched), family.channels(patched)
     for index, block in enumerate(traced):
-        bias = block.site.bias
-        if track is not None:
-            bias = insert_position_gathers(block.graph_module, block.site, track, rotary, first=index == 0)
+        reorganizer = None
         if index in rates:
+            if config.method is Method.MERGE and block.site.keys is None:
+                raise UnsupportedModelError(
+                    f"{block.site.where}: method='merge' compares the attention keys, but the block's "
+                    "q @ k^T was not found; use method='evit'"
+                )
             reorganizer = TokenReorganizer(
                 rates[index],
-                num_prefix_tokens=family.num_prefix_tokens(patched),
+                num_prefix_tokens=prefix,
                 source=block.site.source,
+                method=config.method,
                 fuse=config.fuse,
                 scale=block.site.scale,
                 layer=index,
                 score=ranking,
-                track=track,
+                stateful=stateful,
                 fuse_mean=averaged,
+                keys_transposed=block.site.keys_transposed,
             )
-            insert_reorganizer(block.graph_module, block.site, reorganizer, bias)
-        if index in rates or track is not None:
+        edit = BlockEdit(
+            reorganizer,
+            state_in=stateful and index > first,
+            state_out=stateful and index >= first,
+            channels=channels,
+            num_prefix_tokens=prefix,
+            rotary_args=rotary,
+            proportional=config.proportional_attention,
+        )
+        if edit.changes_graph:
+            rewrite_block(block.graph_module, block.site, edit)
             patched.set_submodule(block.name, block.graph_module)
-    if track is not None:
+    if stateful:
         name = family.final_norm(patched)
-        norm = with_size_weights(patched.get_submodule(name), track, averaged, where=f"{describe(patched)}.{name}")
-        patched.set_submodule(name, norm)
+        edit = BlockEdit(None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=prefix)
+        where = f"{describe(patched)}.{name}"
+        patched.set_submodule(name, wrap_final_norm(patched.get_submodule(name), edit, averaged, where=where))
     setattr(patched, PROFILE_ATTR, profile_of(traced, patched, family))
+    setattr(patched, CONFIG_ATTR, config.replace(score=None if ranking is family.score(model) else ranking))
     return patched
 
 
-def _score(model: nn.Module, family, requested: str | None) -> Score:
+def _score(model: nn.Module, family, requested: str | Score | None) -> Score:
     default = family.score(model)
+    requested = parse_option(Score, requested, describe(model), optional=True)
     if requested is None:
         return default
-    if requested == Score.CLS.value and default is Score.RECEIVED:
+    if requested is Score.CLS and default is Score.RECEIVED:
         raise InvalidPlanError(
             f"{describe(model)} has no class token: score='cls' needs one; use score='received' (the default here)"
         )
-    return Score(requested)
-
-
-def _track(model: nn.Module, family, traced: list[TracedBlock]) -> TokenTrack | None:
-    """A :class:`TokenTrack` when some op after a reorganization depends on token positions or counts."""
-    positional = family.rotary_args(model) or any(t.site.bias is not None for t in traced)
-    if not positional and family.pool(model) != "avg":
-        return None
-    prefix = family.num_prefix_tokens(model)
-    return TokenTrack(prefix, family.num_tokens(model) - prefix)
+    return requested

@@ -16,10 +16,14 @@ from .config import EViTConfig
 from .errors import InvalidPlanError
 from .explain import CostModel
 from .families import describe, find_family
+from .options import Method, parse_option
 
 
-def default_layers(num_blocks: int) -> tuple[int, ...]:
-    """EViT's placement scaled to depth: blocks 3, 6, 9 of 12 -> D/4, D/2, 3D/4."""
+def default_layers(num_blocks: int, method: Method = Method.EVIT) -> tuple[int, ...]:
+    """EViT's placement scaled to depth: blocks 3, 6, 9 of 12 -> D/4, D/2, 3D/4. Merging loses
+    least in many gentle steps: every block from D/4 on (3-11 of 12; docs/benchmarks.md)."""
+    if method is Method.MERGE:
+        return tuple(range(max(1, round(num_blocks / 4)), num_blocks))
     return tuple(sorted({max(1, round(num_blocks * f)) for f in (0.25, 0.5, 0.75)}))
 
 
@@ -48,14 +52,15 @@ def _largest_keep(macs: Callable[[float], int], target_macs: float) -> float | N
 
 
 def max_keep_within(
-    cost: CostModel, layers: Sequence[int], keeps: Sequence[float], index: int, target_macs: float, fuse: bool
+    cost: CostModel, base: EViTConfig, keeps: Sequence[float], index: int, target_macs: float
 ) -> float | None:
-    """The largest keep for ``layers[index]``, the others fixed, within ``target_macs`` (``None``: none)."""
+    """The largest keep for ``base.layers[index]``, the other ``keeps`` fixed, within ``target_macs``
+    (``None``: none); ``base`` gives the layers and the other options."""
 
     def macs(k: float) -> int:
         trial = list(keeps)
         trial[index] = k
-        return cost.macs(EViTConfig(tuple(layers), tuple(trial), fuse))
+        return cost.macs(base.replace(keep=tuple(trial)))
 
     return _largest_keep(macs, target_macs)
 
@@ -68,20 +73,29 @@ def plan_for_budget(
     fuse: bool = True,
     where: str = "model",
     score: str | None = None,
+    method: str | Method = Method.EVIT,
+    proportional: bool | None = None,
 ) -> EViTConfig:
     """One keep rate for every layer in ``layers``, as large as ``target_macs`` allows."""
-    layers = tuple(layers) if layers is not None else default_layers(cost.num_blocks)
-    EViTConfig.build(layers, 1.0, fuse, num_blocks=cost.num_blocks, where=where, score=score)  # validates
-    original = cost.explain(EViTConfig(layers, (1.0,) * len(layers), fuse, score)).macs_original
-    lowest = cost.macs(EViTConfig(layers, (1e-6,) * len(layers), fuse, score))
+    method = parse_option(Method, method, where)
+    layers = tuple(layers) if layers is not None else default_layers(cost.num_blocks, method)
+    options = dict(num_blocks=cost.num_blocks, where=where, score=score, method=method, proportional=proportional)
+    base = EViTConfig.build(layers, 1.0, fuse, **options)  # validates
+    layers = base.layers
+
+    def uniform(k: float) -> EViTConfig:
+        return base.replace(keep=(k,) * len(layers))
+
+    original = cost.explain(base).macs_original
+    lowest = cost.macs(uniform(1e-6))
     if lowest > target_macs:
         raise InvalidPlanError(
             f"{where}: a budget of {target_macs / 1e9:.3f} GMACs ({target_macs / original:.3f}x of "
             f"{original / 1e9:.3f}) is infeasible at layers {list(layers)}: keeping a single token there "
             f"still costs {lowest / 1e9:.3f} GMACs ({lowest / original:.3f}x); reorganize at earlier or more layers"
         )
-    uniform = _largest_keep(lambda k: cost.macs(EViTConfig(layers, (k,) * len(layers), fuse, score)), target_macs)
-    return EViTConfig.build(layers, uniform, fuse, num_blocks=cost.num_blocks, where=where, score=score)
+    keep = _largest_keep(lambda k: cost.macs(uniform(k)), target_macs)
+    return EViTConfig.build(layers, keep, fuse, **options)
 
 
 def plan(
@@ -93,6 +107,8 @@ def plan(
     img_size: int | tuple[int, int] | None = None,
     fuse: bool = True,
     score: str | None = None,
+    method: str | Method = Method.EVIT,
+    proportional: bool | None = None,
 ) -> EViTConfig:
     """The EViT configuration that meets a budget relative to ``model`` at its own input size.
 
@@ -104,6 +120,8 @@ def plan(
         img_size: plan for inputs of this size (the budget stays relative to the native size):
             ``img_size=272, flops=1.0`` is EViT's same-cost higher resolution.
         score: as for :func:`~evit_patch.apply`; the received-attention score costs more MACs.
+        method: as for :func:`~evit_patch.apply`; ``"merge"`` defaults to every block from D/4 on.
+        proportional: as for :func:`~evit_patch.apply`.
 
     Raises:
         InvalidPlanError: the budget is malformed or infeasible at these layers (the message
@@ -114,7 +132,14 @@ def plan(
     cost = native if img_size is None else CostModel.of(_resized(model, img_size), img_size)
     reference = native.explain(EViTConfig((0,), (1.0,), fuse)).macs_original
     return plan_for_budget(
-        cost, target_macs=fraction * reference, layers=layers, fuse=fuse, where=describe(model), score=score
+        cost,
+        target_macs=fraction * reference,
+        layers=layers,
+        fuse=fuse,
+        where=describe(model),
+        score=score,
+        method=method,
+        proportional=proportional,
     )
 
 

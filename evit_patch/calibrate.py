@@ -16,11 +16,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .apply import apply
+from .apply import patch_with
 from .budget import max_keep_within, plan_for_budget, target_fraction
 from .config import EViTConfig
 from .explain import CostModel
 from .families import describe
+from .options import Method, Score
 from .state import set_keep
 
 
@@ -40,10 +41,11 @@ class CalibrationResult:
 class _Objective:
     """KL to the original on fixed images, for any per-block keep vector, memoised."""
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, batch_size: int, fuse: bool) -> None:
+    def __init__(self, model: nn.Module, images: torch.Tensor, batch_size: int, base: EViTConfig) -> None:
         depth = CostModel.of(model).num_blocks
         self.depth = depth
-        self.patched = apply(model, layers=range(depth), keep=1.0, fuse=fuse)
+        every = base.replace(layers=tuple(range(depth)), keep=(1.0,) * depth)
+        self.patched = patch_with(model, every)
         self.batches = images.split(batch_size)
         with torch.inference_mode():
             self.reference = [model(x).float().log_softmax(-1) for x in self.batches]
@@ -65,7 +67,7 @@ class _Objective:
         return self.cache[key]
 
 
-def _moves(state, cost: CostModel, target: float, fuse: bool, step: float):
+def _moves(state, cost: CostModel, target: float, base: EViTConfig, step: float):
     """Neighbouring plans that fill the budget: shift a layer, or move keep between two layers."""
     layers, keeps = state
     for i in range(len(layers)):
@@ -77,7 +79,9 @@ def _moves(state, cost: CostModel, target: float, fuse: bool, step: float):
             order = sorted(range(len(moved)), key=moved.__getitem__)
             new_layers = tuple(moved[o] for o in order)
             new_keeps = [keeps[o] for o in order]
-            filled = max_keep_within(cost, new_layers, new_keeps, new_layers.index(moved[i]), target, fuse)
+            filled = max_keep_within(
+                cost, base.replace(layers=new_layers), new_keeps, new_layers.index(moved[i]), target
+            )
             if filled is not None:
                 new_keeps[new_layers.index(moved[i])] = filled
                 yield new_layers, tuple(new_keeps)
@@ -88,7 +92,7 @@ def _moves(state, cost: CostModel, target: float, fuse: bool, step: float):
                     continue
                 new_keeps = list(keeps)
                 new_keeps[i] = round(keeps[i] + sign * step, 6)
-                filled = max_keep_within(cost, layers, new_keeps, j, target, fuse)
+                filled = max_keep_within(cost, base.replace(layers=layers), new_keeps, j, target)
                 if filled is not None:
                     new_keeps[j] = filled
                     yield layers, tuple(new_keeps)
@@ -102,6 +106,9 @@ def calibrate(
     speedup: float | None = None,
     layers: tuple[int, ...] | None = None,
     fuse: bool = True,
+    score: str | Score | None = None,
+    method: str | Method = Method.EVIT,
+    proportional: bool | None = None,
     batch_size: int = 64,
     step: float = 0.1,
     min_step: float = 0.025,
@@ -115,21 +122,34 @@ def calibrate(
         images: a few unlabelled, preprocessed images, e.g. 64-256.
         flops: the budget as a fraction of the original MACs, as in :func:`evit_patch.plan`.
         speedup: or as a FLOP-ideal speedup.
-        layers: the starting layer set (default D/4, D/2, 3D/4); the search may move them.
+        layers: the starting layer set (default as for :func:`~evit_patch.plan`); the search may move them.
+        fuse: as for :func:`~evit_patch.apply`; the search keeps it, as it keeps the next three.
+        score: as for :func:`~evit_patch.apply`.
+        method: as for :func:`~evit_patch.apply`.
+        proportional: as for :func:`~evit_patch.apply`.
         step: the first keep-rate step; halved when no move helps, down to ``min_step``.
         max_evaluations: cap on distinct plans evaluated.
     """
     cost = CostModel.of(model)
     target = target_fraction(flops, speedup) * cost.explain(EViTConfig((0,), (1.0,), fuse)).macs_original
-    start = plan_for_budget(cost, target_macs=target, layers=layers, fuse=fuse, where=describe(model))
-    objective = _Objective(model, images, batch_size, fuse)
+    start = plan_for_budget(
+        cost,
+        target_macs=target,
+        layers=layers,
+        fuse=fuse,
+        where=describe(model),
+        score=score,
+        method=method,
+        proportional=proportional,
+    )
+    objective = _Objective(model, images, batch_size, start)
     state = (start.layers, start.keep)
     best = objective(*state)
     baseline = best
     bar = tqdm(total=max_evaluations, desc="calibrating", disable=not progress)
     while len(objective.cache) < max_evaluations:
         candidates = []
-        for move in _moves(state, cost, target, fuse, step):
+        for move in _moves(state, cost, target, start, step):
             if len(objective.cache) >= max_evaluations:
                 break
             seen = move in objective.cache
@@ -144,5 +164,5 @@ def calibrate(
         else:
             break
     bar.close()
-    config = EViTConfig(state[0], state[1], fuse)
+    config = start.replace(layers=state[0], keep=state[1])
     return CalibrationResult(config, best[0], best[1], start, baseline[0], baseline[1], len(objective.cache))

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import InvalidPlanError
+from .options import Method, Score, parse_option
 
 
 def _check_keep(keep: object, what: str) -> float:
     if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not math.isfinite(keep) or not 0.0 < keep <= 1.0:
         raise InvalidPlanError(f"{what}: keep must be a number in (0, 1], got {keep!r}")
     return float(keep)
-
-
-SCORES = ("cls", "received")
-
-
-def check_score(score: object, where: str) -> str | None:
-    if score is not None and score not in SCORES:
-        raise InvalidPlanError(f"{where}: score must be one of {SCORES} or None (the family's default), got {score!r}")
-    return score
 
 
 @dataclass(frozen=True)
@@ -32,8 +25,18 @@ class EViTConfig:
     layers: tuple[int, ...]
     keep: tuple[float, ...]
     fuse: bool = True
-    score: str | None = None
-    """``"cls"`` (EViT), ``"received"`` (attention received), or ``None``: the family's default."""
+    score: Score | None = None
+    """``Score.CLS`` (EViT), ``Score.RECEIVED`` (attention received), or ``None``: the family's default."""
+    method: Method = Method.EVIT
+    """What becomes of the tokens not kept: EViT's fused token (the default), or merging."""
+    proportional: bool | None = None
+    """Proportional attention (``log(size)`` added to later attention logits); ``None``: on for
+    merging, off for EViT (the paper's form)."""
+
+    @property
+    def proportional_attention(self) -> bool:
+        """Whether later blocks add ``log(size)`` to their attention logits (``proportional`` resolved)."""
+        return self.method is Method.MERGE if self.proportional is None else self.proportional
 
     @classmethod
     def build(
@@ -44,7 +47,9 @@ class EViTConfig:
         *,
         num_blocks: int,
         where: str = "model",
-        score: str | None = None,
+        score: str | Score | None = None,
+        method: str | Method = Method.EVIT,
+        proportional: bool | None = None,
     ) -> EViTConfig:
         """Validate user input against a model with ``num_blocks`` blocks.
 
@@ -75,16 +80,53 @@ class EViTConfig:
                 )
         keeps = [_check_keep(k, f"{where}, layer {layer}") for layer, k in zip(layer_list, keeps)]
         pairs = sorted(zip((int(x) for x in layer_list), keeps))
-        return cls(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), bool(fuse), check_score(score, where))
+        return cls(
+            tuple(p[0] for p in pairs),
+            tuple(p[1] for p in pairs),
+            _check_flag(fuse, "fuse", where),
+            parse_option(Score, score, where, optional=True),
+            parse_option(Method, method, where),
+            None if proportional is None else _check_flag(proportional, "proportional", where),
+        )
+
+    def options(self) -> dict:
+        """Everything but ``layers`` and ``keep``, as keyword arguments of :func:`~evit_patch.apply`."""
+        return {"fuse": self.fuse, "score": self.score, "method": self.method, "proportional": self.proportional}
+
+    def replace(self, **changes) -> EViTConfig:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
 
     def keep_at(self, layer: int) -> float | None:
         """The keep rate at ``layer``, ``None`` where the block does not reorganize."""
         return dict(zip(self.layers, self.keep)).get(layer)
 
     def to_dict(self) -> dict:
-        return {"layers": list(self.layers), "keep": list(self.keep), "fuse": self.fuse, "score": self.score}
+        return {
+            "layers": list(self.layers),
+            "keep": list(self.keep),
+            "fuse": self.fuse,
+            "score": None if self.score is None else self.score.value,
+            "method": self.method.value,
+            "proportional": self.proportional,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> EViTConfig:
         layers, keep = tuple(data["layers"]), tuple(float(k) for k in data["keep"])
-        return cls(layers, keep, bool(data.get("fuse", True)), check_score(data.get("score"), "EViTConfig"))
+        where = "EViTConfig"
+        return cls(
+            layers,
+            keep,
+            _check_flag(data.get("fuse", True), "fuse", where),
+            parse_option(Score, data.get("score"), where, optional=True),
+            parse_option(Method, data.get("method", Method.EVIT.value), where),
+            None if data.get("proportional") is None else _check_flag(data["proportional"], "proportional", where),
+        )
+
+
+def _check_flag(value: object, name: str, where: str) -> bool:
+    """A real ``bool``: ``fuse="no"`` must not read as ``True``."""
+    if not isinstance(value, bool):
+        raise InvalidPlanError(f"{where}: {name} must be True or False, got {value!r}")
+    return value

@@ -1,15 +1,18 @@
 """Analytic multiply-accumulate counts of a transformer block as a function of its token counts.
 
 Counted like ``torch.utils.flop_counter``: projections, attention matmuls and the matmuls the
-reorganization adds; norms, activations and softmax are free. This is what ``explain`` prints
-and what the tests hold against ``FlopCounterMode``.
+reorganization adds (the [CLS] row, EViT's fused token, merging's key similarities); norms,
+activations, softmax, sorting and index operations are free. This is what ``explain`` prints and
+what the tests hold against ``FlopCounterMode``. Token counts come from
+:func:`~evit_patch.reorganize.tokens_after`, the survivor rule the reorganizer runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .reorganize import num_kept
+from .options import Method
+from .reorganize import num_kept, tokens_after
 
 
 @dataclass(frozen=True)
@@ -30,26 +33,36 @@ class BlockCost:
     """Fused attention: the score is recomputed from q and k."""
     fixed_macs: int = 0
     """Per-call MACs that do not scale with the tokens (a relative-position bias MLP)."""
+    key_dim: int = 0
+    """Width of one head's key: merging compares keys averaged over heads."""
 
-    def tokens_out(self, tokens_in: int, keep: float | None, fuse: bool) -> int:
+    def tokens_out(self, tokens_in: int, keep: float | None, fuse: bool, method: Method = Method.EVIT) -> int:
         """Tokens the MLP sees when the block reorganizes at ``keep`` (``None``: not patched)."""
-        num_image = tokens_in - self.num_prefix_tokens
-        if keep is None or keep >= 1.0:
-            return tokens_in
-        kept = num_kept(num_image, keep)
-        if kept >= num_image:
-            return tokens_in
-        return self.num_prefix_tokens + kept + int(fuse)
+        prefix = self.num_prefix_tokens
+        return prefix + tokens_after(tokens_in - prefix, keep, method, fuse)
 
-    def macs(self, tokens_in: int, tokens_out: int, fuse: bool = True, received: bool = False) -> int:
-        """MACs of one sample through the block; ``received``: the score is the attention every
-        token receives, whose recomputation costs the whole ``N x N`` map, not one row."""
+    def macs(
+        self,
+        tokens_in: int,
+        keep: float | None = None,
+        fuse: bool = True,
+        received: bool = False,
+        method: Method = Method.EVIT,
+    ) -> int:
+        """MACs of one sample through the block, reorganizing at ``keep`` (``None``: not patched);
+        ``received``: the score is the attention every token receives, whose recomputation costs
+        the whole ``N x N`` map, not one row."""
+        tokens_out = self.tokens_out(tokens_in, keep, fuse, method)
         total = self.fixed_macs + tokens_in * self.pre_macs_per_token
         total += tokens_in * tokens_in * (self.qk_width + self.v_width)
         total += tokens_out * self.post_macs_per_token
-        if tokens_out != tokens_in:
+        num_image = tokens_in - self.num_prefix_tokens
+        if keep is not None and num_kept(num_image, keep) < num_image:
             if self.recomputes_cls_row:
                 total += tokens_in * self.qk_width * (tokens_in if received else 1)
-            if fuse:
-                total += (tokens_in - self.num_prefix_tokens) * self.channels
+            if method is Method.MERGE:
+                kept = tokens_out - self.num_prefix_tokens
+                total += (num_image - kept) * kept * self.key_dim
+            elif fuse:
+                total += num_image * self.channels
         return total

@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import EViTConfig
 from .families import find_family
+from .options import Method, Score
 from .profile import ModelProfile, profile_model
 from .state import get_config
 
@@ -32,8 +33,11 @@ class Explanation:
     fuse: bool
     rows: tuple[BlockRow, ...]
     outside_macs: int
-    score: str = "cls"
-    """What ranks the tokens: ``"cls"`` or ``"received"``."""
+    score: Score = Score.CLS
+    """What ranks the tokens."""
+    method: Method = Method.EVIT
+    """What becomes of the tokens not kept."""
+    proportional: bool = False
 
     @property
     def macs_original(self) -> int:
@@ -51,7 +55,8 @@ class Explanation:
     def __str__(self) -> str:
         size = f" at {self.img_size[0]}x{self.img_size[1]}" if self.img_size else ""
         lines = [
-            f"EViT plan for {self.model}{size} (fuse={self.fuse}, score={self.score})",
+            f"EViT plan for {self.model}{size} (method={self.method.value}, fuse={self.fuse}, "
+            f"score={self.score.value}, proportional attention={'on' if self.proportional else 'off'})",
             f"{'block':>5} {'keep':>5} {'tokens in':>9} {'MLP tokens':>10} {'GMACs orig':>10} {'GMACs EViT':>10}",
         ]
         for r in self.rows:
@@ -92,10 +97,10 @@ class CostModel:
     def explain(self, config: EViTConfig) -> Explanation:
         tokens, rows = self.tokens, []
         score = config.score or self.profile.score
-        received = score == "received"
+        received = score is Score.RECEIVED
         for index, (name, cost) in enumerate(zip(self.profile.block_names, self.profile.costs)):
             keep = config.keep_at(index)
-            out = cost.tokens_out(tokens, keep, config.fuse)
+            out = cost.tokens_out(tokens, keep, config.fuse, config.method)
             rows.append(
                 BlockRow(
                     index,
@@ -103,12 +108,21 @@ class CostModel:
                     keep,
                     tokens,
                     out,
-                    macs_original=cost.macs(self.tokens, self.tokens),
-                    macs_patched=cost.macs(tokens, out, config.fuse, received),
+                    macs_original=cost.macs(self.tokens),
+                    macs_patched=cost.macs(tokens, keep, config.fuse, received, config.method),
                 )
             )
             tokens = out
-        return Explanation(self.profile.model, self.img_size, config.fuse, tuple(rows), self.outside_macs, score)
+        return Explanation(
+            self.profile.model,
+            self.img_size,
+            config.fuse,
+            tuple(rows),
+            self.outside_macs,
+            score,
+            config.method,
+            config.proportional_attention,
+        )
 
     def macs(self, config: EViTConfig) -> int:
         return self.explain(config).macs_patched

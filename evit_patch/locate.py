@@ -57,6 +57,10 @@ class BlockSite:
     """Projection MACs per token after it (they see the reorganized tokens)."""
     table_projections: tuple[fx.Node, ...] = ()
     """Projections that never see the tokens (a relative-position MLP): a fixed cost per call."""
+    keys: fx.Node | None = None
+    """The attention's keys, ``(B, H, N, D)``; for manual attention the ``k^T`` operand of
+    ``q @ k^T``, ``(B, H, D, N)`` (``keys_transposed``). Token merging compares them."""
+    keys_transposed: bool = False
 
 
 def _is_call(node: fx.Node, functions: set, methods: set[str]) -> bool:
@@ -277,12 +281,23 @@ def locate(gm: fx.GraphModule, *, where: str) -> BlockSite:
     bias, bias_user = _position_bias(source, op, where)
     add = _residual_add(op, where)
     pre, post, tables = _check_point_between(gm, op, add, where)
-    return BlockSite(where, source, op, score_inputs, scale, add, bias, bias_user, pre, post, tables)
+    keys, transposed = (score_inputs[1], False) if source is ScoreSource.QUERY_KEY else (_logits_keys(op), True)
+    return BlockSite(where, source, op, score_inputs, scale, add, bias, bias_user, pre, post, tables, keys, transposed)
+
+
+def _logits_keys(op: fx.Node) -> fx.Node | None:
+    """Manual attention: the second operand of ``q @ k^T``, the last matmul before the softmax."""
+    before = _ancestors(op)
+    logits = [n for n in op.graph.nodes if n in before and _is_call(n, _MATMUL_FUNCTIONS, _MATMUL_METHODS)]
+    if not logits:
+        return None
+    operand = _arg(logits[-1], 1, "other") if logits[-1].op == "call_function" else logits[-1].args[1]
+    return operand if isinstance(operand, fx.Node) else None
 
 
 def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int) -> BlockCost:
     """The block's analytic cost; needs ``tensor_meta`` on the graph (shape propagation)."""
-    qk_width, v_width, _ = _attention_widths(site.source, site.attention, site.where)
+    qk_width, v_width, heads = _attention_widths(site.source, site.attention, site.where)
     modules = dict(site.attention.graph.owning_module.named_modules())
     table_macs = 0
     for node in site.table_projections:
@@ -300,4 +315,5 @@ def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int) -> Blo
         num_prefix_tokens=num_prefix_tokens,
         recomputes_cls_row=site.source is ScoreSource.QUERY_KEY,
         fixed_macs=table_macs,
+        key_dim=qk_width // heads,
     )

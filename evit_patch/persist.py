@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .atomic import write_atomically
+from .config import EViTConfig
 from .download import resolve
 from .errors import CheckpointError
 from .families import describe
@@ -179,13 +180,11 @@ def load_pretrained(
     if not weights.is_file():
         raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
     base = timm.create_model(meta["architecture"], pretrained=False, **meta.get("model_kwargs", {}))
-    evit = meta["evit"]
+    evit = EViTConfig.from_dict(meta["evit"])
     dtype = getattr(torch, meta.get("dtype", "float32"), None)
     if not isinstance(dtype, torch.dtype):
         raise CheckpointError(f"{directory}: unknown dtype {meta.get('dtype')!r} in {CONFIG_NAME}")
-    model = apply(
-        base.to(dtype), layers=evit["layers"], keep=evit["keep"], fuse=evit.get("fuse", True), score=evit.get("score")
-    )
+    model = apply(base.to(dtype), layers=evit.layers, keep=evit.keep, **evit.options())
     try:
         load_model(model, str(weights), strict=True)
     except RuntimeError as exc:

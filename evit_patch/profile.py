@@ -14,7 +14,7 @@ from .cost import BlockCost
 from .errors import UnsupportedModelError
 from .families import Family, describe, find_family
 from .locate import BlockSite, block_cost, locate
-from .reorganizer import Score
+from .options import Score
 from .trace import trace_block
 
 PROFILE_ATTR = "evit_profile"
@@ -40,7 +40,7 @@ class ModelProfile:
     num_prefix_tokens: int
     block_names: tuple[str, ...]
     costs: tuple[BlockCost, ...]
-    score: str = Score.CLS.value
+    score: Score = Score.CLS
     """The family's default score for this model (a patched model's own score is in its config)."""
 
 
@@ -90,7 +90,7 @@ def profile_of(traced: list[TracedBlock], model: nn.Module, family: Family) -> M
         num_prefix_tokens=family.num_prefix_tokens(model),
         block_names=tuple(t.name for t in traced),
         costs=tuple(t.cost for t in traced),
-        score=family.score(model).value,
+        score=family.score(model),
     )
 
 

@@ -1,7 +1,9 @@
 """The module the graph pass inserts into each chosen block.
 
 It is a leaf of the patched block's graph, so its keep rate is a plain attribute that can be
-changed after patching (keep-rate warm-up) without re-tracing.
+changed after patching (keep-rate warm-up) without re-tracing. What it decides is published to
+:attr:`TokenReorganizer.published` (a no-op module that hooks can watch), so nothing else has to
+re-derive which tokens survived.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ import enum
 
 from torch import Tensor, nn
 
+from .options import Method, Score
 from .reorganize import (
+    Reorganized,
     cls_attention_from_probs,
     cls_attention_from_qk,
+    follow,
+    merge,
     num_kept,
     received_attention_from_probs,
     received_attention_from_qk,
     reorganize,
 )
-from .token_track import TokenTrack
 
 
 class ScoreSource(enum.Enum):
@@ -30,22 +35,23 @@ class ScoreSource(enum.Enum):
     """Manual attention: read the [CLS] row of the softmax output."""
 
 
-class Score(enum.Enum):
-    """What ranks the image tokens."""
+class Published(nn.Module):
+    """Does nothing; a forward hook on it sees each reorganization as it happens
+    (:func:`~evit_patch.track_tokens` listens here)."""
 
-    CLS = "cls"
-    """EViT: the class token's attention, averaged over heads."""
-    RECEIVED = "received"
-    """No class token: attention received from every query, averaged over heads and queries."""
+    def forward(self, out: Reorganized, scores: Tensor, sizes: Tensor | None) -> None:
+        return None
 
 
 class TokenReorganizer(nn.Module):
-    """EViT reorganization at one block: keep the attentive tokens, fuse the rest.
+    """EViT reorganization at one block: keep the attentive tokens, fuse or merge the rest.
 
-    Called as ``reorg(x, q, k[, bias])`` (query/key source) or ``reorg(x, probs)``
-    (probabilities), where ``x`` is the residual stream right after the attention residual add and
-    ``bias`` the attention's additive mask. ``keep >= 1``, or a keep rate that keeps every token,
-    returns ``x`` itself: an exact no-op. With a ``track``, it records where the kept tokens came from.
+    Called as ``reorg(x, q, k, bias=...)`` (query/key source) or ``reorg(x, probs, keys=...)``
+    (probabilities), where ``x`` is the residual stream right after the attention residual add,
+    ``bias`` the attention's additive mask and ``keys`` (``(B, H, N, D)``, or ``(B, H, D, N)`` when
+    ``keys_transposed``) what :attr:`Method.MERGE` compares. A ``stateful`` reorganizer also takes
+    and returns the tokens' positions and sizes (see :mod:`evit_patch.token_state`).
+    ``keep >= 1``, or a keep rate that keeps every token, returns its input: an exact no-op.
     """
 
     def __init__(
@@ -54,26 +60,31 @@ class TokenReorganizer(nn.Module):
         *,
         num_prefix_tokens: int,
         source: ScoreSource,
+        method: Method = Method.EVIT,
         fuse: bool = True,
         scale: float | None = None,
         layer: int = -1,
         score: Score = Score.CLS,
-        track: TokenTrack | None = None,
+        stateful: bool = False,
         fuse_mean: bool = False,
+        keys_transposed: bool = False,
     ) -> None:
         super().__init__()
         self.keep = float(keep)
+        self.method = method
         self.fuse = bool(fuse)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.source = source
         self.scale = scale
         self.layer = int(layer)
         self.score = score
-        self.track = track
+        self.stateful = bool(stateful)
         self.fuse_mean = bool(fuse_mean)
         """Fuse with normalised weights (average-pooled heads); EViT's raw weights otherwise."""
+        self.keys_transposed = bool(keys_transposed)
         self.force = False
         """Benchmarks only: reorganize (score, sort, gather) even when every token is kept."""
+        self.published = Published()
 
     def scores(self, attn_a: Tensor, attn_b: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """``(B, N - P)`` importance of each image token."""
@@ -84,20 +95,39 @@ class TokenReorganizer(nn.Module):
         from_probs = cls_attention_from_probs if cls else received_attention_from_probs
         return from_probs(attn_a, self.num_prefix_tokens)
 
-    def forward(self, x: Tensor, attn_a: Tensor, attn_b: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        attn_a: Tensor,
+        attn_b: Tensor | None = None,
+        *,
+        bias: Tensor | None = None,
+        keys: Tensor | None = None,
+        positions: Tensor | None = None,
+        sizes: Tensor | None = None,
+    ):
         num_image = x.shape[1] - self.num_prefix_tokens
         keep = min(num_kept(num_image, self.keep), num_image)
         dropped = keep < num_image
         if not dropped and not self.force:
-            return x
-        fuse = self.fuse and dropped
-        out = reorganize(x, self.scores(attn_a, attn_b, bias), self.num_prefix_tokens, keep, fuse, self.fuse_mean)
-        if self.track is not None:
-            self.track.record(out.kept_index, fuse, f"layer {self.layer}")
-        return out.tokens
+            return (x, positions, sizes) if self.stateful else x
+        scores = self.scores(attn_a, attn_b, bias)
+        fused = self.method is Method.EVIT and self.fuse and dropped
+        if self.method is Method.MERGE and dropped:
+            out = merge(x, scores, self._keys(attn_b if keys is None else keys), sizes, self.num_prefix_tokens, keep)
+        else:
+            out = reorganize(x, scores, self.num_prefix_tokens, keep, fused, self.fuse_mean)
+        self.published(out, scores, sizes)
+        if not self.stateful:
+            return out.tokens
+        return (out.tokens, *follow(positions, sizes, out, num_image, fused))
+
+    def _keys(self, keys: Tensor) -> Tensor:
+        """``(B, N, D)`` keys averaged over heads."""
+        return keys.mean(dim=1).transpose(1, 2) if self.keys_transposed else keys.mean(dim=1)
 
     def extra_repr(self) -> str:
         return (
-            f"layer={self.layer}, keep={self.keep}, fuse={self.fuse}, "
+            f"layer={self.layer}, keep={self.keep}, method={self.method.value}, fuse={self.fuse}, "
             f"num_prefix_tokens={self.num_prefix_tokens}, source={self.source.value}, score={self.score.value}"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from functools import partial
 
 import torch.fx as fx
@@ -10,86 +11,155 @@ from torch import nn
 
 from .errors import UnsupportedModelError
 from .locate import BlockSite, tokens_input
-from .reorganizer import TokenReorganizer
-from .token_track import PositionGather, SizeWeightedTokens, TokenTrack, TrackStart
+from .reorganizer import ScoreSource, TokenReorganizer
+from .token_state import AttentionBias, Pack, RopeGather, SizeWeightedTokens, Unpack
 from .trace import BlockTracer
 
 REORGANIZER_NAME = "evit"
 """Submodule name of the inserted module inside a patched block (``blocks.3.evit``)."""
 
 
-def insert_reorganizer(
-    gm: fx.GraphModule, site: BlockSite, reorganizer: TokenReorganizer, bias: fx.Node | None = None
-) -> fx.GraphModule:
-    """Route the residual stream through ``reorganizer`` between attention and MLP.
+@dataclass(frozen=True)
+class BlockEdit:
+    """What one block needs: a reorganizer, and whether token state flows in and out of it."""
 
-    Requires: ``site`` was located in ``gm``; ``bias`` is the position bias as the attention now
-    reads it (see :func:`insert_position_gathers`). Ensures: every former user of the attention
-    residual add (the MLP's norm, the second residual add) reads the reorganized tokens.
+    reorganizer: TokenReorganizer | None
+    state_in: bool
+    """Tokens may arrive reorganized, with positions and sizes packed in (see ``token_state``)."""
+    state_out: bool
+    """The block packs positions and sizes into its output."""
+    channels: int
+    num_prefix_tokens: int
+    rotary_args: tuple[str, ...] = ()
+    proportional: bool = False
+    """Add ``log(size)`` to the attention logits."""
+
+    @property
+    def changes_graph(self) -> bool:
+        return self.reorganizer is not None or self.state_in or self.state_out
+
+
+def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.GraphModule:
+    """Make one traced block follow reorganized tokens and/or reorganize them.
+
+    Requires: ``site`` was located in ``gm``. Ensures: with ``state_in``, the tokens' state is split
+    off the input and the position bias, rotary tables and (``proportional``) size bias follow it;
+    every former user of the attention residual add (the MLP's norm, the second residual add)
+    reads the reorganized tokens; with ``state_out``, the output carries the new state.
     """
-    gm.add_submodule(REORGANIZER_NAME, reorganizer)
     graph = gm.graph
-    extra = (bias,) if bias is not None and len(site.score_inputs) == 2 else ()
-    with graph.inserting_after(site.residual_add):
-        node = graph.call_module(REORGANIZER_NAME, (site.residual_add, *site.score_inputs, *extra))
-    site.residual_add.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    positions = sizes = None
+    if edit.state_in:
+        positions, sizes = _unpack_input(gm, edit)
+        _follow_tables(gm, site, edit, positions)
+    bias = _attention_bias(gm, site, edit, positions, sizes) if edit.state_in else site.bias
+    if edit.reorganizer is not None:
+        gm.add_submodule(REORGANIZER_NAME, edit.reorganizer)
+        kwargs = {"bias": bias} if bias is not None and site.source is ScoreSource.QUERY_KEY else {}
+        if site.keys is not None and site.source is ScoreSource.PROBABILITIES:
+            kwargs["keys"] = site.keys
+        if edit.reorganizer.stateful:
+            kwargs.update(positions=positions, sizes=sizes)
+        with graph.inserting_after(site.residual_add):
+            node = graph.call_module(REORGANIZER_NAME, (site.residual_add, *site.score_inputs), kwargs)
+        tokens = node
+        if edit.reorganizer.stateful:
+            with graph.inserting_after(node):
+                tokens, positions, sizes = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
+        site.residual_add.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not node)
+    if edit.state_out:
+        gm.add_submodule("evit_pack", Pack(edit.num_prefix_tokens))
+        output = next(n for n in graph.nodes if n.op == "output")
+        with graph.inserting_before(output):
+            packed = graph.call_module("evit_pack", (output.args[0], positions, sizes))
+        output.args = (packed,)
     graph.lint()
     gm.recompile()
     return gm
 
 
-def insert_position_gathers(
-    gm: fx.GraphModule, site: BlockSite, track: TokenTrack, rotary_args: tuple[str, ...], *, first: bool
-) -> fx.Node | None:
-    """Make the block's position-dependent inputs follow the tracked tokens.
-
-    The position bias and every rotary-table argument are re-indexed by ``track`` before the
-    attention reads them; the ``first`` block starts a new track. Returns the bias node the
-    attention now reads (``None`` without a bias).
-    """
+def _unpack_input(gm: fx.GraphModule, edit: BlockEdit) -> tuple[fx.Node, fx.Node]:
     graph = gm.graph
     tokens = tokens_input(graph)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    anchor = placeholders[-1]
-    if first:
-        gm.add_submodule("evit_start", TrackStart(track))
-        with graph.inserting_after(anchor):
-            started = graph.call_module("evit_start", (tokens,))
-        tokens.replace_all_uses_with(started, delete_user_cb=lambda user: user is not started)
-        tokens = anchor = started
-    for name in rotary_args:
-        table = next(n for n in placeholders if n.target == name)
-        gm.add_submodule(f"evit_{name}", PositionGather(track, "rope", site.where))
-        with graph.inserting_after(anchor):
-            anchor = graph.call_module(f"evit_{name}", (table, tokens))
-        table.replace_all_uses_with(anchor, delete_user_cb=partial(operator.is_not, anchor))
-    bias = site.bias
-    if bias is not None:
-        gm.add_submodule("evit_bias", PositionGather(track, "bias", site.where))
-        with graph.inserting_after(bias if bias not in placeholders else anchor):
-            gathered = graph.call_module("evit_bias", (bias, tokens))
-        site.bias_user.replace_input_with(bias, gathered)
-        bias = gathered
-    graph.lint()
-    gm.recompile()
+    gm.add_submodule("evit_unpack", Unpack(edit.channels, edit.num_prefix_tokens))
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(anchor):
+        unpacked = graph.call_module("evit_unpack", (tokens,))
+    with graph.inserting_after(unpacked):
+        x, positions, sizes = (graph.call_function(operator.getitem, (unpacked, i)) for i in range(3))
+    tokens.replace_all_uses_with(x, delete_user_cb=lambda user: user is not unpacked)
+    return positions, sizes
+
+
+def _follow_tables(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit, positions: fx.Node) -> None:
+    """Re-index every rotary-table argument by the tokens' original positions."""
+    graph = gm.graph
+    for name in edit.rotary_args:
+        table = next(n for n in graph.nodes if n.op == "placeholder" and n.target == name)
+        gm.add_submodule(f"evit_{name}", RopeGather())
+        with graph.inserting_after(positions):
+            gathered = graph.call_module(f"evit_{name}", (table, positions))
+        table.replace_all_uses_with(gathered, delete_user_cb=partial(operator.is_not, gathered))
+
+
+def _attention_bias(
+    gm: fx.GraphModule, site: BlockSite, edit: BlockEdit, positions: fx.Node, sizes: fx.Node
+) -> fx.Node | None:
+    """The attention mask for the current tokens: the position bias re-indexed, plus ``log(size)``.
+    Returns the node the attention now reads (``None``: no bias, none needed)."""
+    if site.bias is None and not edit.proportional:
+        return None
+    graph = gm.graph
+    gm.add_submodule("evit_bias", AttentionBias(edit.num_prefix_tokens, edit.proportional))
+    op = site.attention
+    if site.source is ScoreSource.QUERY_KEY:
+        like = site.score_inputs[0]  # q: the mask takes its dtype
+    elif site.bias is not None:
+        like = next(a for a in site.bias_user.args[:2] if a is not site.bias)  # the logits it is added to
+    else:
+        like = op.args[0]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    anchor = max((n for n in (site.bias, sizes, like) if n is not None), key=order.__getitem__)
+    with graph.inserting_after(anchor):
+        bias = graph.call_module("evit_bias", (site.bias, positions, sizes, like))
+    if site.bias is not None:
+        site.bias_user.replace_input_with(site.bias, bias)
+    elif site.source is ScoreSource.QUERY_KEY:
+        if len(op.args) > 3:
+            op.update_arg(3, bias)
+        else:
+            op.update_kwarg("attn_mask", bias)
+    else:
+        with graph.inserting_after(bias):
+            logits = graph.call_function(_add_bias, (op.args[0], bias))
+        op.update_arg(0, logits)
     return bias
 
 
-def with_size_weights(norm: nn.Module, track: TokenTrack, weighted: bool, *, where: str) -> fx.GraphModule:
-    """``norm`` followed by :class:`SizeWeightedTokens`, keeping ``norm``'s parameter names."""
+def _add_bias(logits, bias):
+    """``logits + bias``; ``None`` adds nothing (no token has moved yet)."""
+    return logits if bias is None else logits + bias
+
+
+def wrap_final_norm(norm: nn.Module, edit: BlockEdit, weighted: bool, *, where: str) -> fx.GraphModule:
+    """``norm`` on the tokens with their state split off, followed by size weights for an average
+    pool (``weighted``); keeps ``norm``'s parameter names."""
     try:
         graph = BlockTracer().trace(norm)
     except Exception as exc:  # fx raises many types; the cause is chained for the details
         raise UnsupportedModelError(
             f"{where}: torch.fx could not trace the final norm ({type(norm).__name__}), where the "
-            f"average pool's size weights go: {exc}"
+            f"tokens' positions and sizes are split off: {exc}"
         ) from exc
     gm = fx.GraphModule(norm, graph, class_name=type(norm).__name__)
-    gm.add_submodule("evit_pool", SizeWeightedTokens(track, weighted, where))
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    with gm.graph.inserting_before(output):
-        pooled = gm.graph.call_module("evit_pool", (output.args[0],))
-    output.args = (pooled,)
+    positions, sizes = _unpack_input(gm, edit)
+    if weighted:
+        gm.add_submodule("evit_pool", SizeWeightedTokens())
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(output):
+            pooled = gm.graph.call_module("evit_pool", (output.args[0], sizes, edit.num_prefix_tokens))
+        output.args = (pooled,)
+    del positions
     gm.graph.lint()
     gm.recompile()
     gm.train(norm.training)

@@ -12,6 +12,10 @@ from .families import describe
 from .profile import PROFILE_ATTR, ModelProfile
 from .reorganizer import TokenReorganizer
 
+CONFIG_ATTR = "evit_config"
+"""Attribute holding the :class:`EViTConfig` a model was patched with; the keep rates it reports
+are always read from the reorganizers (``set_keep`` changes them)."""
+
 
 def reorganizers(model: nn.Module) -> list[TokenReorganizer]:
     """The model's :class:`TokenReorganizer` modules, by layer (empty for an unpatched model)."""
@@ -32,10 +36,8 @@ def _require_patched(model: nn.Module, what: str) -> list[TokenReorganizer]:
 def get_config(model: nn.Module) -> EViTConfig:
     """The live EViT configuration of a patched model, read from its reorganizers."""
     mods = _require_patched(model, "get_config")
-    # ``None`` where the score is the model's default, as in a config the caller built.
-    score = mods[0].score.value
-    score = None if score == getattr(model, PROFILE_ATTR).score else score
-    return EViTConfig(tuple(m.layer for m in mods), tuple(m.keep for m in mods), mods[0].fuse, score)
+    built: EViTConfig = getattr(model, CONFIG_ATTR)
+    return built.replace(layers=tuple(m.layer for m in mods), keep=tuple(m.keep for m in mods))
 
 
 def set_keep(model: nn.Module, keep: float | Iterable[float]) -> None:

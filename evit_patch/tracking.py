@@ -1,10 +1,11 @@
 """Which original patches every token stands for after EViT's reorganizations.
 
 Each reorganizing block re-orders the image tokens it keeps by score and fuses the rest into
-one token, which later blocks may keep or fuse again. :func:`track_tokens` follows every token
-back to the image patches it came from without touching the patched model: a forward hook on
-each :class:`~evit_patch.TokenReorganizer` recomputes the [CLS] scores and kept indices from
-the hook's inputs with the very pure functions the reorganizer runs, and the stages are composed.
+one token (or merges each into a kept token), which later blocks may keep or fuse again.
+:func:`track_tokens` follows every token back to the image patches it came from without touching
+the patched model: a forward hook on each reorganizer's ``published`` module receives what the
+reorganizer decided (:class:`~evit_patch.reorganize.Reorganized`), and the stages are composed.
+Nothing here re-derives which tokens survive.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from .errors import UnsupportedInputError
 from .families import describe
-from .reorganize import num_kept, reorganize
+from .reorganize import Reorganized
 from .reorganizer import TokenReorganizer
 from .state import _require_patched
 
@@ -59,7 +60,7 @@ class Stage:
     """Whether the stage appended a fused token (the last of its output tokens)."""
     origin: Tensor
     """``(B, T')`` the original patch (raster order) each output token is, ``-1`` for a token that
-    is a fusion of several."""
+    is a fusion of several (EViT's fused token, or a token others were merged into)."""
     members: Tensor
     """``(B, T', G)`` bool: the original patches each output token stands for."""
     is_fused: Tensor
@@ -68,15 +69,16 @@ class Stage:
     """``(B, T', G)`` float64 fusion weights composed over the stages: token ``t`` would be
     ``sum_p weights[t, p] * patch_p`` if the blocks in between left tokens unchanged. One-hot for a
     token that is still its own patch."""
+    grew: Tensor
+    """``(B, T')`` bool: the output token took in dropped tokens at this stage (the fused token,
+    or a kept token others were merged into)."""
 
     def patch_status(self) -> Tensor:
         """``(B, G)`` :class:`PatchStatus` of every original patch after this stage."""
         row = self.members.to(torch.uint8).argmax(dim=1)  # tokens stand for disjoint sets of patches
-        fused_row = self.is_fused.gather(1, row)
         status = torch.full_like(row, PatchStatus.KEPT)
-        status[fused_row] = PatchStatus.FUSED_EARLIER
-        if self.fused:
-            status[row == self.members.shape[1] - 1] = PatchStatus.FUSED_HERE
+        status[self.is_fused.gather(1, row)] = PatchStatus.FUSED_EARLIER
+        status[self.grew.gather(1, row)] = PatchStatus.FUSED_HERE
         status[~self.members.any(dim=1)] = PatchStatus.DROPPED
         return status
 
@@ -111,43 +113,46 @@ class TokenTrace:
 
 
 class _Recorder:
-    """Forward hook state: composes each reorganizer's kept indices with the ones before it."""
+    """Forward hook state: composes each reorganization with the ones before it."""
 
     def __init__(self) -> None:
         self.stages: list[Stage] = []
+        self.pending: tuple | None = None
 
-    def __call__(self, module: TokenReorganizer, args: tuple, kwargs: dict, output: Tensor) -> None:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-        x = bound["x"]
-        prefix = module.num_prefix_tokens
-        batch, num_image = x.shape[0], x.shape[1] - prefix
-        scores = module.scores(bound["attn_a"], bound.get("attn_b"), bound.get("bias"))
-        keep = num_kept(num_image, module.keep)
-        if module.keep >= 1.0 or keep >= num_image:  # the reorganizer's exact no-op
-            kept_index = torch.arange(num_image, device=x.device).expand(batch, -1)
-            fuse = False
-        else:
-            kept_index = reorganize(x, scores, prefix, keep, module.fuse).kept_index
-            fuse = module.fuse
-        entering = self._entering(module, batch, num_image, x.device)
+    def publish(self, published: nn.Module, args: tuple, output: None) -> None:
+        """Hook on ``reorganizer.published``: what the reorganizer decided, during its forward."""
+        self.pending = args
 
-        def take(t: Tensor) -> Tensor:
-            index = kept_index.view(*kept_index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
-            return t.gather(1, index)
-
-        origin, members, is_fused, weights = (take(t) for t in entering)
-        if fuse:  # one more token: the dropped ones, weighted by their raw scores as reorganize does
-            dropped = torch.ones_like(scores).scatter(1, kept_index, 0.0).unsqueeze(1)
+    def __call__(self, module: TokenReorganizer, args: tuple, kwargs: dict, output) -> None:
+        """Hook on the reorganizer: one stage per call; an identity stage where nothing moved."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            x = bound["x"]
+            scores = module.scores(bound["attn_a"], bound.get("attn_b"), bound.get("bias"))
+            batch, num_image = scores.shape
+            kept = torch.arange(num_image, device=x.device).expand(batch, -1)
+            pending = (Reorganized(x, kept), scores, bound.get("sizes"))
+        out, scores, sizes = pending
+        batch, num_image = scores.shape
+        entering = self._entering(module, batch, num_image, scores.device)
+        kept = out.kept_index
+        fused = out.tokens.shape[1] - module.num_prefix_tokens > kept.shape[1]
+        mix, member = mixing(out, scores, sizes, fused, module.fuse_mean)
+        members = (member.to(torch.float64) @ entering[1].to(torch.float64)) > 0
+        weights = mix @ entering[3]
+        grew = member[:, : kept.shape[1]].sum(-1) > 1  # merged into; EViT's kept tokens never grow
+        origin = entering[0].gather(1, kept)
+        is_fused = entering[2].gather(1, kept)
+        if out.destination is not None:
+            is_fused = is_fused | grew
+            origin = torch.where(is_fused, -1, origin)
+        if fused:
             origin = torch.cat([origin, origin.new_full((batch, 1), -1)], 1)
-            members = torch.cat([members, (dropped @ entering[1].to(dropped.dtype)) > 0], 1)
             is_fused = torch.cat([is_fused, is_fused.new_ones(batch, 1)], 1)
-            fused_weights = (scores.unsqueeze(1) * dropped).to(torch.float64)
-            if module.fuse_mean:
-                fused_weights = fused_weights / fused_weights.sum(-1, keepdim=True)
-            weights = torch.cat([weights, fused_weights @ entering[3]], 1)
-        self.stages.append(
-            Stage(module.layer, module.keep, scores, kept_index, fuse, origin, members, is_fused, weights)
-        )
+            grew = torch.cat([grew, grew.new_ones(batch, 1)], 1)
+        stage = Stage(module.layer, module.keep, scores, kept, fused, origin, members, is_fused, weights, grew)
+        self.stages.append(stage)
 
     def _entering(self, module: TokenReorganizer, batch: int, num_image: int, device) -> tuple[Tensor, ...]:
         """``(origin, members, is_fused, weights)`` of the tokens entering ``module``."""
@@ -163,6 +168,34 @@ class _Recorder:
                 "expected every reorganizer to run once per forward, in layer order"
             )
         return last.origin, last.members, last.is_fused, last.weights
+
+
+def mixing(
+    out: Reorganized, scores: Tensor, sizes: Tensor | None, fused: bool, fuse_mean: bool
+) -> tuple[Tensor, Tensor]:
+    """How a reorganization made its image tokens from the entering ones, as matrices.
+
+    Returns ``(weights, members)``, ``(B, T', M)`` float64 and bool: leaving token ``t`` is
+    ``sum_j weights[t, j] * x_j`` over the entering image tokens ``x_j``, and ``members[t, j]``
+    says token ``j`` went into it.
+    """
+    kept = out.kept_index
+    batch, num_image = scores.shape
+    member = torch.zeros(batch, kept.shape[1], num_image, dtype=torch.float64, device=kept.device)
+    member.scatter_(2, kept.unsqueeze(-1), 1.0)
+    if out.destination is not None:  # merged: size-weighted means of each kept token's members
+        sample = torch.arange(batch, device=kept.device)[:, None].expand_as(out.destination)
+        member[sample, out.destination, out.dropped_index] = 1.0
+        size = torch.ones_like(scores, dtype=torch.float64) if sizes is None else sizes.to(torch.float64)
+        weighted = member * size.unsqueeze(1)
+        return weighted / weighted.sum(-1, keepdim=True), member > 0
+    if not fused:
+        return member, member > 0
+    dropped = 1.0 - member.sum(1)  # EViT's fused token: the dropped tokens by their raw scores
+    weight = scores.to(torch.float64) * dropped
+    if fuse_mean:
+        weight = weight / weight.sum(-1, keepdim=True)
+    return torch.cat([member, weight.unsqueeze(1)], 1), torch.cat([member, dropped.unsqueeze(1)], 1) > 0
 
 
 def patch_grid(model: nn.Module, image_size: Sequence[int], num_patches: int) -> tuple[int, int]:
@@ -194,6 +227,7 @@ def track_tokens(model: nn.Module, x: Tensor) -> TokenTrace:
     modules = _require_patched(model, "track_tokens")
     recorder = _Recorder()
     handles = [m.register_forward_hook(recorder, with_kwargs=True) for m in modules]
+    handles += [m.published.register_forward_hook(recorder.publish) for m in modules]
     try:
         with torch.no_grad():
             logits = model(x)

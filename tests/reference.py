@@ -176,12 +176,14 @@ def _lookup_bias(full, pos):
     return bias
 
 
-def _attention(kind, block, h, pos, prefix, rope, shared=None):
-    """One block's attention output and its full (1, H, N, N) probabilities, by hand; ``shared``:
-    a (1, H, N, N) bias the model passes to every block."""
-    if kind == "vit":
-        return reference_attention(block.attn, h)
+def _attention(kind, block, h, pos, prefix, rope, shared=None, size=None, need_keys=False):
+    """One block's attention output, its full (1, H, N, N) probabilities and its keys, by hand;
+    ``shared``: a (1, H, N, N) bias the model passes to every block; ``size``: the tokens' sizes
+    for proportional attention (log(size) added to each key's logits)."""
     attn = block.attn
+    if kind == "vit" and size is None and not need_keys:
+        out, probs = reference_attention(attn, h)
+        return out, probs, None
     q, k, v = _qkv(attn, h)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -192,6 +194,8 @@ def _attention(kind, block, h, pos, prefix, rope, shared=None):
         logits_bias = _lookup_bias(attn.rel_pos.get_bias(), pos)
     if shared is not None:
         logits_bias = logits_bias + _lookup_bias(shared, pos)
+    if size is not None:
+        logits_bias = logits_bias + torch.tensor([math.log(s) for s in size], dtype=h.dtype)
     if kind == "eva" and rope is not None:
         half = rope.shape[-1] // 2
         q, k = q.clone(), k.clone()
@@ -205,7 +209,7 @@ def _attention(kind, block, h, pos, prefix, rope, shared=None):
     probs = ((q @ k.transpose(-2, -1)) * attn.scale + logits_bias).softmax(dim=-1)
     out = (probs @ v).transpose(1, 2).reshape(1, h.shape[1], -1)
     out = attn.norm(out) if hasattr(attn, "norm") else out
-    return attn.proj(out), probs
+    return attn.proj(out), probs, k
 
 
 def _layer_scales(kind, block):
@@ -229,9 +233,31 @@ def _embed(kind, model, image):
     return (x if model.pos_embed is None else x + model.pos_embed), None
 
 
-def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls, mean):
+def _merge_sample(x, keys, pos, size, prefix, kept, dropped):
+    """Token merging on one sample: each dropped token joins the kept token whose head-averaged
+    key has the highest cosine similarity; merged tokens are size-weighted means."""
+    key = keys[0].mean(dim=0)  # (N, D)
+
+    def cosine(i, j):
+        a, b = key[prefix + i], key[prefix + j]
+        return (a @ b / (a.norm() * b.norm())).item()
+
+    groups = {j: [j] for j in kept}
+    for d in dropped:
+        groups[max(kept, key=lambda j: cosine(d, j))].append(d)  # first of equals, as argmax
+    rows = [x[0, :prefix]]
+    for j in kept:
+        weights = [size[prefix + m] for m in groups[j]]
+        rows.append((sum(w * x[0, prefix + m] for w, m in zip(weights, groups[j])) / sum(weights))[None])
+    new_pos = pos[:prefix] + [pos[prefix + j] for j in kept]
+    new_size = size[:prefix] + [sum(size[prefix + m] for m in groups[j]) for j in kept]
+    return torch.cat(rows)[None], new_pos, new_size
+
+
+def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls, mean, keys=None):
     """EViT on one sample, moving ``pos`` and ``size`` along with the tokens; ``mean``: the fused
-    token is the score-weighted mean of the dropped tokens (average-pooled heads)."""
+    token is the score-weighted mean of the dropped tokens (average-pooled heads); ``keys``: merge
+    the dropped tokens into kept ones instead (method="merge")."""
     n_image = x.shape[1] - prefix
     n_keep = math.ceil(keep * n_image)
     if keep >= 1 or n_keep >= n_image:
@@ -239,6 +265,8 @@ def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls, mean):
     scores = probs[0, :, 0, prefix:].mean(dim=0) if cls else probs[0, :, :, prefix:].mean(dim=(0, 1))
     order = sorted(range(n_image), key=lambda i: -scores[i].item())
     kept, dropped = order[:n_keep], order[n_keep:]
+    if keys is not None:
+        return _merge_sample(x, keys, pos, size, prefix, kept, dropped)
     rows = [x[0, :prefix]] + [x[0, prefix + i][None] for i in kept]
     new_pos = pos[:prefix] + [pos[prefix + i] for i in kept]
     new_size = size[:prefix] + [size[prefix + i] for i in kept]
@@ -250,11 +278,16 @@ def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls, mean):
     return torch.cat(rows)[None], new_pos, new_size
 
 
-def reference_forward_tracked(kind, model, images, layers, keep, fuse: bool = True, score=None):
+def reference_forward_tracked(
+    kind, model, images, layers, keep, fuse: bool = True, score=None, method="evit", proportional=None
+):
     """EViT forward of a timm ViT ("vit"), ``Beit``, ``Eva`` or ``VisionTransformerRelPos``
     ("relpos") with pre-norm blocks, sample by sample:
     position bias and rotary rows looked up by each token's original position, [CLS] or
-    received-attention scores, and a size-weighted average pool."""
+    received-attention scores, a size-weighted average pool; ``method="merge"``: token merging
+    with proportional attention (unless ``proportional=False``)."""
+    merging = method == "merge"
+    proportional = merging if proportional is None else proportional
     keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
     prefix = model.num_prefix_tokens
     cls = getattr(model, "cls_token", None) is not None if score is None else score == "cls"
@@ -271,11 +304,14 @@ def reference_forward_tracked(kind, model, images, layers, keep, fuse: bool = Tr
         for index, block in enumerate(model.blocks):
             ls1, ls2 = _layer_scales(kind, block)
             table = rope[index] if rope is not None and getattr(model, "rope_mixed", False) else rope
-            out, probs = _attention(kind, block, block.norm1(x), pos, prefix, table, shared)
+            sizes = size if proportional else None
+            h = block.norm1(x)
+            out, probs, keys = _attention(kind, block, h, pos, prefix, table, shared, sizes, merging)
             x = x + ls1(out)
             if index in keeps:
                 mean = model.global_pool == "avg"
-                x, pos, size = _reorganize_sample(x, probs, pos, size, prefix, keeps[index], fuse, cls, mean)
+                keys = keys if merging else None
+                x, pos, size = _reorganize_sample(x, probs, pos, size, prefix, keeps[index], fuse, cls, mean, keys)
             x = x + ls2(block.mlp(block.norm2(x)))
         x = model.norm(x)
         if model.global_pool == "avg":

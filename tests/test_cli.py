@@ -57,7 +57,10 @@ def test_explain_prints_the_plan(capsys, tmp_path):
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["gmacs_patched"] == expected.macs_patched / 1e9
     assert [b["tokens_in"] for b in saved["blocks"]][3:11:3] == [197, 140, 100]
-    assert out.splitlines()[0] == "EViT plan for VisionTransformer (deit_tiny_patch16_224) (fuse=True, score=cls)"
+    assert out.splitlines()[0] == (
+        "EViT plan for VisionTransformer (deit_tiny_patch16_224) "
+        "(method=evit, fuse=True, score=cls, proportional attention=off)"
+    )
     assert "      1.254      0.821   (0.655x MACs, ideal speedup 1.53x)" in out
 
 

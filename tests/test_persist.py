@@ -40,7 +40,14 @@ def test_config_records_plan_and_architecture(tmp_path):
     evit_patch.save_pretrained(_finetuned_like(), tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["architecture"] == "deit_tiny_patch16_224"
-    assert meta["evit"] == {"layers": [2, 5], "keep": [0.6, 0.8], "fuse": True, "score": None}
+    assert meta["evit"] == {
+        "layers": [2, 5],
+        "keep": [0.6, 0.8],
+        "fuse": True,
+        "score": None,
+        "method": "evit",
+        "proportional": None,
+    }
     assert meta["model_kwargs"] == {"num_classes": 10, "img_size": [224, 224], "global_pool": "token"}
     assert meta["evit_patch_version"] == evit_patch.__version__
 

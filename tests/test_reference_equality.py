@@ -48,7 +48,14 @@ def test_per_layer_keep_and_changed_keep_match_reference():
     model = make_vit("deit_tiny_patch16_224")
     x = images(2)
     fast = evit_patch.apply(model, layers=[9, 2], keep=[0.9, 0.4])  # given out of order
-    assert evit_patch.get_config(fast).to_dict() == {"layers": [2, 9], "keep": [0.4, 0.9], "fuse": True, "score": None}
+    assert evit_patch.get_config(fast).to_dict() == {
+        "layers": [2, 9],
+        "keep": [0.4, 0.9],
+        "fuse": True,
+        "score": None,
+        "method": "evit",
+        "proportional": None,
+    }
     with torch.no_grad():
         torch.testing.assert_close(fast(x), reference_forward(model, x, [2, 9], [0.4, 0.9]), rtol=0, atol=1e-9)
         evit_patch.set_keep(fast, 0.6)

@@ -8,7 +8,7 @@ import torch
 from conftest import images, make_vit
 from tracked import (
     check_export,
-    check_gradient_checkpointing_is_refused,
+    check_gradient_checkpointing,
     check_gradients,
     check_keep_one_is_exact,
     check_macs,
@@ -93,5 +93,5 @@ def test_explain_equals_counted_macs(variant):
     check_macs(_small(variant), images(1, size=64))
 
 
-def test_gradient_checkpointing_is_refused():
-    check_gradient_checkpointing_is_refused(_small(), images(2, size=64))
+def test_gradient_checkpointing():
+    check_gradient_checkpointing(_small(), images(2, size=64))

@@ -54,7 +54,8 @@ def test_cls_score_without_a_class_token_is_refused():
 
 
 def test_unknown_score_is_refused():
-    with pytest.raises(evit_patch.InvalidPlanError, match=r"score must be one of \('cls', 'received'\)"):
+    message = r"score must be one of 'cls', 'received' or None, got 'norm'"
+    with pytest.raises(evit_patch.InvalidPlanError, match=message):
         evit_patch.apply(_small(), layers=[1], keep=0.7, score="norm")
 
 

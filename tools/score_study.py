@@ -27,8 +27,8 @@ from timm.data import create_transform, resolve_data_config
 import evit_patch
 from evit_patch.data import load_images
 from evit_patch.evaluate import compare
-from evit_patch.reorganizer import Score
-from evit_patch.token_track import SizeWeightedTokens
+from evit_patch.options import Score
+from evit_patch.token_state import SizeWeightedTokens
 from evit_patch.weights import create_model, load_state_dict
 
 POOLINGS = {  # name: (fuse_mean, size-weighted)

@@ -27,7 +27,7 @@ import evit_patch
 
 from ..memory import peak_memory_bytes
 from ..timing import compare_speed
-from .common import add_model_arguments, keep_arg, load_model
+from .common import add_model_arguments, keep_arg, load_model, plan_options
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -154,7 +154,7 @@ def _sweep(model, args, device) -> list[dict]:
     for layers in args.sweep_layers:
         layer_list = [int(v) for v in layers.split(",")]
         for keep in args.sweep_keep:
-            fast = evit_patch.apply(model, layers=layer_list, keep=keep, fuse=not args.no_fuse, score=args.score)
+            fast = evit_patch.apply(model, layers=layer_list, keep=keep, **plan_options(args))
             fast = fast.to(device)
             _, measured = _measure(model, fast, args, device, args.batch_size[:1], args.img_size)
             row = {"layers": layers, "keep": keep, **measured[0]}
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
             _plot(rows, args.plot)
     else:
         keep = 1.0 if args.overhead else keep_arg(args)
-        fast = evit_patch.apply(model, layers=args.layers, keep=keep, fuse=not args.no_fuse, score=args.score)
+        fast = evit_patch.apply(model, layers=args.layers, keep=keep, **plan_options(args))
         fast = fast.to(device)
         if args.overhead:
             for module in evit_patch.reorganizers(fast):

@@ -16,7 +16,7 @@ import evit_patch
 
 from ..data import load_images
 from ..evaluate import compare
-from .common import add_model_arguments, load_model
+from .common import add_model_arguments, load_model, plan_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +38,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             model,
             layers=args.layers,
             keep=keep[0] if len(keep) == 1 else keep,
-            fuse=not args.no_fuse,
-            score=args.score,
+            **plan_options(args),
         )
         gmacs = evit_patch.explain(fast).macs_patched / 1e9
         for name, (images, labels) in sets.items():

@@ -38,7 +38,7 @@ from ..train.data import (
 )
 from ..train.loop import AMP_DTYPES, TrainConfig, Trainer
 from ..weights import create_model
-from .common import add_model_arguments, keep_arg
+from .common import add_model_arguments, keep_arg, plan_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +105,8 @@ def _identity(args, ctx, teacher, student, num_images: int) -> dict:
         "layers": list(config.layers),
         "keep": list(config.keep),
         "fuse": config.fuse,
+        "method": config.method.value,
+        "proportional": config.proportional,
         "img_size": list(teacher.patch_embed.img_size) if hasattr(teacher, "patch_embed") else None,
         "teacher_weights": _fingerprint(teacher),
         "images": num_images,
@@ -166,9 +168,7 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     torch.manual_seed(args.seed)  # the same (random-init) teacher on every rank
     teacher = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
-    student = evit_patch.apply(
-        teacher, layers=args.layers, keep=keep_arg(args), fuse=not args.no_fuse, score=args.score
-    )
+    student = evit_patch.apply(teacher, layers=args.layers, keep=keep_arg(args), **plan_options(args))
     torch.manual_seed(args.seed + ctx.rank)
     if labelled and not args.distill_only:
         check_labels(args.data_dir, items, teacher.num_classes)

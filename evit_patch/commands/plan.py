@@ -21,7 +21,7 @@ import evit_patch
 
 from ..data import load_images
 from ..evaluate import compare
-from .common import load_model
+from .common import add_plan_options, load_model, plan_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,13 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-evaluations", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    add_plan_options(parser)
 
 
 def run(args: argparse.Namespace) -> dict:
     model = load_model(args)
     budget = {"flops": args.flops, "speedup": args.speedup}
-    config = evit_patch.plan(model, layers=args.layers, img_size=args.img_size, **budget)
-    fast = evit_patch.apply(model, config.layers, config.keep, img_size=args.img_size)
+    options = plan_options(args)
+    config = evit_patch.plan(model, layers=args.layers, img_size=args.img_size, **budget, **options)
+    fast = evit_patch.apply(model, config.layers, config.keep, img_size=args.img_size, **options)
     report = evit_patch.explain(fast)
     print(report, end="\n\n")
     result: dict = {"analytic": config.to_dict(), "gmacs": report.macs_patched / 1e9}
@@ -73,8 +75,9 @@ def _held_out(args, model, fast, budget) -> dict:
     candidates = {"analytic": fast}
     result: dict = {}
     if args.img_size is None:
+        options = plan_options(args)
         found = evit_patch.calibrate(
-            model, images[calib], layers=args.layers, max_evaluations=args.max_evaluations, **budget
+            model, images[calib], layers=args.layers, max_evaluations=args.max_evaluations, **budget, **options
         )
         print(
             f"calibrated on {len(calib)} images ({found.evaluations} plans): {found.config.to_dict()}, "
@@ -82,7 +85,7 @@ def _held_out(args, model, fast, budget) -> dict:
             f"-> {100 * found.agreement:.1f} %"
         )
         result["calibrated"] = found.config.to_dict()
-        candidates["calibrated"] = evit_patch.apply(model, found.config.layers, found.config.keep)
+        candidates["calibrated"] = evit_patch.apply(model, found.config.layers, found.config.keep, **options)
     for name, candidate in candidates.items():
         c = compare(model, candidate, images[held], labels[held], progress=False, original_images=native[held])
         print(

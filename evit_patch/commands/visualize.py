@@ -43,14 +43,14 @@ def load_model(name: str, checkpoint: Path | None, pretrained: bool, data_dir: P
     return create_model(name, checkpoint=checkpoint, pretrained=checkpoint is None, **kwargs)
 
 
-def figure(model, paths: list[Path], *, layers, keep, fuse=True, img_size=None, names=None, panel=160) -> Image.Image:
-    """Patch ``model`` and draw the figure for the images at ``paths`` (one batch)."""
+def figure(model, paths: list[Path], *, layers, keep, img_size=None, names=None, panel=160, **options) -> Image.Image:
+    """Patch ``model`` (``options``: as for ``evit_patch.apply``) and draw the figure for the images at ``paths``."""
     config = resolve_data_config({}, model=model)
     if img_size is not None:
         config = {**config, "input_size": (3, img_size, img_size), "crop_pct": 1.0}
     transform = create_transform(**config)
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
-    fast = evit_patch.apply(model, layers=layers, keep=keep, fuse=fuse)
+    fast = evit_patch.apply(model, layers=layers, keep=keep, **options)
     return evit_patch.visualize(fast, x, class_names=names, mean=config["mean"], std=config["std"], panel=panel)
 
 
@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
     parser.add_argument("--keep", type=float, nargs="+", default=[0.7], help="one rate, or one per layer")
     parser.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
+    parser.add_argument("--method", choices=["evit", "merge"], default="evit", help="as for evit-patch explain")
     parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--panel", type=int, default=224, help="panel size in pixels")
     parser.add_argument("--data-dir", type=Path, default=SHARED, help="folder with weights/ and labels/")
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> Path:
         layers=args.layers,
         keep=keep,
         fuse=not args.no_fuse,
+        method=args.method,
         img_size=args.img_size,
         names=names if model.num_classes == 1000 else None,
         panel=args.panel,

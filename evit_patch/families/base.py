@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..reorganizer import Score
+from ..options import Score
 
 
 def describe(model: nn.Module) -> str:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UnsupportedModelError
-from ..reorganizer import Score
+from ..options import Score
 from .base import Family, describe
 from .registry import register_family
 

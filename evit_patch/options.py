@@ -1,0 +1,47 @@
+"""The vocabularies a plan is written in: one enum each, accepted as the enum or its string value.
+
+Both enums subclass ``str``, so ``Score.CLS == "cls"`` and a config serialises to JSON as the plain
+value; everything inside the package compares enum members.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from .errors import InvalidPlanError
+
+
+class Score(str, enum.Enum):
+    """What ranks the image tokens."""
+
+    CLS = "cls"
+    """EViT: the class token's attention, averaged over heads."""
+    RECEIVED = "received"
+    """No class token: attention received from every query, averaged over heads and queries."""
+
+
+class Method(str, enum.Enum):
+    """What happens to the image tokens a reorganizing block does not keep."""
+
+    EVIT = "evit"
+    """EViT exactly: fused into one extra token, their sum weighted by the raw [CLS] attention
+    (or dropped, with ``fuse=False``)."""
+    MERGE = "merge"
+    """Each is averaged into the kept token whose key it resembles most (cosine of head-averaged
+    keys), weighted by how many patches each stands for; later blocks add ``log(size)`` to the
+    attention logits (proportional attention). The best training-free choice measured here."""
+
+
+def parse_option(kind: type[enum.Enum], value: object, where: str, *, optional: bool = False):
+    """``value`` as a member of ``kind`` (a member, or its string value); ``None`` if ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        for member in kind:
+            if member.value == value:
+                return member
+    choices = ", ".join(repr(m.value) for m in kind) + (" or None" if optional else "")
+    name = kind.__name__.lower()
+    raise InvalidPlanError(f"{where}: {name} must be one of {choices}, got {value!r}")

@@ -1,0 +1,183 @@
+"""Where the surviving tokens came from, carried through the forward pass inside the token tensor.
+
+Relative position bias (BEiT), rotary tables (EVA, RoPE-ViT), proportional attention and
+size-weighted average pooling need, after a reorganization, the original position of every token
+and how many patches it stands for. A model hands its blocks nothing but the token tensor, so
+that is where they travel: a reorganizing block appends :data:`STATE_CHANNELS` channels to its
+output (see :func:`pack`), every later block and the final norm split them off again. Nothing is
+stored on a module: concurrent calls, re-run blocks (gradient checkpointing), ``torch.compile``
+and ``torch.export`` see a pure function. While no token has moved (every keep rate keeps all
+tokens) nothing is appended, so the model computes exactly what the original does.
+
+A position of ``-1`` marks a token without one (EViT's fused token): tables give it their
+neutral last row (no bias, no rotation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+STATE_CHANNELS = 4
+"""Appended channels: position and size, each as two base-256 digits, exact even in bfloat16."""
+_BASE = 256
+
+
+def pack(x: Tensor, positions: Tensor, sizes: Tensor, num_prefix: int) -> Tensor:
+    """``(B, N, C + 4)``: ``x`` with each image token's position and size appended (prefix rows: 0)."""
+    digits = []
+    for value in (positions + 1, sizes.round().long()):
+        digits += [value // _BASE, value % _BASE]
+    state = torch.stack(digits, dim=-1).to(x.dtype)
+    state = F.pad(state, (0, 0, num_prefix, 0))
+    return torch.cat([x, state], dim=-1)
+
+
+def unpack(x: Tensor, channels: int, num_prefix: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(tokens, positions, sizes)`` from a packed tensor; ``(x, None, None)`` if ``x`` has only
+    ``channels`` channels (no token has moved yet)."""
+    if x.shape[-1] == channels:
+        return x, None, None
+    state = x[:, num_prefix:, channels:].round().long()
+    positions = state[..., 0] * _BASE + state[..., 1] - 1
+    sizes = (state[..., 2] * _BASE + state[..., 3]).to(torch.promote_types(x.dtype, torch.float32))
+    return x[..., :channels], positions, sizes
+
+
+def token_index(positions: Tensor, num_prefix: int) -> Tensor:
+    """``(B, P + M)`` index into the original token sequence; ``-1`` stays ``-1`` (no position)."""
+    batch = positions.shape[0]
+    prefix = torch.arange(num_prefix, device=positions.device).expand(batch, -1)
+    return torch.cat([prefix, torch.where(positions < 0, positions, positions + num_prefix)], dim=1)
+
+
+def gather_bias(bias: Tensor, index: Tensor) -> Tensor:
+    """Per-sample rows and columns of an attention bias built for the original token order.
+
+    Args:
+        bias: ``(N, N)``, ``(H, N, N)`` or ``(1, H, N, N)`` additive bias (or boolean mask) over
+            the original ``N`` tokens, shared by the batch.
+        index: ``(B, N')`` original index of each current token, ``-1`` for a token without a
+            position, which gets a neutral entry (0, or ``True`` for a boolean mask).
+
+    Returns:
+        ``(B, H, N', N')`` (``H`` is 1 for an ``(N, N)`` bias).
+    """
+    if bias.dim() == 4 and bias.shape[0] != 1 or bias.dim() not in (2, 3, 4):
+        raise ValueError(f"expected a position bias shared by the batch, (1, H, N, N), got {tuple(bias.shape)}")
+    heads = bias.reshape(-1, *bias.shape[-2:])
+    padded = F.pad(heads, (0, 1, 0, 1), value=True if bias.dtype == torch.bool else 0.0)
+    return padded[:, index.unsqueeze(-1), index.unsqueeze(-2)].transpose(0, 1)
+
+
+def gather_rope(rope: Tensor, positions: Tensor) -> Tensor:
+    """Per-sample rows of a ``[sin, cos]`` rotary table (timm's layout) over the image tokens.
+
+    Args:
+        rope: ``(M, 2D)`` or ``(H, M, 2D)`` table for the original ``M`` image tokens.
+        positions: ``(B, M')`` original image-token index, ``-1`` for no position (no rotation).
+
+    Returns:
+        ``(B, 1, M', 2D)`` or ``(B, H, M', 2D)``, broadcasting over heads as timm's patch dropout does.
+    """
+    half = rope.shape[-1] // 2
+    identity = torch.cat([rope.new_zeros(half), rope.new_ones(rope.shape[-1] - half)])
+    padded = torch.cat([rope, identity.expand(*rope.shape[:-2], 1, -1)], dim=-2)
+    if rope.dim() == 2:
+        return padded[positions].unsqueeze(1)
+    return padded[:, positions].transpose(0, 1)
+
+
+def size_bias(sizes: Tensor, num_prefix: int, dtype: torch.dtype) -> Tensor:
+    """``(B, 1, 1, P + M)`` proportional attention: ``log(size)`` added to every query's logit of
+    a key, so a token standing for ``s`` patches draws the attention of ``s`` (prefix tokens: 1)."""
+    logs = F.pad(sizes.log(), (num_prefix, 0))
+    return logs.to(dtype)[:, None, None, :]
+
+
+def pool_weights(sizes: Tensor, num_prefix: int) -> Tensor:
+    """``(B, P + M, 1)`` factors that make a plain mean over image tokens the size-weighted mean.
+
+    ``mean_j(w_j x_j) = sum_j s_j x_j / sum_j s_j`` with ``w_j = s_j M / sum_j s_j``; prefix tokens keep 1.
+    """
+    count = sizes.shape[1]
+    weights = sizes * (count / sizes.sum(dim=1, keepdim=True))
+    return F.pad(weights, (num_prefix, 0), value=1.0).unsqueeze(-1)
+
+
+class Unpack(nn.Module):
+    """Block input: split off the state channels, ``x -> (tokens, positions, sizes)``."""
+
+    def __init__(self, channels: int, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.channels, self.num_prefix_tokens = int(channels), int(num_prefix_tokens)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        return unpack(x, self.channels, self.num_prefix_tokens)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+
+class Pack(nn.Module):
+    """Block output: append the state channels once some token has moved."""
+
+    def __init__(self, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def forward(self, x: Tensor, positions: Tensor | None, sizes: Tensor | None) -> Tensor:
+        if positions is None or sizes is None:
+            return x
+        return pack(x, positions, sizes, self.num_prefix_tokens)
+
+
+class RopeGather(nn.Module):
+    """A rotary table built for the original image tokens, re-indexed for the current ones."""
+
+    def forward(self, table: Tensor, positions: Tensor | None) -> Tensor:
+        return table if positions is None else gather_rope(table, positions)
+
+
+class AttentionBias(nn.Module):
+    """The attention's additive mask for the current tokens: the position bias re-indexed by their
+    original positions, plus ``log(size)`` per key when ``proportional``. ``None`` stays ``None``
+    while no token has moved."""
+
+    def __init__(self, num_prefix_tokens: int, proportional: bool) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.proportional = int(num_prefix_tokens), bool(proportional)
+
+    def forward(
+        self, bias: Tensor | None, positions: Tensor | None, sizes: Tensor | None, like: Tensor
+    ) -> Tensor | None:
+        if positions is None or sizes is None:
+            return bias
+        if bias is not None:
+            bias = gather_bias(bias, token_index(positions, self.num_prefix_tokens))
+        if not self.proportional:
+            return bias
+        logs = size_bias(sizes, self.num_prefix_tokens, like.dtype)
+        if bias is None:
+            return logs
+        if bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, dtype=like.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
+        return bias.to(like.dtype) + logs
+
+    def extra_repr(self) -> str:
+        return f"proportional={self.proportional}"
+
+
+class SizeWeightedTokens(nn.Module):
+    """After the final norm: scale image tokens so the model's own mean pool weights each token by
+    how many patches it stands for (``weighted=False``: a plain mean, for studies)."""
+
+    def __init__(self, weighted: bool = True) -> None:
+        super().__init__()
+        self.weighted = bool(weighted)
+
+    def forward(self, x: Tensor, sizes: Tensor | None, num_prefix_tokens: int) -> Tensor:
+        if sizes is None or not self.weighted:
+            return x
+        return x * pool_weights(sizes, num_prefix_tokens).to(x.dtype)
