@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from conftest import images, make_vit
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tools"))  # after everything: tools/ names shadow nothing
 
 from tome_baseline import apply_tome, block  # noqa: E402
 

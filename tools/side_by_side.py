@@ -11,7 +11,8 @@ Each reducer is a callable ``model -> reduced model``, named by a spec:
 Reported per reducer: MACs counted by ``FlopCounterMode`` on one image (math SDPA backend, so
 attention matmuls count; MACs = FLOPs / 2) and their ratio to the original, agreement with the
 original's predictions, mean KL(original || reduced) in nats, and top-1 against the manifests'
-labels. ``--speed`` adds measured CPU speedups on a random-init DeiT-S beside the FLOP ideal;
+labels. ``--speed`` adds measured CPU speedups on a random-init DeiT-S beside the FLOP ideal (``--cpu-time``:
+one thread, thread CPU time, steadier on a shared machine);
 ``--plot`` draws the Pareto fronts (needs matplotlib).
 
     python tools/side_by_side.py original tome:r=13 evit:layers=3,6,9:keep=0.7 --speed --plot pareto.png
@@ -23,6 +24,7 @@ import argparse
 import functools
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import evit_patch  # noqa: E402
-from evit_patch.timing import compare_speed  # noqa: E402
+from evit_patch.timing import compare_speed, time_interleaved  # noqa: E402
 
 SHARED = Path(os.environ.get("EVIT_PATCH_SHARED", ROOT.parent / "shared" / "data"))
 DEFAULT_REDUCERS = [
@@ -149,24 +151,48 @@ def markdown(rows: list[Row]) -> str:
 
 
 def speed(
-    reducers: dict[str, Reducer], model_name: str = "deit_small_patch16_224", batch_size: int = 16, rounds: int = 5
+    reducers: dict[str, Reducer],
+    model_name: str = "deit_small_patch16_224",
+    batch_size: int = 16,
+    rounds: int = 5,
+    cpu_time: bool = False,
 ) -> str:
-    """Markdown table of measured CPU speedups (interleaved rounds) beside the FLOP ideal."""
+    """Markdown table of measured CPU speedups beside the FLOP ideal.
+
+    Default: wall time, each reducer against the original by ``compare_speed`` (interleaved rounds).
+    ``cpu_time``: one thread, all models interleaved in each round, timed in thread CPU time
+    (``time_interleaved``), which other jobs on a shared machine barely disturb.
+    """
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False).eval()
     x = torch.randn(batch_size, 3, 224, 224)
     base_macs = counted_macs(model)
+    reduced = {name: reduce(model) for name, reduce in reducers.items()}
+    ideal = {name: base_macs / counted_macs(m) for name, m in reduced.items()}
+    clock = "single-thread CPU time" if cpu_time else "wall time"
     lines = [
-        f"| reducer ({model_name}, batch {batch_size}, {rounds} rounds) | measured speedup (min-max) | FLOP ideal |",
+        f"| reducer ({model_name}, batch {batch_size}, {rounds} rounds, {clock}) | measured speedup | FLOP ideal |",
         "| --- | ---: | ---: |",
     ]
-    for name, reduce in reducers.items():
-        reduced = reduce(model)
-        result = compare_speed(model, reduced, x, rounds=rounds, progress=False)
-        low, high = result.speedup_spread
-        ideal = base_macs / counted_macs(reduced)
-        lines.append(f"| `{name}` | {result.speedup:.2f}x ({low:.2f}-{high:.2f}) | {ideal:.2f}x |")
-        print(f"{name}: {result.speedup:.2f}x measured, {ideal:.2f}x ideal", file=sys.stderr)
+    if cpu_time:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                runners = {name: functools.partial(m, x) for name, m in {"original": model, **reduced}.items()}
+                seconds = time_interleaved(runners, rounds=rounds, warmup=1, settle=0, clock=time.thread_time)
+        finally:
+            torch.set_num_threads(threads)
+        measured = {name: f"{seconds['original'] / seconds[name]:.2f}x" for name in reduced}
+    else:
+        measured = {}
+        for name, m in reduced.items():
+            result = compare_speed(model, m, x, rounds=rounds, progress=False)
+            low, high = result.speedup_spread
+            measured[name] = f"{result.speedup:.2f}x ({low:.2f}-{high:.2f})"
+    for name in reduced:
+        lines.append(f"| `{name}` | {measured[name]} | {ideal[name]:.2f}x |")
+        print(f"{name}: {measured[name]} measured, {ideal[name]:.2f}x ideal", file=sys.stderr)
     return "\n".join(lines)
 
 
@@ -215,6 +241,7 @@ def main() -> None:
         "--speed", nargs="*", default=None, metavar="SPEC", help="time these reducers (none given: all but original)"
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--cpu-time", action="store_true", help="--speed: one thread, timed in thread CPU time")
     parser.add_argument("--plot", type=Path, default=None, help="Pareto plot PNG (needs matplotlib)")
     args = parser.parse_args()
     reducers = {spec: parse_reducer(spec) for spec in args.reducers}
@@ -226,8 +253,8 @@ def main() -> None:
         plot(rows, args.plot)
     if args.speed is not None:
         timed = args.speed or [spec for spec in args.reducers if spec != "original"]
-        print("\nCPU timing, random-init weights, same process (a shared machine: noisy)\n")
-        print(speed({spec: parse_reducer(spec) for spec in timed}, rounds=args.rounds))
+        print("\nCPU timing, random-init weights, same process (on a shared machine wall time is noisy)\n")
+        print(speed({spec: parse_reducer(spec) for spec in timed}, rounds=args.rounds, cpu_time=args.cpu_time))
 
 
 if __name__ == "__main__":
