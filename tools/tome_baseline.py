@@ -1,0 +1,121 @@
+"""Token Merging (ToMe; Bolya et al., ICLR 2023) for timm ViTs: a benchmark baseline, not library code.
+
+This is a re-implementation written from the paper's algorithm (not the official
+facebookresearch/ToMe code), so evit_patch can be compared with ToMe on the same models and images:
+
+- in every block, between the attention residual and the MLP, *bipartite soft matching*: tokens
+  alternate into sets A (even positions) and B (odd); similarity is the cosine similarity of the
+  attention keys averaged over heads; the [CLS] token (position 0, in A) never merges; each A token
+  picks its most similar B token and the ``r`` most similar edges are merged by a size-weighted
+  average; the same ``r`` in every block (fewer when too few tokens are left);
+- sizes (how many patches each token stands for) are tracked, and *proportional attention* adds
+  ``log(size)`` to the attention logits in every block once sizes exist;
+- the class-token head reads token 0, which never merges, so nothing is unmerged at the end.
+
+Stateless: the blocks ``Sequential`` is replaced by :class:`ToMeBlocks`, which threads
+``(x, size)`` from block to block inside one forward call; parameters and ``state_dict`` keys are
+unchanged.
+
+    from tome_baseline import apply_tome
+    fast = apply_tome(model, r=13)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch import nn
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: bool = True):
+    """``merge(x, reduce)`` that merges the ``r`` most similar A->B pairs of ``metric`` (B, N, C).
+
+    Output order: unmerged A tokens in their original order (so [CLS] stays first), then all of B.
+    """
+    r = min(r, (metric.shape[1] - int(protect_first)) // 2)
+    if r <= 0:
+        return lambda x, reduce="sum": x
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # (B, Na, Nb) cosine similarity
+        if protect_first:
+            scores[:, 0, :] = -float("inf")
+        best, best_b = scores.max(dim=-1)  # each A token's most similar B token
+        order = best.argsort(dim=-1, descending=True)
+        merged_a, kept_a = order[:, :r], order[:, r:].sort(dim=-1).values
+        target_b = best_b.gather(1, merged_a)
+
+    def merge(x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        a, b = x[:, ::2], x[:, 1::2]
+        channels = x.shape[-1]
+        kept = a.gather(1, kept_a[..., None].expand(-1, -1, channels))
+        moved = a.gather(1, merged_a[..., None].expand(-1, -1, channels))
+        b = b.scatter_reduce(1, target_b[..., None].expand(-1, -1, channels), moved, reduce=reduce)
+        return torch.cat([kept, b], dim=1)
+
+    return merge
+
+
+def merge_weighted(merge, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``x`` by a size-weighted average; returns the merged tokens and their sizes (B, N', 1)."""
+    size = torch.ones_like(x[..., :1]) if size is None else size
+    x = merge(x * size, "sum")
+    size = merge(size, "sum")
+    return x / size, size
+
+
+def attention(attn: Attention, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention`` with proportional attention; also returns the head-averaged keys (B, N, d)."""
+    B, N, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    mask = None if size is None else size.log().transpose(1, 2)[:, None]  # (B, 1, 1, N): log(size) per key
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))))
+    return out, k.mean(dim=1)
+
+
+def block(blk: Block, x: torch.Tensor, size: torch.Tensor | None, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One ToMe block: attention, merge ``r`` tokens, MLP."""
+    out, keys = attention(blk.attn, blk.norm1(x), size)
+    x = x + blk.drop_path1(blk.ls1(out))
+    if r > 0:
+        x, size = merge_weighted(bipartite_soft_matching(keys, r), x, size)
+    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return x, size
+
+
+class ToMeBlocks(nn.Sequential):
+    """The model's blocks, run with ToMe: ``(x, size)`` is threaded from block to block."""
+
+    def __init__(self, blocks: nn.Sequential, r: int):
+        super().__init__(*blocks)
+        self.r = r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = None
+        for blk in self:
+            x, size = block(blk, x, size, self.r)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}"
+
+
+def apply_tome(model: nn.Module, r: int) -> nn.Module:
+    """A deep copy of a class-token timm ``VisionTransformer`` that merges ``r`` tokens in every block."""
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"ToMe baseline: expected a timm VisionTransformer, got {type(model).__name__}")
+    if model.cls_token is None or model.num_prefix_tokens != 1 or model.global_pool != "token":
+        raise ValueError("ToMe baseline: only a class token, no other prefix tokens, and global_pool='token'")
+    for index, blk in enumerate(model.blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention or blk.attn.gate is not None:
+            raise ValueError(f"ToMe baseline: block {index} is not a plain timm Block with ungated Attention")
+    if r < 0:
+        raise ValueError(f"ToMe baseline: r must be >= 0, got {r}")
+    merged = copy.deepcopy(model)
+    merged.blocks = ToMeBlocks(merged.blocks, r)
+    return merged
