@@ -7,12 +7,13 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .budget import default_layers, plan
+from .budget import default_layers, plan_for_budget, target_fraction
 from .config import EViTConfig
 from .errors import InvalidPlanError, UnsupportedModelError
+from .explain import CostModel
 from .families import describe, find_family
 from .options import Method, Score, parse_option
-from .profile import PROFILE_ATTR, profile_of, trace_blocks
+from .profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
 from .reorganizer import TokenReorganizer
 from .rewrite import BlockEdit, rewrite_block, wrap_final_norm
 from .state import CONFIG_ATTR
@@ -69,45 +70,46 @@ def apply(
     """
     family = find_family(model)
     family.check(model)
-    method = parse_option(Method, method, describe(model))
-    if flops is not None or speedup is not None:
-        if keep is not None:
-            raise InvalidPlanError(f"{describe(model)}: give keep or a budget (flops/speedup), not both")
-        config = plan(
-            model,
-            flops=flops,
-            speedup=speedup,
-            layers=layers,
-            img_size=img_size,
-            fuse=fuse,
-            score=score,
-            method=method,
-            proportional=proportional,
-        )
+    where = describe(model)
+    method = parse_option(Method, method, where)
+    budget = flops is not None or speedup is not None
+    if budget and keep is not None:
+        raise InvalidPlanError(f"{where}: give keep or a budget (flops/speedup), not both")
+    # One pipeline, one trace: copy -> trace and locate -> profile -> plan -> rewrite.
+    patched, traced = _traced_copy(model, family, img_size)
+    options = dict(fuse=fuse, score=score, method=method, proportional=proportional)
+    if budget:
+        size = None if img_size is None else ((img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
+        profile = profile_of(traced, patched, family)
+        cost = CostModel(profile, family.num_tokens(patched, size), family.outside_macs(patched, size), size)
+        native = cost if img_size is None else CostModel.of(model)
+        target = target_fraction(flops, speedup) * native.macs_original
+        config = plan_for_budget(cost, target_macs=target, layers=layers, where=where, **options)
     else:
-        num_blocks = len(family.blocks(model))
+        num_blocks = len(traced)
         layers = default_layers(num_blocks) if layers is None else layers
         keep = DEFAULT_KEEP if keep is None else keep
-        config = EViTConfig.build(
-            layers,
-            keep,
-            fuse,
-            num_blocks=num_blocks,
-            where=describe(model),
-            score=score,
-            method=method,
-            proportional=proportional,
-        )
-    return patch_with(model, config, family, img_size=img_size)
+        config = EViTConfig.build(layers, keep, num_blocks=num_blocks, where=where, **options)
+    return _rewrite(model, patched, traced, config, family)
 
 
 def patch_with(model: nn.Module, config: EViTConfig, family=None, *, img_size=None) -> nn.Module:
     """Patch a copy of ``model`` with a validated ``config`` (``apply`` after planning)."""
     family = family or find_family(model)
-    ranking = _score(model, family, config.score)
+    patched, traced = _traced_copy(model, family, img_size)
+    return _rewrite(model, patched, traced, config, family)
+
+
+def _traced_copy(model: nn.Module, family, img_size) -> tuple[nn.Module, list[TracedBlock]]:
+    """The copy to patch (resized if asked) and its traced, located blocks."""
     source = model if img_size is None else family.resized(model, img_size)
     patched = copy.deepcopy(source) if source is model else source
-    traced = trace_blocks(patched, family)
+    return patched, trace_blocks(patched, family)
+
+
+def _rewrite(model: nn.Module, patched: nn.Module, traced: list[TracedBlock], config: EViTConfig, family) -> nn.Module:
+    """Insert the reorganizers and the token state into ``patched``'s traced blocks."""
+    ranking = _score(model, family, config.score)
     rates = dict(zip(config.layers, config.keep))
     rotary, averaged = family.rotary_args(patched), family.pool(patched) == "avg"
     positional = bool(rotary) or any(t.site.bias is not None for t in traced)

@@ -130,7 +130,7 @@ def plan(
     fraction = target_fraction(flops, speedup)
     native = CostModel.of(model)
     cost = native if img_size is None else CostModel.of(_resized(model, img_size), img_size)
-    reference = native.explain(EViTConfig((0,), (1.0,), fuse)).macs_original
+    reference = native.macs_original
     return plan_for_budget(
         cost,
         target_macs=fraction * reference,

@@ -20,7 +20,7 @@ from .apply import patch_with
 from .budget import max_keep_within, plan_for_budget, target_fraction
 from .config import EViTConfig
 from .explain import CostModel
-from .families import describe
+from .families import describe, find_family
 from .options import Method, Score
 from .state import set_keep
 
@@ -41,10 +41,8 @@ class CalibrationResult:
 class _Objective:
     """KL to the original on fixed images, for any per-block keep vector, memoised."""
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, batch_size: int, base: EViTConfig) -> None:
-        depth = CostModel.of(model).num_blocks
-        self.depth = depth
-        every = base.replace(layers=tuple(range(depth)), keep=(1.0,) * depth)
+    def __init__(self, model: nn.Module, images: torch.Tensor, batch_size: int, every: EViTConfig) -> None:
+        self.depth = len(every.layers)
         self.patched = patch_with(model, every)
         self.batches = images.split(batch_size)
         with torch.inference_mode():
@@ -130,19 +128,14 @@ def calibrate(
         step: the first keep-rate step; halved when no move helps, down to ``min_step``.
         max_evaluations: cap on distinct plans evaluated.
     """
-    cost = CostModel.of(model)
-    target = target_fraction(flops, speedup) * cost.explain(EViTConfig((0,), (1.0,), fuse)).macs_original
-    start = plan_for_budget(
-        cost,
-        target_macs=target,
-        layers=layers,
-        fuse=fuse,
-        where=describe(model),
-        score=score,
-        method=method,
-        proportional=proportional,
-    )
-    objective = _Objective(model, images, batch_size, start)
+    # One trace: a copy patched at every block (keep 1.0) serves the cost model and the search.
+    depth = len(find_family(model).blocks(model))
+    options = dict(fuse=fuse, score=score, method=method, proportional=proportional)
+    every = EViTConfig.build(range(depth), 1.0, num_blocks=depth, where=describe(model), **options)
+    objective = _Objective(model, images, batch_size, every)
+    cost = CostModel.of(objective.patched)
+    target = target_fraction(flops, speedup) * cost.macs_original
+    start = plan_for_budget(cost, target_macs=target, layers=layers, where=describe(model), **options)
     state = (start.layers, start.keep)
     best = objective(*state)
     baseline = best

@@ -94,6 +94,11 @@ class CostModel:
     def num_blocks(self) -> int:
         return len(self.profile.costs)
 
+    @property
+    def macs_original(self) -> int:
+        """MACs per sample of the unpatched model at this input size."""
+        return self.outside_macs + sum(cost.macs(self.tokens) for cost in self.profile.costs)
+
     def explain(self, config: EViTConfig) -> Explanation:
         tokens, rows = self.tokens, []
         score = config.score or self.profile.score

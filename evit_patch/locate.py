@@ -248,8 +248,8 @@ def _attention_widths(source: ScoreSource, op: fx.Node, where: str) -> tuple[int
     """``(heads * qk_dim, heads * v_dim, heads)`` read from shape-propagated metadata."""
 
     def shape(n):
-        meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
-        if meta is None:
+        meta = n.meta.get("val") if isinstance(n, fx.Node) else None
+        if not isinstance(meta, torch.Tensor):
             raise UnsupportedModelError(f"{where}: could not infer the shape of {n}")
         return meta.shape
 
@@ -296,13 +296,13 @@ def _logits_keys(op: fx.Node) -> fx.Node | None:
 
 
 def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int) -> BlockCost:
-    """The block's analytic cost; needs ``tensor_meta`` on the graph (shape propagation)."""
+    """The block's analytic cost; needs shapes on the graph (``node.meta["val"]``, see ``profile.py``)."""
     qk_width, v_width, heads = _attention_widths(site.source, site.attention, site.where)
     modules = dict(site.attention.graph.owning_module.named_modules())
     table_macs = 0
     for node in site.table_projections:
-        meta = node.all_input_nodes[0].meta.get("tensor_meta")
-        if meta is None:
+        meta = node.all_input_nodes[0].meta.get("val")
+        if not isinstance(meta, torch.Tensor):
             raise UnsupportedModelError(f"{site.where}: could not infer the shape of {node}")
         rows = math.prod(meta.shape) // _in_features(node, modules)
         table_macs += rows * _linear_macs(node, modules)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .cost import BlockCost
 from .errors import UnsupportedModelError
@@ -66,15 +67,18 @@ def trace_blocks(model: nn.Module, family: Family) -> list[TracedBlock]:
 def _propagate_shapes(
     gm: fx.GraphModule, block: nn.Module, inputs: list[torch.Tensor], *, where: str, tokens: int, channels: int
 ) -> None:
-    """Run the block once on zeros of the model's token count to annotate node shapes."""
+    """Annotate node shapes (``node.meta["val"]``) by running the block on fake tensors of the
+    model's token count: shapes and dtypes only, no arithmetic."""
     param = next(block.parameters(), None)
     device = param.device if param is not None else None
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     was_training = gm.training
     gm.eval()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(1, tokens, channels, device=device, dtype=dtype), *inputs)
+            x = mode.from_tensor(torch.empty(1, tokens, channels, device=device, dtype=dtype))
+            FakeTensorProp(gm, mode).propagate(x, *(mode.from_tensor(t) for t in inputs))
     except Exception as exc:
         raise UnsupportedModelError(
             f"{where}: running the traced block on (1, {tokens}, {channels}) tokens failed: {exc}"
