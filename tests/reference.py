@@ -106,9 +106,10 @@ def reference_forward_hf(model, images, layers, keep, fuse: bool = True):
     return model.classifier(x[:, 0])
 
 
-def assert_patches_like_timm(model, timm_model, images, logits=lambda m, x: m(x)):
+def assert_patches_like_timm(model, timm_model, images, logits=lambda m, x: m(x), atol=1e-9, **options):
     """``model`` holds ``timm_model``'s weights in another library's classes: in float64 the two
-    agree, and patched at keep 0.7 @ 3, 6, 9 they agree again (and differ from unpatched)."""
+    agree, and patched at keep 0.7 @ 3, 6, 9 (``options``: e.g. ``method="merge"``) they agree
+    again (and differ from unpatched)."""
     import copy
 
     import evit_patch
@@ -116,11 +117,11 @@ def assert_patches_like_timm(model, timm_model, images, logits=lambda m, x: m(x)
     model, timm_model, x = model.double().eval(), copy.deepcopy(timm_model).double(), images.double()
     with torch.no_grad():
         original = logits(model, x)
-        torch.testing.assert_close(original, timm_model(x), rtol=0, atol=1e-9)
-        got = logits(evit_patch.apply(model, layers=[3, 6, 9], keep=0.7), x)
-        want = evit_patch.apply(timm_model, layers=[3, 6, 9], keep=0.7)(x)
+        torch.testing.assert_close(original, timm_model(x), rtol=0, atol=atol)
+        got = logits(evit_patch.apply(model, layers=[3, 6, 9], keep=0.7, **options), x)
+        want = evit_patch.apply(timm_model, layers=[3, 6, 9], keep=0.7, **options)(x)
     assert not torch.allclose(got, original, atol=1e-3)  # the patch changes the output ...
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)  # ... identically in both libraries
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)  # ... identically in both libraries
 
 
 # --- Position-aware families: one sample at a time, positions and sizes as Python lists. ---

@@ -206,7 +206,8 @@ def plot(rows: list[Row], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     kinds: dict[str, list[Row]] = {}
     for row in rows:
-        kinds.setdefault(row.name.split(":")[0], []).append(row)
+        kind = row.name.split(":")[0] + (" (method=merge)" if "method=merge" in row.name else "")
+        kinds.setdefault(kind, []).append(row)
     for kind, series in kinds.items():
         series = sorted(series, key=lambda r: r.macs_ratio)
         for axis, field in zip(axes, ("agreement", "kl")):

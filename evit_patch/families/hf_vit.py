@@ -147,6 +147,9 @@ class HFVisionTransformer(Family):
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return _PREFIX_TOKENS[_full_name(type(model))]
 
+    def final_norm(self, model: nn.Module) -> str:
+        return "layernorm" if model.base_model is model else f"{model.base_model_prefix}.layernorm"
+
     def channels(self, model: nn.Module) -> int:
         return int(model.config.hidden_size)
 

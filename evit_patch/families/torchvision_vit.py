@@ -82,6 +82,9 @@ class TorchvisionVisionTransformer(Family):
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 1  # torchvision's ViT always has a class token and its head always reads it
 
+    def final_norm(self, model: nn.Module) -> str:
+        return "encoder.ln"
+
     def channels(self, model: nn.Module) -> int:
         return int(model.hidden_dim)
 
