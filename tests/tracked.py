@@ -107,7 +107,7 @@ def check_threads(model, x, **options):
     """One patched model called from 8 threads at once gives every caller its own answer: positions
     and sizes travel with the tokens, nothing is shared between calls."""
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, **options)
-    inputs = [x[i % len(x)][None] * (1 + i / 8) for i in range(32)]
+    inputs = [x[i % len(x)][None] * (1 + i / 8) for i in range(16)]
     with torch.no_grad():
         alone = [fast(image) for image in inputs]
         with ThreadPoolExecutor(8) as pool:
