@@ -31,6 +31,17 @@ class Family(abc.ABC):
     """Short name, as ``list_supported`` shows it, e.g. ``"timm.VisionTransformer"``."""
     supported: bool = True
     notes: str = ""
+    classes: frozenset[str] = frozenset()
+    """Qualified names of the classes the family is for (``"timm.models.beit.Beit"``): where two
+    families match a model, the one whose class is nearer the model's own class wins."""
+
+    def specificity(self, model: nn.Module) -> int:
+        """Position in ``type(model).__mro__`` of the first class this family claims (lower is more
+        specific); a family that names no classes ranks after every one that does."""
+        for depth, cls in enumerate(type(model).__mro__):
+            if f"{cls.__module__}.{cls.__qualname__}" in self.classes:
+                return depth
+        return len(type(model).__mro__)
 
     @abc.abstractmethod
     def matches(self, model: nn.Module) -> bool:
@@ -110,6 +121,7 @@ class RefusedFamily(Family):
 
     def __init__(self, name: str, class_names: set[str], reason: str) -> None:
         self.name, self.class_names, self.notes = name, class_names, reason
+        self.classes = frozenset(class_names)
 
     def matches(self, model: nn.Module) -> bool:
         return bool(self.class_names & class_path(model))

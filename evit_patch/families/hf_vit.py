@@ -112,6 +112,8 @@ class HFVisionTransformer(Family):
         'attn_implementation "sdpa" or "eager"; fixed input size; no output_attentions/output_hidden_states'
     )
 
+    classes = frozenset({*_BASES})
+
     def matches(self, model: nn.Module) -> bool:
         return bool(_BASES & class_path(model))
 

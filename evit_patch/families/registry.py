@@ -26,7 +26,8 @@ def register_refusal(family: Family) -> Family:
 
 
 def find_family(model: nn.Module) -> Family:
-    """The family responsible for ``model``.
+    """The family responsible for ``model``: of those whose ``matches`` accepts it, the one whose
+    claimed class comes first in the model's MRO (see :meth:`Family.specificity`).
 
     Raises:
         UnsupportedModelError: no family matches; the message lists the supported ones.
@@ -35,9 +36,11 @@ def find_family(model: nn.Module) -> Family:
         raise UnsupportedModelError(
             f"evit_patch.apply expects a torch.nn.Module vision transformer, got {type(model).__name__}"
         )
-    for family in _FAMILIES:
-        if family.matches(model):
-            return family
+    matching = [family for family in _FAMILIES if family.matches(model)]
+    if matching:
+        # The most specific wins, whatever the import order: a family claiming a subclass (or a
+        # refusal of one) beats one claiming its base class; ties go to the first registered.
+        return min(matching, key=lambda family: family.specificity(model))
     supported = ", ".join(f.name for f in _FAMILIES if f.supported)
     raise UnsupportedModelError(
         f"{describe(model)} is not a vision transformer evit_patch knows: no registered family "

@@ -25,6 +25,8 @@ class TimmBeit(TimmVisionTransformer):
         "the fused token as the tokens it stands for"
     )
 
+    classes = frozenset({"timm.models.beit.Beit"})
+
     def matches(self, model: nn.Module) -> bool:
         return type(model).__module__ == "timm.models.beit" and type(model).__name__ == "Beit"
 

@@ -25,6 +25,8 @@ class TimmEva(TimmVisionTransformer):
         "pooling, as for timm.VisionTransformer"
     )
 
+    classes = frozenset({"timm.models.eva.Eva"})
+
     def matches(self, model: nn.Module) -> bool:
         return type(model).__module__ == "timm.models.eva" and type(model).__name__ == "Eva"
 

@@ -24,6 +24,8 @@ class TimmVisionTransformerRelPos(TimmVisionTransformer):
         "follows each surviving token's original position; class token or average pooling"
     )
 
+    classes = frozenset({"timm.models.vision_transformer_relpos.VisionTransformerRelPos"})
+
     def matches(self, model: nn.Module) -> bool:
         cls = type(model)
         return cls.__module__ == "timm.models.vision_transformer_relpos" and cls.__name__ == "VisionTransformerRelPos"

@@ -68,6 +68,8 @@ class TimmVisionTransformer(Family):
         "attention they receive, and the fused token counts as the tokens it stands for in the average"
     )
 
+    classes = frozenset({"timm.models.vision_transformer.VisionTransformer"})
+
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
 

@@ -69,6 +69,8 @@ class TorchvisionVisionTransformer(Family):
         "on the same parameters (keep=1.0 matches to float rounding, not bitwise); fixed input size"
     )
 
+    classes = frozenset({_CLASS})
+
     def matches(self, model: nn.Module) -> bool:
         return _CLASS in class_path(model)
 
