@@ -1,4 +1,5 @@
-"""Demo: patch a genuine pretrained DeiT-Tiny, explain it, time it, and check it on real images.
+"""Demo: patch a genuine pretrained DeiT-Tiny, explain it, time it, and check it on real images;
+then the training-free choice at the same MACs (``method="merge"``) beside it.
 
     python tools/demo.py                       # offline: ../shared/data weights and images
     python tools/demo.py --model deit_small_patch16_224 --pretrained   # weights from the hub
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         f"FLOP ideal {report.ideal_speedup:.2f}x, efficiency {speed.speedup / report.ideal_speedup:.2f}\n"
     )
 
+    fraction = report.macs_patched / report.macs_original
+    merged = evit_patch.apply(model, flops=fraction, method="merge")
+    print(f"Without fine-tuning, the same budget merged (apply(model, flops={fraction:.3f}, method='merge')):")
+    print(evit_patch.explain(merged), end="\n\n")
+
     transform = create_transform(**resolve_data_config({}, model=model))
     for manifest in ("imagenet_val", "imagenet_sample"):
         path = args.data_dir / "images" / f"{manifest}.csv"
@@ -63,12 +69,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{path} not found: skipping accuracy")
             continue
         images, labels = load_images(path, transform)
-        c = compare(model, fast, images, labels)
-        print(
-            f"{manifest} ({c.images} real images): top-1 {100 * c.top1_original:.1f} % -> "
-            f"{100 * c.top1_patched:.1f} %, agreement with the original {100 * c.agreement:.1f} %, "
-            f"mean KL {c.mean_kl:.3f}"
-        )
+        for name, patched in (("EViT", fast), ("merge", merged)):
+            c = compare(model, patched, images, labels, progress=False)
+            print(
+                f"{manifest} ({c.images} real images), {name:>5}: top-1 {100 * c.top1_original:.1f} % -> "
+                f"{100 * c.top1_patched:.1f} %, agreement with the original {100 * c.agreement:.1f} %, "
+                f"mean KL {c.mean_kl:.3f}"
+            )
 
 
 if __name__ == "__main__":
