@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from .budget import default_layers, plan
+from .checks import check_not_patched
 from .config import EViTConfig
 from .errors import InvalidPlanError
 from .families import describe, find_family
@@ -57,6 +58,7 @@ def apply(
         UnsupportedModelError: the model or a block cannot be patched soundly (nothing changed).
         InvalidPlanError: ``layers``/``keep`` are malformed for this model, or the budget is infeasible.
     """
+    check_not_patched(model)
     family = find_family(model)
     family.check(model)
     if flops is not None or speedup is not None:

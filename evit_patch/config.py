@@ -7,6 +7,7 @@ import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .checks import check_flag, check_layers, check_rates
 from .errors import InvalidPlanError
 
 
@@ -50,6 +51,9 @@ class EViTConfig:
 
         ``keep`` is one rate for every layer or one per layer, in the order ``layers`` was given.
         """
+        check_layers(layers, where)
+        check_rates(keep, "keep", where)
+        fuse = check_flag(fuse, "fuse", where)
         layer_list = [layers] if isinstance(layers, numbers.Integral) else list(layers)
         if not layer_list:
             raise InvalidPlanError(f"{where}: layers is empty; expected at least one block index")
@@ -75,7 +79,7 @@ class EViTConfig:
                 )
         keeps = [_check_keep(k, f"{where}, layer {layer}") for layer, k in zip(layer_list, keeps)]
         pairs = sorted(zip((int(x) for x in layer_list), keeps))
-        return cls(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), bool(fuse), check_score(score, where))
+        return cls(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), fuse, check_score(score, where))
 
     def keep_at(self, layer: int) -> float | None:
         """The keep rate at ``layer``, ``None`` where the block does not reorganize."""
@@ -87,4 +91,5 @@ class EViTConfig:
     @classmethod
     def from_dict(cls, data: dict) -> EViTConfig:
         layers, keep = tuple(data["layers"]), tuple(float(k) for k in data["keep"])
-        return cls(layers, keep, bool(data.get("fuse", True)), check_score(data.get("score"), "EViTConfig"))
+        fuse = check_flag(data.get("fuse", True), "fuse", "EViTConfig")
+        return cls(layers, keep, fuse, check_score(data.get("score"), "EViTConfig"))
