@@ -1,6 +1,6 @@
 """``benchmark``: throughput of the original and the patched model, timed in one process.
 
-    python tools/benchmark.py --model deit_small_patch16_224 --layers 3 6 9 --keep 0.7 \\
+    evit-patch benchmark --model deit_small_patch16_224 --layers 3 6 9 --keep 0.7 \\
         --batch-size 1 16 64 [--amp bf16] [--torchcompile] [--device cuda] [--json out.json]
 
 Rounds alternate between the two models, warm-up rounds are discarded, CUDA is timed with

@@ -1,10 +1,10 @@
 """``finetune``: recover the accuracy a patched model lost, by distilling its unpatched original.
 
-    python tools/finetune.py --model deit_small_patch16_224 --pretrained --layers 3 6 9 --keep 0.7 \\
+    evit-patch finetune --model deit_small_patch16_224 --pretrained --layers 3 6 9 --keep 0.7 \\
         --data-dir /data/imagenet/train --val-dir /data/imagenet/val --epochs 1 --batch-size 256 \\
         --amp --torchcompile --output runs/deit_s_k07
     torchrun --nproc_per_node 8 tools/finetune.py ...          # same flags, one process per GPU
-    python tools/finetune.py ... --resume runs/deit_s_k07       # continues exactly where it stopped
+    evit-patch finetune ... --resume runs/deit_s_k07       # continues exactly where it stopped
 
 The teacher is the original model (frozen); the student is ``evit_patch.apply`` of it, and its
 keep rate warms up from 1.0 to ``--keep``. ``--data-dir`` is an ImageFolder tree, a folder of

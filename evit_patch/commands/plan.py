@@ -1,8 +1,8 @@
 """``plan``: turn a budget into layers and keep rates, analytically or calibrated on images.
 
-    python tools/plan.py --model deit_tiny_patch16_224 --checkpoint w.safetensors --flops 0.66
-    python tools/plan.py ... --flops 0.66 --data val.csv sample.csv --calibration-images 128
-    python tools/plan.py ... --flops 1.0 --img-size 272        # same cost, higher resolution
+    evit-patch plan --model deit_tiny_patch16_224 --checkpoint w.safetensors --flops 0.66
+    evit-patch plan ... --flops 0.66 --data val.csv sample.csv --calibration-images 128
+    evit-patch plan ... --flops 1.0 --img-size 272        # same cost, higher resolution
 
 With ``--data``, a seeded shuffle of the images is split: the first ``--calibration-images`` are
 used to search, the rest to report agreement of the calibrated plan and of the analytic one.
