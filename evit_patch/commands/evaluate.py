@@ -16,13 +16,13 @@ import evit_patch
 
 from ..data import load_images
 from ..evaluate import compare
-from .common import add_model_arguments, load_model
+from .common import add_model_arguments, load_model, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, default_model="deit_tiny_patch16_224")
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="manifest CSVs or ImageFolder dirs")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default: 64)")
     parser.add_argument(
         "--sweep",
         action="store_true",

@@ -25,7 +25,7 @@ import torch
 
 import evit_patch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 from ..train import checkpoint, distributed
 from ..train.data import (
     ResumableBatches,
@@ -38,13 +38,16 @@ from ..train.data import (
 )
 from ..train.loop import AMP_DTYPES, TrainConfig, Trainer
 from ..weights import create_model
-from .common import add_model_arguments, keep_arg
+from .common import add_model_arguments, device, keep_arg, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument(
-        "--img-size", type=int, default=None, help="build the model for this input size (a --checkpoint must match it)"
+        "--img-size",
+        type=positive_int,
+        default=None,
+        help="build the model for this input size (a --checkpoint must match it)",
     )
     parser.add_argument("--data-dir", type=Path, required=True, help="ImageFolder tree, image folder or manifest .csv")
     parser.add_argument("--val-dir", type=Path, default=None, help="labelled ImageFolder or manifest to evaluate on")
@@ -52,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", type=Path, default=None, help="continue the run saved in this output directory")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per process and micro-batch")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per process and micro-batch")
     parser.add_argument("--grad-accum-steps", type=int, default=1)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--min-lr", type=float, default=0.0)
@@ -70,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-aug", action="store_true", help="train on the eval transform (no augmentation)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader processes")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
+    parser.add_argument("--device", type=device, default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process (default: torch's)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="optimizer steps between checkpoints")
     parser.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept on disk")
 
@@ -81,9 +84,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "grad_accum_steps", "max_steps", "keep_checkpoints"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+        raise UsageError(f"--temperature must be positive, got {args.temperature}")
     if args.val_dir is not None and not args.val_dir.exists():
         raise FileNotFoundError(f"--val-dir {args.val_dir} does not exist: expected a labelled ImageFolder or manifest")
 
@@ -138,7 +141,7 @@ def _train_config(args, labelled: bool) -> TrainConfig:
 def _output_dir(args: argparse.Namespace) -> Path:
     output = args.output or args.resume
     if output is None:
-        raise ValueError("give --output for a new run, or --resume <output dir> to continue one")
+        raise UsageError("give --output for a new run, or --resume <output dir> to continue one")
     if args.resume is None and checkpoint.complete(output):
         raise CheckpointError(
             f"--output {output} already holds a run ({checkpoint.complete(output)[-1].name}); "

@@ -21,7 +21,7 @@ import evit_patch
 
 from ..data import load_images
 from ..evaluate import compare
-from .common import load_model
+from .common import load_model, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--flops", type=float, help="fraction of the original MACs, e.g. 0.66")
     budget.add_argument("--speedup", type=float, help="FLOP-ideal speedup, e.g. 1.5")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="default: D/4, D/2, 3D/4")
-    parser.add_argument("--img-size", type=int, default=None, help="plan for this input size")
+    parser.add_argument("--img-size", type=positive_int, default=None, help="plan for this input size")
     parser.add_argument("--data", type=Path, nargs="*", default=[], help="manifests/ImageFolders to calibrate on")
     parser.add_argument("--calibration-images", type=int, default=128)
     parser.add_argument("--max-evaluations", type=int, default=200)
