@@ -12,7 +12,7 @@ from .checks import check_not_patched
 from .config import EViTConfig
 from .errors import InvalidPlanError
 from .families import describe, find_family
-from .intermediates import guard_intermediates
+from .guards import install_guards
 from .profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
 from .reorganizer import Score, TokenReorganizer
 from .rewrite import insert_position_gathers, insert_reorganizer, with_size_weights
@@ -102,7 +102,7 @@ def apply(
         norm = with_size_weights(patched.get_submodule(name), track, averaged, where=f"{describe(patched)}.{name}")
         patched.set_submodule(name, norm)
     setattr(patched, PROFILE_ATTR, profile_of(traced, patched, family))
-    guard_intermediates(patched)
+    install_guards(patched)
     return patched
 
 

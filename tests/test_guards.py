@@ -1,5 +1,5 @@
-"""timm's forward_intermediates / get_intermediate_layers on patched models: served before the first
-reorganization (and the final features), refused by name after it (issue 15, item 7)."""
+"""timm methods on patched models: forward_intermediates / get_intermediate_layers served before the first
+reorganization (and final features), refused by name after it; set_input_size all or nothing (issue 15, items 7, 8)."""
 
 from __future__ import annotations
 
@@ -56,3 +56,37 @@ def test_the_guard_follows_copies():
     loaded = pickle.loads(pickle.dumps(fast))
     assert loaded.forward_intermediates.model is loaded
     assert "forward_intermediates" not in fast.state_dict()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: make_vit(img_size=64, depth=4, num_classes=10),
+        lambda: make_vit("vit_base_patch16_gap_224", img_size=64, depth=4, embed_dim=64, num_heads=4),
+    ],
+    ids=["vit", "vit_gap"],
+)
+def test_set_input_size_follows_where_the_blocks_can(make):
+    model = make()
+    fast = evit_patch.apply(model, layers=[2], keep=0.5)
+    fast.set_input_size((96, 96))
+    model.set_input_size((96, 96))
+    x = images(2, size=96)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), evit_patch.apply(model, layers=[2], keep=0.5)(x), rtol=0, atol=0)
+
+
+def test_set_input_size_on_beit_is_refused_and_changes_nothing():
+    fast = evit_patch.apply(small_beit(), layers=[2], keep=0.5)
+    x = images(2, size=64)
+    with torch.no_grad():
+        before = fast(x)
+    with pytest.raises(
+        UnsupportedInputError,
+        match=r"^set_input_size: Beit \(beit_base_patch16_224\) was patched with blocks traced for its input size, "
+        r"which cannot follow a new one \(.*set_window_size.*\); call set_input_size on the original model and "
+        r"apply evit_patch again, or use evit_patch.apply\(model, ..., img_size=...\)$",
+    ):
+        fast.set_input_size((96, 96))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), before, rtol=0, atol=0)
