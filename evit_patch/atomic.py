@@ -24,7 +24,8 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
 
     The file ends with mode ``0o666 & ~umask``, as ``open(path, "w")`` would create it.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The temporary name ends like the final one (torch.export.save warns about a name without .pt2).
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         write(tmp)

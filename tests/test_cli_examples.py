@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from evit_patch import cli
 from evit_patch.commands import common
@@ -47,7 +48,9 @@ def test_examples_are_found():
 
 
 @pytest.mark.parametrize(("where", "line"), EXAMPLES, ids=[f"{w}:{line[:40]}" for w, line in EXAMPLES])
-def test_example_parses_and_its_keep_fits_its_layers(where, line):
+def test_example_parses_and_its_keep_fits_its_layers(where, line, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # examples may say --device cuda
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     args = cli.build_parser().parse_args(shlex.split(line))
     keep, layers = getattr(args, "keep", None), getattr(args, "layers", None)
     if isinstance(keep, list) and len(keep) > 1 and not getattr(args, "sweep", False):

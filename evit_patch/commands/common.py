@@ -14,8 +14,12 @@ from ..weights import create_model
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "weights"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str = "deit_small_patch16_224") -> None:
-    parser.add_argument("--model", default=default_model, help="timm model name (default: %(default)s)")
+DEFAULT_MODEL = "deit_tiny_patch16_224"
+"""Every command's default ``--model``: the model whose genuine weights the tests and demo use."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="local weights: .safetensors or .pth")
     parser.add_argument("--pretrained", action="store_true", help="download pretrained weights through timm")
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9], help="0-indexed blocks (default: 3 6 9)")

@@ -20,7 +20,7 @@ from .common import add_model_arguments, load_model, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, default_model="deit_tiny_patch16_224")
+    add_model_arguments(parser)
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="manifest CSVs or ImageFolder dirs")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default: 64)")
     parser.add_argument(

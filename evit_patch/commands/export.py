@@ -29,7 +29,7 @@ FORMATS = ("onnx", "pt2", "safetensors")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, default_model="deit_tiny_patch16_224")
+    add_model_arguments(parser)
     add_load_argument(parser)
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="default: %(default)s")
     parser.add_argument("--output", type=Path, required=True, help="file (onnx, pt2) or directory (safetensors)")

@@ -4,7 +4,7 @@
         --data-dir /data/imagenet/train --val-dir /data/imagenet/val --epochs 1 --batch-size 256 \\
         --amp --torchcompile --output runs/deit_s_k07
     torchrun --nproc_per_node 8 tools/finetune.py ...          # same flags, one process per GPU
-    evit-patch finetune ... --resume runs/deit_s_k07       # continues exactly where it stopped
+    evit-patch finetune --resume runs/deit_s_k07      # continues where it stopped, with the flags in its args.json
 
 The teacher is the original model (frozen); the student is ``evit_patch.apply`` of it, and its
 keep rate warms up from 1.0 to ``--keep``. ``--data-dir`` is an ImageFolder tree, a folder of
@@ -47,19 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--img-size",
         type=positive_int,
         default=None,
-        help="build the model for this input size (a --checkpoint must match it)",
+        help="build the model for this input size (--checkpoint position embeddings are resampled as timm does)",
     )
-    parser.add_argument("--data-dir", type=Path, required=True, help="ImageFolder tree, image folder or manifest .csv")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="ImageFolder tree, image folder or manifest .csv (required)"
+    )
     parser.add_argument("--val-dir", type=Path, default=None, help="labelled ImageFolder or manifest to evaluate on")
     parser.add_argument("--output", type=Path, default=None, help="run directory (default: the --resume directory)")
     parser.add_argument("--resume", type=Path, default=None, help="continue the run saved in this output directory")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over --data-dir (default: 1)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per process and micro-batch")
-    parser.add_argument("--grad-accum-steps", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--min-lr", type=float, default=0.0)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine decay")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="LR warm-up steps (default: 5%% of the run)")
     parser.add_argument("--keep-warmup", type=int, default=None, help="keep warm-up steps (default: half the run)")
     parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
@@ -67,20 +69,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-only", action="store_true", help="ignore labels: distillation loss only")
     parser.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
     parser.add_argument("--amp", action="store_true", help="autocast with --amp-dtype")
-    parser.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default="bfloat16")
+    parser.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default="bfloat16", help="--amp: autocast dtype")
     parser.add_argument("--torchcompile", action="store_true", help="torch.compile the student after keep warm-up")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     parser.add_argument("--no-aug", action="store_true", help="train on the eval transform (no augmentation)")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="data order, augmentation and init seed")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader processes")
     parser.add_argument("--device", type=device, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process (default: torch's)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="optimizer steps between checkpoints")
     parser.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept on disk")
+    # --resume DIR takes the flags the run was started with from DIR/args.json; flags given again win.
+    parser.set_defaults(argument_defaults={a.dest: a.default for a in parser._actions if a.dest != "help"})
+
+
+_NOT_RESUMED = {"resume", "output", "run", "command", "argument_defaults"}
+_PATHS = {"data_dir", "val_dir", "checkpoint"}
+
+
+def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with each flag not given on this command line taken from the resumed run's ``args.json``."""
+    saved_path = Path(args.resume) / "args.json" if args.resume is not None else None
+    defaults = getattr(args, "argument_defaults", None)
+    if saved_path is None or defaults is None or not saved_path.is_file():
+        return args
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{saved_path}: not valid JSON ({exc})") from exc
+    for key, value in saved.items():
+        if key in _NOT_RESUMED or key not in defaults or getattr(args, key) != defaults[key]:
+            continue
+        setattr(args, key, Path(value) if key in _PATHS and value is not None else value)
+    return args
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Refuse malformed flags before any model is built."""
+    if args.data_dir is None:
+        raise UsageError("give --data-dir (or --resume a run started with one)")
     for name in ("epochs", "batch_size", "grad_accum_steps", "max_steps", "keep_checkpoints"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -151,6 +178,7 @@ def _output_dir(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
+    args = _resumed_arguments(args)
     _check_arguments(args)
     output = _output_dir(args)
     resume_dir = checkpoint.latest(args.resume) if args.resume is not None else None
@@ -196,7 +224,8 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial(output)
         if resume_dir is None:
-            (output / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+            given = {k: v for k, v in vars(args).items() if k not in {"run", "argument_defaults"}}
+            (output / "args.json").write_text(json.dumps(given, indent=2, default=str) + "\n")
         print(
             f"{args.model} layers {identity['layers']} keep {identity['keep']}: {len(items)} images, "
             f"{ctx.world_size} process(es) on {ctx.device}, global batch {identity['global_batch']}, "

@@ -21,23 +21,27 @@ import evit_patch
 
 from ..data import load_images
 from ..evaluate import compare
-from .common import load_model, positive_int
+from .common import DEFAULT_MODEL, load_model, non_negative_int, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="deit_tiny_patch16_224")
-    parser.add_argument("--checkpoint", type=Path, default=None)
-    parser.add_argument("--pretrained", action="store_true")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="local weights: .safetensors or .pth")
+    parser.add_argument("--pretrained", action="store_true", help="download pretrained weights through timm")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--flops", type=float, help="fraction of the original MACs, e.g. 0.66")
     budget.add_argument("--speedup", type=float, help="FLOP-ideal speedup, e.g. 1.5")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="default: D/4, D/2, 3D/4")
     parser.add_argument("--img-size", type=positive_int, default=None, help="plan for this input size")
     parser.add_argument("--data", type=Path, nargs="*", default=[], help="manifests/ImageFolders to calibrate on")
-    parser.add_argument("--calibration-images", type=int, default=128)
-    parser.add_argument("--max-evaluations", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--calibration-images", type=non_negative_int, default=128, help="images the calibration uses (default: 128)"
+    )
+    parser.add_argument(
+        "--max-evaluations", type=positive_int, default=200, help="calibration: most plans tried (default: 200)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="calibration image sample (default: 0)")
+    parser.add_argument("--json", type=Path, default=None, help="write the plans here")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -23,7 +23,7 @@ import evit_patch
 
 from ..errors import UsageError
 from ..weights import create_model
-from .common import positive_int
+from .common import DEFAULT_MODEL, positive_int
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -71,17 +71,19 @@ def save_png(image: Image.Image, path: Path, colours: int | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="deit_tiny_patch16_224")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="local weights (.safetensors or .pth)")
     parser.add_argument("--pretrained", action="store_true", help="download weights through timm")
     parser.add_argument("--image", type=Path, nargs="+", required=True, help="one or more images (one batch)")
-    parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
+    parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9], help="0-indexed blocks (default: 3 6 9)")
     parser.add_argument("--keep", type=float, nargs="+", default=[0.7], help="one rate, or one per layer")
     parser.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
     parser.add_argument("--img-size", type=positive_int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--panel", type=positive_int, default=224, help="panel size in pixels")
     parser.add_argument("--data-dir", type=Path, default=SHARED, help="folder with weights/ and labels/")
-    parser.add_argument("--output", type=Path, default=Path("evit_kept.png"))
+    parser.add_argument(
+        "--output", type=Path, default=Path("evit_kept.png"), help="PNG to write (default: %(default)s)"
+    )
 
 
 def run(args: argparse.Namespace) -> Path:
