@@ -9,7 +9,9 @@
 The teacher is the original model (frozen); the student is ``evit_patch.apply`` of it, and its
 keep rate warms up from 1.0 to ``--keep``. ``--data-dir`` is an ImageFolder tree, a folder of
 unlabelled images or a ``file,label`` manifest CSV. The result reloads with
-``evit_patch.load_pretrained("<output>/final")``. ``--batch-size`` is per process, as in timm.
+``evit_patch.load_pretrained("<output>/final")``; with ``--val-dir``, ``<output>/best`` is the
+model with the lowest validation KL to the original, the untouched patched model included (its
+evaluation is in ``<output>/best.json``). ``--batch-size`` is per process, as in timm.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..train.data import (
     train_transform,
     val_loader,
 )
-from ..train.loop import AMP_DTYPES, TrainConfig, Trainer
+from ..train.loop import AMP_DTYPES, BEST_NAME, TrainConfig, Trainer
 from ..weights import create_model
 from .common import add_model_arguments, device, keep_arg, positive_int
 
@@ -238,9 +240,11 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
         val = val_loader(args.val_dir, teacher, batch_size=args.batch_size, workers=args.workers)
     result = trainer.fit(val, resumed=resume_dir is not None)
     final = trainer.save_final()
+    best = output / BEST_NAME
     summary = {
         **result,
         "final": str(final) if final else None,
+        "best": {"path": str(output / "best"), **json.loads(best.read_text())} if best.is_file() else None,
         "identity": identity,
         "wall_s": time.perf_counter() - begin,
     }
