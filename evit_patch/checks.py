@@ -52,6 +52,8 @@ def check_not_patched(model: nn.Module, what: str = "apply") -> None:
     """Refuse to patch a model that already holds reorganizers: each block would reorganize twice."""
     from .reorganizer import TokenReorganizer
 
+    if not isinstance(model, nn.Module):
+        return  # find_family refuses it, naming the type
     layers = sorted(m.layer for m in model.modules() if isinstance(m, TokenReorganizer))
     if layers:
         raise InvalidPlanError(
