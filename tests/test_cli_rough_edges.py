@@ -67,7 +67,7 @@ def test_finetune_resume_takes_the_runs_flags(tmp_path):
     first += ["--batch-size", "4", "--workers", "0", "--keep", "0.5", "--layers", "1", "2", "--max-steps", "1"]
     assert cli.main([str(a) for a in first]) == 0
     saved = json.loads((tmp_path / "run" / "args.json").read_text())
-    assert saved["keep"] == [0.5] and "argument_defaults" not in saved
+    assert saved["keep"] == [0.5] and "argv" not in saved
     assert cli.main(["finetune", "--resume", str(tmp_path / "run"), "--max-steps", "2"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["identity"]["keep"] == [0.5, 0.5] and summary["identity"]["layers"] == [1, 2]

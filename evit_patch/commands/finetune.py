@@ -81,26 +81,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process (default: torch's)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="optimizer steps between checkpoints")
     parser.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept on disk")
-    # --resume DIR takes the flags the run was started with from DIR/args.json; flags given again win.
-    parser.set_defaults(argument_defaults={a.dest: a.default for a in parser._actions if a.dest != "help"})
 
 
-_NOT_RESUMED = {"resume", "output", "run", "command", "argument_defaults"}
+_NOT_RESUMED = {"resume", "output", "run", "command", "argv"}
 _PATHS = {"data_dir", "val_dir", "checkpoint"}
 
 
+def _given(argv: list[str]) -> set[str]:
+    """The destinations of the finetune flags present in ``argv`` (defaults do not count)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    for action in parser._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    known, _ = parser.parse_known_args(argv)  # the subcommand name, if any, is left over
+    return set(vars(known))
+
+
 def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` with each flag not given on this command line taken from the resumed run's ``args.json``."""
+    """``args`` with each flag not given on this command line taken from the resumed run's ``args.json``.
+
+    Needs ``args.argv`` (set by the ``evit-patch`` CLI and ``tools/finetune.py``) to tell a flag given
+    at its default value from one not given; without it, ``args`` are used as they are.
+    """
     saved_path = Path(args.resume) / "args.json" if args.resume is not None else None
-    defaults = getattr(args, "argument_defaults", None)
-    if saved_path is None or defaults is None or not saved_path.is_file():
+    argv = getattr(args, "argv", None)
+    if saved_path is None or argv is None or not saved_path.is_file():
         return args
+    given = _given(argv)
     try:
         saved = json.loads(saved_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{saved_path}: not valid JSON ({exc})") from exc
     for key, value in saved.items():
-        if key in _NOT_RESUMED or key not in defaults or getattr(args, key) != defaults[key]:
+        if key in _NOT_RESUMED or key in given or not hasattr(args, key):
             continue
         setattr(args, key, Path(value) if key in _PATHS and value is not None else value)
     return args
@@ -226,8 +239,8 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial(output)
         if resume_dir is None:
-            given = {k: v for k, v in vars(args).items() if k not in {"run", "argument_defaults"}}
-            (output / "args.json").write_text(json.dumps(given, indent=2, default=str) + "\n")
+            flags = {k: v for k, v in vars(args).items() if k not in {"run", "argv"}}
+            (output / "args.json").write_text(json.dumps(flags, indent=2, default=str) + "\n")
         print(
             f"{args.model} layers {identity['layers']} keep {identity['keep']}: {len(items)} images, "
             f"{ctx.world_size} process(es) on {ctx.device}, global batch {identity['global_batch']}, "
