@@ -8,10 +8,12 @@ from collections.abc import Iterable
 from torch import nn
 
 from .budget import default_layers, plan_for_budget, target_fraction
+from .checks import check_not_patched
 from .config import EViTConfig
 from .errors import InvalidPlanError, UnsupportedModelError
 from .explain import CostModel
 from .families import describe, find_family
+from .guards import install_guards
 from .options import Method, Score, parse_option
 from .profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
 from .reorganizer import TokenReorganizer
@@ -68,6 +70,7 @@ def apply(
         UnsupportedModelError: the model or a block cannot be patched soundly (nothing changed).
         InvalidPlanError: ``layers``/``keep`` are malformed for this model, or the budget is infeasible.
     """
+    check_not_patched(model)
     family = find_family(model)
     family.check(model)
     where = describe(model)
@@ -157,6 +160,7 @@ def _rewrite(model: nn.Module, patched: nn.Module, traced: list[TracedBlock], co
         patched.set_submodule(name, wrap_final_norm(patched.get_submodule(name), edit, averaged, where=where))
     setattr(patched, PROFILE_ATTR, profile_of(traced, patched, family))
     setattr(patched, CONFIG_ATTR, config.replace(score=None if ranking is family.score(model) else ranking))
+    install_guards(patched)
     return patched
 
 

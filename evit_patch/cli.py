@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``evit-patch`` console script and ``python -m evit_patch``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # which flags were given (finetune --resume)
     try:
         args.run(args)
     except USER_ERRORS as exc:

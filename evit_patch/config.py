@@ -8,6 +8,7 @@ import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .checks import check_flag, check_layers, check_rates
 from .errors import InvalidPlanError
 from .options import Method, Score, parse_option
 
@@ -55,6 +56,9 @@ class EViTConfig:
 
         ``keep`` is one rate for every layer or one per layer, in the order ``layers`` was given.
         """
+        check_layers(layers, where)
+        check_rates(keep, "keep", where)
+        fuse = check_flag(fuse, "fuse", where)
         layer_list = [layers] if isinstance(layers, numbers.Integral) else list(layers)
         if not layer_list:
             raise InvalidPlanError(f"{where}: layers is empty; expected at least one block index")
@@ -83,10 +87,10 @@ class EViTConfig:
         return cls(
             tuple(p[0] for p in pairs),
             tuple(p[1] for p in pairs),
-            _check_flag(fuse, "fuse", where),
+            fuse,
             parse_option(Score, score, where, optional=True),
             parse_option(Method, method, where),
-            None if proportional is None else _check_flag(proportional, "proportional", where),
+            None if proportional is None else check_flag(proportional, "proportional", where),
         )
 
     def options(self) -> dict:
@@ -118,15 +122,8 @@ class EViTConfig:
         return cls(
             layers,
             keep,
-            _check_flag(data.get("fuse", True), "fuse", where),
+            check_flag(data.get("fuse", True), "fuse", where),
             parse_option(Score, data.get("score"), where, optional=True),
             parse_option(Method, data.get("method", Method.EVIT.value), where),
-            None if data.get("proportional") is None else _check_flag(data["proportional"], "proportional", where),
+            None if data.get("proportional") is None else check_flag(data["proportional"], "proportional", where),
         )
-
-
-def _check_flag(value: object, name: str, where: str) -> bool:
-    """A real ``bool``: ``fuse="no"`` must not read as ``True``."""
-    if not isinstance(value, bool):
-        raise InvalidPlanError(f"{where}: {name} must be True or False, got {value!r}")
-    return value

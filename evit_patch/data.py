@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .errors import UsageError
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("EVIT_PATCH_CACHE", Path.home() / ".cache" / "evit_patch"))
@@ -32,7 +34,7 @@ def read_manifest(csv_path: str | Path) -> list[tuple[Path, int]]:
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or "file" not in rows[0] or "label" not in rows[0]:
-        raise ValueError(f"{csv_path}: expected a CSV with 'file' and 'label' columns")
+        raise UsageError(f"{csv_path}: expected a CSV with 'file' and 'label' columns")
     return [(root / r["file"], int(r["label"])) for r in rows]
 
 
@@ -50,14 +52,14 @@ def read_image_folder(root: str | Path) -> list[tuple[Path, int]]:
     root = Path(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
     if not classes:
-        raise ValueError(f"{root}: expected an ImageFolder tree (one sub-folder per class), found no sub-folders")
+        raise UsageError(f"{root}: expected an ImageFolder tree (one sub-folder per class), found no sub-folders")
     wnids = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
     index = (
         {c: wnids[c] for c in classes} if all(c in wnids for c in classes) else {c: i for i, c in enumerate(classes)}
     )
     items = [(p, index[c]) for c in classes for p in sorted((root / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not items:
-        raise ValueError(f"{root}: the class folders hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UsageError(f"{root}: the class folders hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return items
 
 

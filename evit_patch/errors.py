@@ -25,3 +25,7 @@ class UnsupportedInputError(EViTError, ValueError):
 
 class CheckpointError(EViTError, ValueError):
     """A saved evit_patch model is missing, malformed, or does not match what is loaded into."""
+
+
+class UsageError(EViTError, ValueError):
+    """A command-line flag or an input file (images, folders) is not what the command needs."""

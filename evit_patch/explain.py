@@ -137,4 +137,6 @@ def explain(
     model: nn.Module, img_size: int | tuple[int, int] | None = None, *, config: EViTConfig | None = None
 ) -> Explanation:
     """Explain a patched model (or an original one under a hypothetical ``config``) at ``img_size``."""
-    return CostModel.of(model, img_size).explain(config if config is not None else get_config(model))
+    if config is None:  # before tracing: an unpatched model without a config is the caller's mistake
+        config = get_config(model, what="explain", hint=", or pass config=EViTConfig(...) to explain a plan")
+    return CostModel.of(model, img_size).explain(config)

@@ -33,6 +33,13 @@ def example_input(model: nn.Module, batch: int = 2, *, seed: int | None = None) 
 
     param = next(model.parameters())
     channels, *size = resolve_data_config({}, model=model)["input_size"]
+    config = getattr(model, "config", None)  # transformers: image_size and num_channels in its config
+    if config is not None and getattr(config, "image_size", None):
+        side = config.image_size
+        size = list(side) if isinstance(side, (tuple, list)) else [side, side]
+        channels = getattr(config, "num_channels", channels)
+    if isinstance(getattr(model, "image_size", None), int):  # torchvision
+        size = [model.image_size, model.image_size]
     size = getattr(getattr(model, "patch_embed", None), "img_size", None) or size
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, *size, dtype=param.dtype, generator=generator)
@@ -61,10 +68,33 @@ def _evaluating(model: nn.Module):
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _no_full_masks():
             yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def _no_full_masks():
+    """While exporting, let transformers skip the attention mask when the caller gave none, as it does
+    in eager mode. Under ``torch.export`` it builds an all-visible ``(N, N)`` mask instead, which a
+    patched layer would take for a caller's mask and a later layer, seeing fewer tokens, cannot use."""
+    import sys
+
+    masking = sys.modules.get("transformers.masking_utils")
+    original = getattr(masking, "_ignore_bidirectional_mask_sdpa", None)
+    if original is None:
+        yield
+        return
+
+    def ignore(padding_mask, *args, **kwargs):
+        return padding_mask is None or original(padding_mask, *args, **kwargs)
+
+    masking._ignore_bidirectional_mask_sdpa = ignore
+    try:
+        yield
+    finally:
+        masking._ignore_bidirectional_mask_sdpa = original
 
 
 def export_program(

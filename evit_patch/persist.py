@@ -8,6 +8,7 @@ the weights strictly, so the file format does not depend on traced-graph interna
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 from .atomic import write_atomically
 from .config import EViTConfig
 from .download import resolve
-from .errors import CheckpointError
+from .errors import CheckpointError, EViTError
 from .families import describe
 from .state import get_config
 
@@ -32,6 +33,13 @@ FORMAT_VERSION = 1
 def _architecture(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not arch and not type(model).__module__.startswith("timm."):
+        raise CheckpointError(
+            f"save_pretrained: {describe(model)} is not a timm model, and load_pretrained rebuilds with "
+            "timm.create_model, whose parameter names differ; save the whole model with "
+            "torch.save(model, path) (load it with torch.load(path, weights_only=False)), or save "
+            "model.state_dict() and re-apply the same plan to a fresh model before loading it"
+        )
     if not arch:
         raise CheckpointError(
             f"save_pretrained: {describe(model)} has no pretrained_cfg['architecture']; "
@@ -112,7 +120,12 @@ def save_pretrained(
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
+
+    def write_weights(tmp: str) -> None:
+        save_model(model, tmp, metadata={"format": "pt"})
+        meta["weights_sha256"] = sha256(tmp)
+
+    write_atomically(directory / WEIGHTS_NAME, write_weights)
     write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return directory
 
@@ -164,8 +177,6 @@ def load_pretrained(
         CheckpointError: the files are missing, malformed or do not fit the architecture, or the
             repo cannot be found.
     """
-    from safetensors.torch import load_model
-
     from .apply import apply
 
     directory = resolve(
@@ -176,22 +187,76 @@ def load_pretrained(
         local_files_only=local_files_only,
     )
     meta = read_config(directory)
+    config_path = Path(directory) / CONFIG_NAME
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
-    base = timm.create_model(meta["architecture"], pretrained=False, **meta.get("model_kwargs", {}))
-    evit = EViTConfig.from_dict(meta["evit"])
-    dtype = getattr(torch, meta.get("dtype", "float32"), None)
+    verify_weights(weights, meta)
+    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise CheckpointError(f"{directory}: unknown dtype {meta.get('dtype')!r} in {CONFIG_NAME}")
-    model = apply(base.to(dtype), layers=evit.layers, keep=evit.keep, **evit.options())
+    model = _rebuild(meta, config_path, dtype, apply)
+    load_weights_file(model, weights, f"{meta['architecture']} with {meta.get('model_kwargs')}")
+    return model.eval()
+
+
+def _rebuild(meta: dict, path: Path, dtype: torch.dtype, apply) -> nn.Module:
+    """The architecture of ``evit_config.json`` at ``path``, patched with its plan; errors name the key."""
+    architecture, kwargs, evit = meta["architecture"], meta.get("model_kwargs", {}), meta["evit"]
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(
+            f"{path}: 'model_kwargs' must be an object of timm.create_model arguments, got {kwargs!r}"
+        )
+    try:
+        base = timm.create_model(architecture, pretrained=False, **kwargs)
+    except Exception as exc:  # timm raises RuntimeError (unknown name), TypeError/ValueError (arguments)
+        raise CheckpointError(
+            f"{path}: 'architecture' {architecture!r} with 'model_kwargs' {kwargs} cannot be built by "
+            f"timm.create_model ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(evit, dict) or not {"layers", "keep"} <= evit.keys():
+        raise CheckpointError(f"{path}: 'evit' must hold the plan's 'layers' and 'keep', got {evit!r}")
+    try:
+        config = EViTConfig.from_dict(evit)
+        return apply(base.to(dtype), layers=config.layers, keep=config.keep, **config.options())
+    except EViTError as exc:
+        raise CheckpointError(f"{path}: 'evit' {evit} cannot be applied to {architecture!r}: {exc}") from exc
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_weights(weights: Path, meta: dict) -> None:
+    """Compare ``weights`` with the checksum ``evit_config.json`` recorded (files saved before
+    evit_patch recorded one are not checked)."""
+    expected = meta.get("weights_sha256")
+    if expected is None:
+        return
+    found = sha256(weights)
+    if found != expected:
+        raise CheckpointError(
+            f"{weights}: SHA-256 {found} does not match {expected} recorded in {CONFIG_NAME}; the file is "
+            "corrupt or was replaced after saving"
+        )
+
+
+def load_weights_file(model: nn.Module, weights: Path, what: str) -> None:
+    """Load safetensors ``weights`` into ``model`` strictly; a corrupt file or a misfit names the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
     try:
         load_model(model, str(weights), strict=True)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
     except RuntimeError as exc:
-        raise CheckpointError(
-            f"{weights}: weights do not fit {meta['architecture']} with {meta.get('model_kwargs')}: {exc}"
-        ) from exc
-    return model.eval()
+        raise CheckpointError(f"{weights}: weights do not fit {what}: {exc}") from exc
 
 
 def _version() -> str:

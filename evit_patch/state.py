@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .checks import check_rates
 from .config import EViTConfig, _check_keep
 from .errors import InvalidPlanError
 from .families import describe
@@ -26,16 +27,22 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(getattr(model, PROFILE_ATTR, None), ModelProfile)
 
 
-def _require_patched(model: nn.Module, what: str) -> list[TokenReorganizer]:
+def _require_patched(model: nn.Module, what: str, hint: str = "") -> list[TokenReorganizer]:
     mods = reorganizers(model)
     if not is_patched(model) or not mods:
-        raise InvalidPlanError(f"{what}: {describe(model)} is not an evit_patch model; call evit_patch.apply first")
+        raise InvalidPlanError(
+            f"{what}: {describe(model)} is not an evit_patch model; call evit_patch.apply first{hint}"
+        )
     return mods
 
 
-def get_config(model: nn.Module) -> EViTConfig:
-    """The live EViT configuration of a patched model, read from its reorganizers."""
-    mods = _require_patched(model, "get_config")
+def get_config(model: nn.Module, *, what: str = "get_config", hint: str = "") -> EViTConfig:
+    """The live EViT configuration of a patched model: as it was built, with the keep rates read
+    from its reorganizers (``set_keep`` changes them).
+
+    ``what`` and ``hint`` name the caller in the error raised for an unpatched model.
+    """
+    mods = _require_patched(model, what, hint)
     built: EViTConfig = getattr(model, CONFIG_ATTR)
     return built.replace(layers=tuple(m.layer for m in mods), keep=tuple(m.keep for m in mods))
 
@@ -47,6 +54,7 @@ def set_keep(model: nn.Module, keep: float | Iterable[float]) -> None:
     a new keep value that changes a token count triggers one recompilation.
     """
     mods = _require_patched(model, "set_keep")
+    check_rates(keep, "keep", "set_keep")
     keeps = [keep] * len(mods) if not isinstance(keep, Iterable) else list(keep)
     if len(keeps) != len(mods):
         raise InvalidPlanError(

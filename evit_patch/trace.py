@@ -19,7 +19,18 @@ from torch import nn
 from .errors import UnsupportedInputError, UnsupportedModelError
 from .reorganizer import TokenReorganizer
 
+RUNTIME_GUARDS: list = []
+"""Functions a traced block calls as opaque graph nodes (registered with :func:`runtime_guard`)."""
 
+
+def runtime_guard(fn):
+    """Let every :class:`BlockTracer` keep ``fn`` opaque, also when pickle re-traces a patched block's
+    generated code, where ``fx.wrap`` (per defining module, still needed for the first trace) does not reach."""
+    RUNTIME_GUARDS.append(fn)
+    return fn
+
+
+@runtime_guard
 @fx.wrap
 def require_default(value: Any, default: Any, message: str) -> None:
     """Runtime guard for a block argument that tracing specialised to its default."""
@@ -36,7 +47,8 @@ class BlockTracer(fx.Tracer):
     """
 
     def __init__(self, leaf_types: Iterable[type[nn.Module]] = ()) -> None:
-        super().__init__()
+        # Pickle rebuilds a GraphModule by re-tracing its code with a subclass of this tracer.
+        super().__init__(autowrap_functions=tuple(RUNTIME_GUARDS))
         self.leaf_types = (TokenReorganizer, *leaf_types)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

@@ -56,7 +56,5 @@ def test_manual_attention_macs_equal_counted_macs():
 
 
 def test_explain_refuses_unpatched_models():
-    with pytest.raises(
-        evit_patch.InvalidPlanError, match=r"get_config: VisionTransformer .* is not an evit_patch model"
-    ):
+    with pytest.raises(evit_patch.InvalidPlanError, match=r"^explain: VisionTransformer .* is not an evit_patch model"):
         evit_patch.explain(make_vit())

@@ -58,5 +58,10 @@ def render() -> str:
 
 
 def on_files(files, config):
+    # docs/supported-models.md is committed too, so that links to it work outside the built site
+    # (tests/test_docs.py keeps it equal to render()); the build always uses a fresh render.
+    committed = files.get_file_from_path(PAGE)
+    if committed is not None:
+        files.remove(committed)
     files.append(File.generated(config, PAGE, content=render()))
     return files

@@ -1,6 +1,6 @@
 """``benchmark``: throughput of the original and the patched model, timed in one process.
 
-    python tools/benchmark.py --model deit_small_patch16_224 --layers 3 6 9 --keep 0.7 \\
+    evit-patch benchmark --model deit_small_patch16_224 --layers 3 6 9 --keep 0.7 \\
         --batch-size 1 16 64 [--amp bf16] [--torchcompile] [--device cuda] [--json out.json]
 
 Rounds alternate between the two models, warm-up rounds are discarded, CUDA is timed with
@@ -27,25 +27,39 @@ import evit_patch
 
 from ..memory import peak_memory_bytes
 from ..timing import compare_speed
-from .common import add_model_arguments, keep_arg, load_model, plan_options
+from .common import add_model_arguments, device, keep_arg, load_model, non_negative_int, plan_options, positive_int
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--img-size", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--batch-size", type=positive_int, nargs="+", default=[1, 16, 64], help="batch sizes timed (default: 1 16 64)"
+    )
+    parser.add_argument("--img-size", type=positive_int, default=None, help="square input size (default: the model's)")
+    parser.add_argument("--rounds", type=positive_int, default=10, help="timed rounds per model (default: 10)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="discarded rounds first (default: 3)")
+    parser.add_argument(
+        "--device",
+        type=device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda when available, else cpu)",
+    )
     parser.add_argument("--amp", choices=sorted(_DTYPES), default=None, help="autocast dtype")
     parser.add_argument("--torchcompile", action="store_true", help="compile both models (inductor)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--overhead", action="store_true", help="keep 1.0 with reorganization forced on")
     parser.add_argument("--sweep", action="store_true", help="grid of --sweep-keep x --sweep-layers")
-    parser.add_argument("--sweep-keep", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
-    parser.add_argument("--sweep-layers", nargs="+", default=["3,6,9", "2,5,8", "4,7,10", "3,5,7,9"])
+    parser.add_argument(
+        "--sweep-keep", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5], help="--sweep: keep rates"
+    )
+    parser.add_argument(
+        "--sweep-layers",
+        nargs="+",
+        default=["3,6,9", "2,5,8", "4,7,10", "3,5,7,9"],
+        help="--sweep: layer sets, each comma-separated (default: 3,6,9 2,5,8 4,7,10 3,5,7,9)",
+    )
     parser.add_argument("--data", type=Path, nargs="*", default=[], help="manifests/ImageFolders for sweep agreement")
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON (sweep: also .csv)")
     parser.add_argument("--plot", type=Path, default=None, help="sweep: Pareto plot PNG (needs matplotlib)")

@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..options import Method, Score
 from ..weights import create_model
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "weights"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str = "deit_small_patch16_224") -> None:
-    parser.add_argument("--model", default=default_model, help="timm model name (default: %(default)s)")
+DEFAULT_MODEL = "deit_tiny_patch16_224"
+"""Every command's default ``--model``: the model whose genuine weights the tests and demo use."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="local weights: .safetensors or .pth")
     parser.add_argument("--pretrained", action="store_true", help="download pretrained weights through timm")
     parser.add_argument(
@@ -63,6 +69,43 @@ def plan_options(args: argparse.Namespace) -> dict:
     }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a batch size, an image size, a number of rounds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0 (warm-up rounds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {text!r}")
+    return value
+
+
+def device(text: str) -> str:
+    """argparse type: a torch device this machine has."""
+    try:
+        parsed = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({exc})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch.cuda.is_available() is False on this machine; use cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use cpu")
+    return text
+
+
 def keep_arg(args: argparse.Namespace) -> float | list[float]:
     return args.keep[0] if len(args.keep) == 1 else args.keep
 
@@ -72,13 +115,32 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     return create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
 
 
+_REPLACED_BY_LOAD = ("model", "checkpoint", "pretrained", "layers", "keep", "no_fuse", "score", "method", "proportional")
+"""Options ``--load`` replaces: the saved model brings its architecture, weights and plan."""
+
+
 def add_load_argument(parser: argparse.ArgumentParser) -> None:
+    """``--load``; call after :func:`add_model_arguments` (it records their defaults to spot conflicts)."""
     parser.add_argument(
         "--load",
         default=None,
         metavar="DIR_OR_REPO",
         help="a save_pretrained directory or Hub repo id; replaces --model, weights and plan options",
     )
+    parser.set_defaults(model_defaults={dest: parser.get_default(dest) for dest in _REPLACED_BY_LOAD})
+
+
+def check_load_conflicts(args: argparse.Namespace) -> None:
+    """Refuse ``--load`` together with an option it replaces (it would be ignored without a word)."""
+    defaults = getattr(args, "model_defaults", {})
+    given = [
+        "--" + dest.replace("_", "-") for dest, default in defaults.items() if getattr(args, dest, default) != default
+    ]
+    if given:
+        raise UsageError(
+            f"--load {args.load} brings its own architecture, weights and plan; {', '.join(given)} would be "
+            "ignored: drop them, or use --model without --load"
+        )
 
 
 def patched_model(args: argparse.Namespace, **apply_kwargs) -> nn.Module:
@@ -86,6 +148,7 @@ def patched_model(args: argparse.Namespace, **apply_kwargs) -> nn.Module:
     import evit_patch
 
     if getattr(args, "load", None):
+        check_load_conflicts(args)
         return evit_patch.load_pretrained(args.load)
     fast = evit_patch.apply(
         load_model(args),

@@ -1,7 +1,7 @@
 """``evaluate``: top-1/top-5 of the original and the patched model, agreement and KL between them.
 
-    python tools/evaluate.py --model deit_tiny_patch16_224 --checkpoint w.safetensors \\
-        --data ../shared/data/images/imagenet_val.csv --keep 0.9 0.7 0.5
+    evit-patch evaluate --model deit_tiny_patch16_224 --checkpoint w.safetensors \\
+        --data ../shared/data/images/imagenet_val.csv --keep 0.9 0.7 0.5 --sweep
 """
 
 from __future__ import annotations
@@ -16,14 +16,19 @@ import evit_patch
 
 from ..data import load_images
 from ..evaluate import compare
-from .common import add_model_arguments, load_model, plan_options
+from .common import add_model_arguments, load_model, plan_options, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, default_model="deit_tiny_patch16_224")
+    add_model_arguments(parser)
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="manifest CSVs or ImageFolder dirs")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--sweep", action="store_true", help="evaluate each --keep value separately")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default: 64)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="evaluate each --keep value separately, at every layer (without it, several --keep values are "
+        "one plan: one rate per --layers entry)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import evit_patch
 
-from .common import add_load_argument, add_model_arguments, patched_model
+from .common import add_load_argument, add_model_arguments, patched_model, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, default_model="deit_tiny_patch16_224")
+    add_model_arguments(parser)
     add_load_argument(parser)
-    parser.add_argument("--img-size", type=int, default=None, help="explain at this square input size")
+    parser.add_argument("--img-size", type=positive_int, default=None, help="explain at this square input size")
     parser.add_argument("--json", type=Path, default=None, help="write the per-block rows here")
 
 

@@ -21,21 +21,23 @@ import torch
 import evit_patch
 
 from ..atomic import write_atomically
+from ..errors import UsageError
 from ..export import example_input, export_onnx, export_program, onnx_session
-from .common import add_load_argument, add_model_arguments, patched_model
+from .common import add_load_argument, add_model_arguments, patched_model, positive_int
 
 FORMATS = ("onnx", "pt2", "safetensors")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, default_model="deit_tiny_patch16_224")
+    add_model_arguments(parser)
     add_load_argument(parser)
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="default: %(default)s")
     parser.add_argument("--output", type=Path, required=True, help="file (onnx, pt2) or directory (safetensors)")
-    parser.add_argument("--batch-size", type=int, default=2, help="example batch for export and --verify")
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="example batch for export and --verify")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to --batch-size")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--verify", action="store_true", help="reload the output and compare with eager")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="--verify: max abs logit difference")
 
 
@@ -73,7 +75,19 @@ def verify(model: torch.nn.Module, args: argparse.Namespace) -> dict[int, float]
     return differences
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse to replace an existing file (or saved model) unless --overwrite says so."""
+    output = args.output
+    exists = output.is_file() or (output.is_dir() and (args.format != "safetensors" or any(output.iterdir())))
+    if exists and not args.overwrite:
+        kind = "a non-empty folder" if output.is_dir() else "a file"
+        raise UsageError(f"--output {output} exists ({kind}); pass --overwrite to replace it, or choose another path")
+    if output.is_dir() and args.format != "safetensors":
+        raise UsageError(f"--output {output} is a folder; --format {args.format} writes a file")
+
+
 def run(args: argparse.Namespace) -> dict:
+    _check_output(args)
     model = patched_model(args)
     _write(model, args)
     print(f"wrote {args.output} ({args.format}, {'static' if args.static_batch else 'dynamic'} batch)")

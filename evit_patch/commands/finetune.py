@@ -1,15 +1,17 @@
 """``finetune``: recover the accuracy a patched model lost, by distilling its unpatched original.
 
-    python tools/finetune.py --model deit_small_patch16_224 --pretrained --layers 3 6 9 --keep 0.7 \\
+    evit-patch finetune --model deit_small_patch16_224 --pretrained --layers 3 6 9 --keep 0.7 \\
         --data-dir /data/imagenet/train --val-dir /data/imagenet/val --epochs 1 --batch-size 256 \\
         --amp --torchcompile --output runs/deit_s_k07
     torchrun --nproc_per_node 8 tools/finetune.py ...          # same flags, one process per GPU
-    python tools/finetune.py ... --resume runs/deit_s_k07       # continues exactly where it stopped
+    evit-patch finetune --resume runs/deit_s_k07      # continues where it stopped, with the flags in its args.json
 
 The teacher is the original model (frozen); the student is ``evit_patch.apply`` of it, and its
 keep rate warms up from 1.0 to ``--keep``. ``--data-dir`` is an ImageFolder tree, a folder of
 unlabelled images or a ``file,label`` manifest CSV. The result reloads with
-``evit_patch.load_pretrained("<output>/final")``. ``--batch-size`` is per process, as in timm.
+``evit_patch.load_pretrained("<output>/final")``; with ``--val-dir``, ``<output>/best`` is the
+model with the lowest validation KL to the original, the untouched patched model included (its
+evaluation is in ``<output>/best.json``). ``--batch-size`` is per process, as in timm.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 import evit_patch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 from ..train import checkpoint, distributed
 from ..train.data import (
     ResumableBatches,
@@ -36,27 +38,32 @@ from ..train.data import (
     train_transform,
     val_loader,
 )
-from ..train.loop import AMP_DTYPES, TrainConfig, Trainer
+from ..train.loop import AMP_DTYPES, BEST_NAME, TrainConfig, Trainer
 from ..weights import create_model
-from .common import add_model_arguments, keep_arg, plan_options
+from .common import add_model_arguments, device, keep_arg, plan_options, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument(
-        "--img-size", type=int, default=None, help="build the model for this input size (a --checkpoint must match it)"
+        "--img-size",
+        type=positive_int,
+        default=None,
+        help="build the model for this input size (--checkpoint position embeddings are resampled as timm does)",
     )
-    parser.add_argument("--data-dir", type=Path, required=True, help="ImageFolder tree, image folder or manifest .csv")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="ImageFolder tree, image folder or manifest .csv (required)"
+    )
     parser.add_argument("--val-dir", type=Path, default=None, help="labelled ImageFolder or manifest to evaluate on")
     parser.add_argument("--output", type=Path, default=None, help="run directory (default: the --resume directory)")
     parser.add_argument("--resume", type=Path, default=None, help="continue the run saved in this output directory")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over --data-dir (default: 1)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per process and micro-batch")
-    parser.add_argument("--grad-accum-steps", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--min-lr", type=float, default=0.0)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per process and micro-batch")
+    parser.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine decay")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="LR warm-up steps (default: 5%% of the run)")
     parser.add_argument("--keep-warmup", type=int, default=None, help="keep warm-up steps (default: half the run)")
     parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
@@ -64,26 +71,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-only", action="store_true", help="ignore labels: distillation loss only")
     parser.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
     parser.add_argument("--amp", action="store_true", help="autocast with --amp-dtype")
-    parser.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default="bfloat16")
+    parser.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default="bfloat16", help="--amp: autocast dtype")
     parser.add_argument("--torchcompile", action="store_true", help="torch.compile the student after keep warm-up")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     parser.add_argument("--no-aug", action="store_true", help="train on the eval transform (no augmentation)")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="data order, augmentation and init seed")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader processes")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
+    parser.add_argument("--device", type=device, default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process (default: torch's)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="optimizer steps between checkpoints")
     parser.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept on disk")
 
 
+_NOT_RESUMED = {"resume", "output", "run", "command", "argv"}
+_PATHS = {"data_dir", "val_dir", "checkpoint"}
+
+
+def _given(argv: list[str]) -> set[str]:
+    """The destinations of the finetune flags present in ``argv`` (defaults do not count)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    for action in parser._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    known, _ = parser.parse_known_args(argv)  # the subcommand name, if any, is left over
+    return set(vars(known))
+
+
+def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with each flag not given on this command line taken from the resumed run's ``args.json``.
+
+    Needs ``args.argv`` (set by the ``evit-patch`` CLI and ``tools/finetune.py``) to tell a flag given
+    at its default value from one not given; without it, ``args`` are used as they are.
+    """
+    saved_path = Path(args.resume) / "args.json" if args.resume is not None else None
+    argv = getattr(args, "argv", None)
+    if saved_path is None or argv is None or not saved_path.is_file():
+        return args
+    given = _given(argv)
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{saved_path}: not valid JSON ({exc})") from exc
+    for key, value in saved.items():
+        if key in _NOT_RESUMED or key in given or not hasattr(args, key):
+            continue
+        setattr(args, key, Path(value) if key in _PATHS and value is not None else value)
+    return args
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
     """Refuse malformed flags before any model is built."""
+    if args.data_dir is None:
+        raise UsageError("give --data-dir (or --resume a run started with one)")
     for name in ("epochs", "batch_size", "grad_accum_steps", "max_steps", "keep_checkpoints"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+        raise UsageError(f"--temperature must be positive, got {args.temperature}")
     if args.val_dir is not None and not args.val_dir.exists():
         raise FileNotFoundError(f"--val-dir {args.val_dir} does not exist: expected a labelled ImageFolder or manifest")
 
@@ -140,7 +185,7 @@ def _train_config(args, labelled: bool) -> TrainConfig:
 def _output_dir(args: argparse.Namespace) -> Path:
     output = args.output or args.resume
     if output is None:
-        raise ValueError("give --output for a new run, or --resume <output dir> to continue one")
+        raise UsageError("give --output for a new run, or --resume <output dir> to continue one")
     if args.resume is None and checkpoint.complete(output):
         raise CheckpointError(
             f"--output {output} already holds a run ({checkpoint.complete(output)[-1].name}); "
@@ -150,6 +195,7 @@ def _output_dir(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
+    args = _resumed_arguments(args)
     _check_arguments(args)
     output = _output_dir(args)
     resume_dir = checkpoint.latest(args.resume) if args.resume is not None else None
@@ -193,7 +239,8 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial(output)
         if resume_dir is None:
-            (output / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+            flags = {k: v for k, v in vars(args).items() if k not in {"run", "argv"}}
+            (output / "args.json").write_text(json.dumps(flags, indent=2, default=str) + "\n")
         print(
             f"{args.model} layers {identity['layers']} keep {identity['keep']}: {len(items)} images, "
             f"{ctx.world_size} process(es) on {ctx.device}, global batch {identity['global_batch']}, "
@@ -206,9 +253,11 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
         val = val_loader(args.val_dir, teacher, batch_size=args.batch_size, workers=args.workers)
     result = trainer.fit(val, resumed=resume_dir is not None)
     final = trainer.save_final()
+    best = output / BEST_NAME
     summary = {
         **result,
         "final": str(final) if final else None,
+        "best": {"path": str(output / "best"), **json.loads(best.read_text())} if best.is_file() else None,
         "identity": identity,
         "wall_s": time.perf_counter() - begin,
     }

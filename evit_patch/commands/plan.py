@@ -1,8 +1,8 @@
 """``plan``: turn a budget into layers and keep rates, analytically or calibrated on images.
 
-    python tools/plan.py --model deit_tiny_patch16_224 --checkpoint w.safetensors --flops 0.66
-    python tools/plan.py ... --flops 0.66 --data val.csv sample.csv --calibration-images 128
-    python tools/plan.py ... --flops 1.0 --img-size 272        # same cost, higher resolution
+    evit-patch plan --model deit_tiny_patch16_224 --checkpoint w.safetensors --flops 0.66
+    evit-patch plan ... --flops 0.66 --data val.csv sample.csv --calibration-images 128
+    evit-patch plan ... --flops 1.0 --img-size 272        # same cost, higher resolution
 
 With ``--data``, a seeded shuffle of the images is split: the first ``--calibration-images`` are
 used to search, the rest to report agreement of the calibrated plan and of the analytic one.
@@ -21,23 +21,27 @@ import evit_patch
 
 from ..data import load_images
 from ..evaluate import compare
-from .common import add_plan_options, load_model, plan_options
+from .common import DEFAULT_MODEL, add_plan_options, load_model, non_negative_int, plan_options, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="deit_tiny_patch16_224")
-    parser.add_argument("--checkpoint", type=Path, default=None)
-    parser.add_argument("--pretrained", action="store_true")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="local weights: .safetensors or .pth")
+    parser.add_argument("--pretrained", action="store_true", help="download pretrained weights through timm")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--flops", type=float, help="fraction of the original MACs, e.g. 0.66")
     budget.add_argument("--speedup", type=float, help="FLOP-ideal speedup, e.g. 1.5")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="default: D/4, D/2, 3D/4")
-    parser.add_argument("--img-size", type=int, default=None, help="plan for this input size")
+    parser.add_argument("--img-size", type=positive_int, default=None, help="plan for this input size")
     parser.add_argument("--data", type=Path, nargs="*", default=[], help="manifests/ImageFolders to calibrate on")
-    parser.add_argument("--calibration-images", type=int, default=128)
-    parser.add_argument("--max-evaluations", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--calibration-images", type=non_negative_int, default=128, help="images the calibration uses (default: 128)"
+    )
+    parser.add_argument(
+        "--max-evaluations", type=positive_int, default=200, help="calibration: most plans tried (default: 200)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="calibration image sample (default: 0)")
+    parser.add_argument("--json", type=Path, default=None, help="write the plans here")
     add_plan_options(parser)
 
 

@@ -3,8 +3,9 @@
     evit-patch visualize --image a.jpg b.jpg --output kept.png
     evit-patch visualize --image a.jpg --layers 3 6 9 --keep 0.5 --img-size 320 --output kept.png
 
-Weights: --checkpoint, else ../shared/data/weights/<model>.safetensors when present, else the
-hub (--pretrained). Several images are drawn as one batch, two rows each.
+Weights: --checkpoint, else the hub with --pretrained, else ../shared/data/weights/<model>.safetensors
+when present, else random init (as in the other commands). Several images are drawn as one batch,
+two rows each.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from timm.data import create_transform, resolve_data_config
 
 import evit_patch
 
+from ..errors import UsageError
 from ..weights import create_model
+from .common import DEFAULT_MODEL, positive_int
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -40,7 +43,9 @@ def load_model(name: str, checkpoint: Path | None, pretrained: bool, data_dir: P
     # A dynamic-size model resamples its position embedding at run time, so the same weights
     # serve any --img-size.
     kwargs = {"dynamic_img_size": True} if img_size is not None else {}
-    return create_model(name, checkpoint=checkpoint, pretrained=checkpoint is None, **kwargs)
+    if checkpoint is None and not pretrained:
+        print(f"{name}: random-init weights (no --checkpoint, no {local}; --pretrained downloads them)")
+    return create_model(name, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
 
 
 def figure(model, paths: list[Path], *, layers, keep, img_size=None, names=None, panel=160, **options) -> Image.Image:
@@ -66,24 +71,32 @@ def save_png(image: Image.Image, path: Path, colours: int | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="deit_tiny_patch16_224")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="local weights (.safetensors or .pth)")
     parser.add_argument("--pretrained", action="store_true", help="download weights through timm")
     parser.add_argument("--image", type=Path, nargs="+", required=True, help="one or more images (one batch)")
-    parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
+    parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9], help="0-indexed blocks (default: 3 6 9)")
     parser.add_argument("--keep", type=float, nargs="+", default=[0.7], help="one rate, or one per layer")
     parser.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
     parser.add_argument("--method", choices=["evit", "merge"], default="evit", help="as for evit-patch explain")
-    parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
-    parser.add_argument("--panel", type=int, default=224, help="panel size in pixels")
+    parser.add_argument("--img-size", type=positive_int, default=None, help="square input size (default: the model's)")
+    parser.add_argument("--panel", type=positive_int, default=224, help="panel size in pixels")
     parser.add_argument("--data-dir", type=Path, default=SHARED, help="folder with weights/ and labels/")
-    parser.add_argument("--output", type=Path, default=Path("evit_kept.png"))
+    parser.add_argument(
+        "--output", type=Path, default=Path("evit_kept.png"), help="PNG to write (default: %(default)s)"
+    )
 
 
 def run(args: argparse.Namespace) -> Path:
     missing = [str(p) for p in args.image if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"image not found: {', '.join(missing)}")
+    for path in args.image:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise UsageError(f"--image {path}: not an image PIL can read ({exc})") from exc
     model = load_model(args.model, args.checkpoint, args.pretrained, args.data_dir, args.img_size)
     keep = args.keep[0] if len(args.keep) == 1 else args.keep
     names = class_names(args.data_dir / "labels" / "imagenet1k_classes.csv")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UnsupportedInputError, UnsupportedModelError
+from ..trace import runtime_guard
 from .base import Family, class_path, describe
 from .registry import register_family
 
@@ -78,6 +79,7 @@ class TraceableAttention(nn.Module):
         return self.o_proj(out.reshape(batch, tokens, -1).contiguous()), None
 
 
+@runtime_guard
 @fx.wrap
 def require_no_output_capture(kwargs: dict, where: str) -> None:
     """Runtime guard: transformers records hidden states/attentions with hooks on its layer classes,

@@ -41,11 +41,31 @@ def find_family(model: nn.Module) -> Family:
         # The most specific wins, whatever the import order: a family claiming a subclass (or a
         # refusal of one) beats one claiming its base class; ties go to the first registered.
         return min(matching, key=lambda family: family.specificity(model))
+    wrapped = _wrapped(model)
+    if wrapped:
+        raise UnsupportedModelError(f"{describe(model)} is not itself a vision transformer: {wrapped}")
     supported = ", ".join(f.name for f in _FAMILIES if f.supported)
     raise UnsupportedModelError(
         f"{describe(model)} is not a vision transformer evit_patch knows: no registered family "
         f"matches it (supported: {supported})"
     )
+
+
+def _wrapped(model: nn.Module) -> str | None:
+    """What to pass instead when ``model`` wraps one evit_patch knows (DDP, torch.compile, a container)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, (DataParallel, DistributedDataParallel)):
+        return f"it wraps one; pass model.module to evit_patch, then wrap the patched copy in {type(model).__name__}"
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return "it is torch.compile's wrapper; pass model._orig_mod to evit_patch, then torch.compile the patched copy"
+    for name, child in model.named_modules():
+        if name and any(family.matches(child) for family in _FAMILIES):
+            return (
+                f"it holds {describe(child)} at {name!r}; pass model.get_submodule({name!r}) to evit_patch and "
+                f"put the patched copy in its place (model.set_submodule({name!r}, patched))"
+            )
+    return None
 
 
 @dataclass(frozen=True)

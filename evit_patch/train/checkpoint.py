@@ -14,15 +14,15 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import make_temporary_dir
 from ..errors import CheckpointError
-from ..persist import WEIGHTS_NAME, save_pretrained
+from ..persist import WEIGHTS_NAME, load_weights_file, read_config, save_pretrained, verify_weights
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "train_state.pt"
@@ -59,7 +59,7 @@ def save(output: str | os.PathLike, step: int, model: nn.Module, state: dict, *,
     final = root / f"{_PREFIX}{step:08d}"
     if final.exists():  # this step is already saved (e.g. an epoch ends on a --checkpoint-every step)
         return final
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    tmp = make_temporary_dir(root, f".tmp-{final.name}-")
     try:
         save_pretrained(model, tmp)
         torch.save(state, tmp / STATE_NAME)
@@ -92,13 +92,12 @@ def load_state(directory: Path) -> dict:
 
 
 def load_weights(model: nn.Module, directory: Path) -> None:
-    """Load a checkpoint's safetensors weights into ``model`` strictly."""
-    from safetensors.torch import load_model
-
-    try:
-        load_model(model, str(directory / WEIGHTS_NAME), strict=True)
-    except (RuntimeError, FileNotFoundError) as exc:
-        raise CheckpointError(f"{directory}: weights do not fit this model: {exc}") from exc
+    """Load a checkpoint's safetensors weights into ``model`` strictly, after checking their checksum."""
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
+    verify_weights(weights, read_config(directory))
+    load_weights_file(model, weights, "this model")
 
 
 def check_same_run(saved: dict, current: dict, directory: Path) -> None:

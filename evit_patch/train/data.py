@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import IMAGE_SUFFIXES, read_dataset, read_image_folder, read_manifest
+from ..errors import UsageError
 from .loss import UNLABELLED
 
 MAX_CONSECUTIVE_UNREADABLE = 16
@@ -42,13 +43,13 @@ def find_images(path: str | Path) -> tuple[list[tuple[Path, int]], bool]:
         )
     if path.is_file():
         if path.suffix != ".csv":
-            raise ValueError(f"{path}: expected a manifest .csv (file,label) or a directory of images")
+            raise UsageError(f"{path}: expected a manifest .csv (file,label) or a directory of images")
         return read_manifest(path), True
     if any(d.is_dir() and not d.name.startswith(".") for d in path.iterdir()):
         return read_image_folder(path), True
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{path} is empty: no sub-folders and no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
+        raise UsageError(f"{path} is empty: no sub-folders and no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
     return [(p, UNLABELLED) for p in files], False
 
 
@@ -63,7 +64,7 @@ def check_labels(path: str | Path, items: list[tuple[Path, int]], num_classes: i
     path = Path(path)
     top = max(label for _, label in items)
     if top >= num_classes:
-        raise ValueError(
+        raise UsageError(
             f"{path}: label {top} is out of range for a model with {num_classes} classes; "
             "pass --distill-only to train without labels"
         )
@@ -71,7 +72,7 @@ def check_labels(path: str | Path, items: list[tuple[Path, int]], num_classes: i
         folders = {p.parent.name for p, _ in items}
         wnids = set(ImageNetInfo().label_names())
         if not folders <= wnids and len(folders) != num_classes:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: {len(folders)} class folders that are not ImageNet wnids cannot label a model with "
                 f"{num_classes} classes; pass --distill-only to train without labels"
             )
@@ -153,7 +154,7 @@ class ResumableBatches(Sampler):
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = size // (batch_size * world_size * accum)
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise UsageError(
                 f"{size} images are fewer than one optimizer step takes: batch size {batch_size} x "
                 f"{world_size} processes x {accum} accumulation steps = {batch_size * world_size * accum}"
             )

@@ -2,7 +2,8 @@
 
 AdamW (no decay on biases, norms, position and class tokens), cosine LR with warm-up, gradient
 clipping and accumulation, autocast, optional ``torch.compile``, DDP; a tqdm bar per epoch, one
-JSONL line per optimizer step, an evaluation on the held-out set after every epoch, checkpoints
+JSONL line per optimizer step, an evaluation on the held-out set before training and after every
+epoch (the lowest KL kept as ``<output>/best``), checkpoints
 every ``checkpoint_every`` steps, at every epoch end and when ``max_steps`` stops the run.
 """
 
@@ -21,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..atomic import write_atomically
 from ..evaluate import compare
 from ..persist import save_pretrained
 from ..reorganize import num_kept
@@ -31,6 +33,8 @@ from .loss import finetune_loss
 from .schedule import keep_at, lr_at
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+BEST_NAME = "best.json"
+"""With a validation set: the evaluation of ``<output>/best``, the lowest validation KL of the run."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,7 @@ class Trainer:
         evals = []
         if val is not None and ctx.is_main and not resumed:
             evals.append(evaluate(self.teacher, self.student, val, self.target, pos, log))
+            self._keep_if_best(evals[-1], pos)
         barrier(ctx)
         accum = cfg.grad_accum_steps
         stopped = cfg.max_steps is not None and pos.step >= cfg.max_steps
@@ -299,8 +304,24 @@ class Trainer:
             self.save()
             if val is not None and ctx.is_main:
                 evals.append(evaluate(self.teacher, self.student, val, self.target, pos, log))
+                self._keep_if_best(evals[-1], pos)
             barrier(ctx)
         return {"evals": evals, "step": pos.step, "epoch": pos.epoch, "finished": pos.epoch >= cfg.epochs}
+
+    def _keep_if_best(self, result: dict, position: Position) -> None:
+        """Save the student as ``<output>/best`` when its validation KL to the teacher is the lowest
+        so far (the first evaluation, before any step, is the patched model untouched), so that a
+        run that makes things worse still leaves its best model behind."""
+        record = self.output / BEST_NAME
+        best = json.loads(record.read_text()) if record.is_file() else None
+        if best is not None and result["mean_kl"] >= best["mean_kl"]:
+            return
+        save_pretrained(self.student, self.output / "best")
+        chosen = {"step": position.step, "epoch": position.epoch, **result}
+        write_atomically(record, lambda tmp: Path(tmp).write_text(json.dumps(chosen, indent=2) + "\n"))
+        print(
+            f"step {position.step}: lowest validation KL so far ({result['mean_kl']:.4f}), saved {self.output / 'best'}"
+        )
 
     def save_final(self) -> Path | None:
         """The deliverable: the student at its target keep rate, as ``<output>/final``."""

@@ -1,0 +1,76 @@
+"""timm methods that a patched model's traced blocks cannot serve as the class wrote them.
+
+A patched model gets instance attributes that shadow the class's methods (the class itself is
+never changed): ``forward_intermediates`` (and ``get_intermediate_layers``, which calls it) serves
+what is sound, block outputs before the first reorganization and the final features, and refuses
+the rest with the reason (timm's reshape to ``(B, C, H, W)`` would fail with a bare ``shape '[...]'
+is invalid``); ``set_input_size`` is tried on a copy first, and refused by name where the traced
+blocks cannot follow (BEiT's relative position tables are baked into its traced blocks).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.fx as fx
+from torch import nn
+
+from .errors import UnsupportedInputError
+from .families import describe
+
+
+class GuardedIntermediates:
+    """``model.forward_intermediates`` of a patched timm model (picklable; copies follow the model)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, x, indices=None, *args, **kwargs):
+        from timm.models._features import feature_take_indices
+
+        from .state import reorganizers
+
+        model = self.model
+        first = min((m.layer for m in reorganizers(model)), default=None)
+        take, _ = feature_take_indices(len(model.blocks), indices)
+        late = sorted(int(i) for i in take if first is not None and i >= first)
+        if late:
+            raise UnsupportedInputError(
+                f"forward_intermediates: {describe(model)} reorganizes tokens from block {first} on, so the "
+                f"outputs of blocks {late} hold fewer tokens and no spatial grid; take blocks before {first} "
+                "(the final features are returned as usual), or call the original model"
+            )
+        if kwargs.get("norm") and isinstance(getattr(model, "norm", None), fx.GraphModule):
+            raise UnsupportedInputError(
+                f"forward_intermediates: {describe(model)}'s final norm carries EViT's token-size weights "
+                "(average pool); call with norm=False"
+            )
+        return type(model).forward_intermediates(model, x, indices, *args, **kwargs)
+
+
+class GuardedSetInputSize:
+    """``model.set_input_size`` of a patched timm model: all or nothing, with the reason when nothing."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args, **kwargs) -> None:
+        model = self.model
+        trial = copy.deepcopy(model)
+        try:
+            type(model).set_input_size(trial, *args, **kwargs)
+        except AttributeError as exc:
+            raise UnsupportedInputError(
+                f"set_input_size: {describe(model)} was patched with blocks traced for its input size, which "
+                f"cannot follow a new one ({exc}); call set_input_size on the original model and apply "
+                "evit_patch again, or use evit_patch.apply(model, ..., img_size=...)"
+            ) from exc
+        type(model).set_input_size(model, *args, **kwargs)
+
+
+def install_guards(model: nn.Module) -> None:
+    """Shadow ``forward_intermediates`` and ``set_input_size`` on a patched model whose class has them."""
+    if callable(getattr(type(model), "forward_intermediates", None)) and hasattr(model, "blocks"):
+        model.forward_intermediates = GuardedIntermediates(model)
+    if callable(getattr(type(model), "set_input_size", None)):
+        model.set_input_size = GuardedSetInputSize(model)
