@@ -13,7 +13,7 @@ from .errors import UnsupportedModelError
 from .locate import BlockSite, tokens_input
 from .reorganizer import ScoreSource, TokenReorganizer
 from .token_state import AttentionBias, Pack, RopeGather, SizeWeightedTokens, Unpack
-from .trace import BlockTracer
+from .trace import BlockTracer, runtime_guard
 
 REORGANIZER_NAME = "evit"
 """Submodule name of the inserted module inside a patched block (``blocks.3.evit``)."""
@@ -136,6 +136,8 @@ def _attention_bias(
     return bias
 
 
+@runtime_guard
+@fx.wrap
 def _add_bias(logits, bias):
     """``logits + bias``; ``None`` adds nothing (no token has moved yet)."""
     return logits if bias is None else logits + bias

@@ -181,3 +181,7 @@ class SizeWeightedTokens(nn.Module):
         if sizes is None or not self.weighted:
             return x
         return x * pool_weights(sizes, num_prefix_tokens).to(x.dtype)
+
+
+STATE_MODULES = (Unpack, Pack, RopeGather, AttentionBias, SizeWeightedTokens)
+"""Modules the pass inserts: leaves for every tracer, also when pickle re-traces a patched block."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import UnsupportedInputError, UnsupportedModelError
 from .reorganizer import TokenReorganizer
+from .token_state import STATE_MODULES
 
 RUNTIME_GUARDS: list = []
 """Functions a traced block calls as opaque graph nodes (registered with :func:`runtime_guard`)."""
@@ -49,7 +50,7 @@ class BlockTracer(fx.Tracer):
     def __init__(self, leaf_types: Iterable[type[nn.Module]] = ()) -> None:
         # Pickle rebuilds a GraphModule by re-tracing its code with a subclass of this tracer.
         super().__init__(autowrap_functions=tuple(RUNTIME_GUARDS))
-        self.leaf_types = (TokenReorganizer, *leaf_types)
+        self.leaf_types = (TokenReorganizer, *STATE_MODULES, *leaf_types)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)

@@ -30,10 +30,21 @@ def _output(model, x):
     return out.logits if hasattr(out, "logits") else out
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_pickle_round_trip(name):
-    make, size = MODELS[name]
-    fast = evit_patch.apply(make(), layers=[1, 2], keep=0.5)
+def _manual_attention_vit():
+    model = make_vit(img_size=64, depth=4, num_classes=10)
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    return model
+
+
+@pytest.mark.parametrize(
+    "name, method",
+    [*((name, "evit") for name in MODELS), ("deit", "merge"), ("beit", "merge"), ("manual_attention", "merge")],
+)
+def test_pickle_round_trip(name, method):
+    """Token state modules and the size bias stay opaque when pickle re-traces the blocks."""
+    make, size = MODELS[name] if name in MODELS else (_manual_attention_vit, 64)
+    fast = evit_patch.apply(make(), layers=[1, 2], keep=0.5, method=method)
     x = images(2, size=size)
     with torch.no_grad():
         expected = _output(fast, x)

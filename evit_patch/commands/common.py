@@ -115,7 +115,10 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     return create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
 
 
-_REPLACED_BY_LOAD = ("model", "checkpoint", "pretrained", "layers", "keep", "no_fuse", "score", "method", "proportional")
+_REPLACED_BY_LOAD = (
+    *("model", "checkpoint", "pretrained"),
+    *("layers", "keep", "no_fuse", "score", "method", "proportional"),
+)
 """Options ``--load`` replaces: the saved model brings its architecture, weights and plan."""
 
 
