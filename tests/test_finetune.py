@@ -255,3 +255,17 @@ def test_resume_refuses_another_model_or_plan(images, tmp_path):
         finetune.run(parse(other))
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         finetune.run(parse(small_run(images, tmp_path / "fresh", "--resume", tmp_path / "fresh")))
+
+
+def test_merging_model_fine_tunes_and_reloads_with_its_method(images, tmp_path):
+    """``--method merge`` trains (a finite, non-zero distillation loss once tokens merge) and the
+    deliverable reloads as a merging model."""
+    summary = finetune.run(parse(small_run(images, tmp_path / "merge", "--method", "merge", "--max-steps", "6")))
+    assert summary["step"] == 6
+    logged = steps(tmp_path / "merge")
+    assert logged[-1]["keep"][0] == 0.5 and logged[-1]["loss"] > 0
+    loaded = evit_patch.load_pretrained(tmp_path / "merge" / "final")
+    config = evit_patch.get_config(loaded)
+    assert config.method is evit_patch.Method.MERGE and config.keep == (0.5, 0.5, 0.5)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(torch.randn(2, 3, 64, 64))).all()
