@@ -17,7 +17,7 @@ from torch import nn
 
 from .atomic import write_atomically
 from .errors import UnsupportedInputError
-from .families import describe
+from .families import describe, find_family
 
 BATCH = "batch"
 """Name of the dynamic batch dimension, in the exported program and the ONNX graph."""
@@ -32,15 +32,9 @@ def example_input(model: nn.Module, batch: int = 2, *, seed: int | None = None) 
     from timm.data import resolve_data_config
 
     param = next(model.parameters())
-    channels, *size = resolve_data_config({}, model=model)["input_size"]
-    config = getattr(model, "config", None)  # transformers: image_size and num_channels in its config
-    if config is not None and getattr(config, "image_size", None):
-        side = config.image_size
-        size = list(side) if isinstance(side, (tuple, list)) else [side, side]
-        channels = getattr(config, "num_channels", channels)
-    if isinstance(getattr(model, "image_size", None), int):  # torchvision
-        size = [model.image_size, model.image_size]
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or size
+    channels = resolve_data_config({}, model=model)["input_size"][0]
+    channels = getattr(getattr(model, "config", None), "num_channels", channels)  # transformers
+    size = find_family(model).input_size(model)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, *size, dtype=param.dtype, generator=generator)
     return x.to(param.device)

@@ -21,7 +21,7 @@ from .atomic import write_atomically
 from .config import EViTConfig
 from .download import resolve
 from .errors import CheckpointError, EViTError
-from .families import describe
+from .families import describe, find_family
 from .state import get_config
 
 WEIGHTS_NAME = "model.safetensors"
@@ -53,9 +53,7 @@ def _model_kwargs(model: nn.Module) -> dict:
     kwargs: dict = {}
     if isinstance(getattr(model, "num_classes", None), int):
         kwargs["num_classes"] = model.num_classes
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        kwargs["img_size"] = list(img_size)
+    kwargs["img_size"] = list(find_family(model).input_size(model))
     if isinstance(getattr(model, "global_pool", None), str):
         kwargs["global_pool"] = model.global_pool
     return kwargs

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import UnsupportedInputError
-from .families import describe
+from .errors import EViTError, UnsupportedInputError
+from .families import describe, find_family
 from .reorganize import Reorganized
 from .reorganizer import TokenReorganizer
 from .state import _require_patched
@@ -199,17 +199,18 @@ def mixing(
 
 
 def patch_grid(model: nn.Module, image_size: Sequence[int], num_patches: int) -> tuple[int, int]:
-    """``(rows, columns)`` of patches for an image of ``image_size`` (height, width), from the patch embed."""
-    embed = getattr(model, "patch_embed", None)
-    grid = None
-    if hasattr(embed, "dynamic_feat_size"):
-        grid = tuple(int(g) for g in embed.dynamic_feat_size(tuple(int(s) for s in image_size)))
-    elif hasattr(embed, "grid_size"):
-        grid = tuple(int(g) for g in embed.grid_size)
+    """``(rows, columns)`` of patches for an image of ``image_size`` (height, width), as the model's
+    family lays them out."""
+    try:
+        grid = find_family(model).patch_grid(model, tuple(int(s) for s in image_size))
+    except EViTError as exc:
+        grid, reason = None, f" ({exc})"
+    else:
+        reason = ""
     if grid is None or len(grid) != 2 or grid[0] * grid[1] != num_patches:
         raise UnsupportedInputError(
             f"track_tokens: cannot lay out the {num_patches} image tokens of {describe(model)} on a patch grid "
-            f"for a {tuple(image_size)} image (patch embed grid: {grid}); expected a 2-D patch embedding"
+            f"for a {tuple(image_size)} image (patch grid: {grid}){reason}; expected a 2-D patch embedding"
         )
     return grid
 

@@ -165,7 +165,7 @@ def test_track_tokens_refuses_unpatched_models_and_unknown_grids(model):
     with pytest.raises(
         UnsupportedInputError,
         match=r"^track_tokens: cannot lay out the 100 image tokens of VisionTransformer \(deit_tiny_patch16_224\) "
-        r"on a patch grid for a \(224, 224\) image \(patch embed grid: \(14, 14\)\); expected a 2-D patch embedding$",
+        r"on a patch grid for a \(224, 224\) image \(patch grid: \(14, 14\)\); expected a 2-D patch embedding$",
     ):
         patch_grid(model, (224, 224), 100)
 
@@ -175,3 +175,20 @@ def test_real_deit_tiny_tracking_matches_its_reorganizers(real_model, real_image
     fast = evit_patch.apply(real_model, layers=[3, 6, 9], keep=0.7)
     trace, _ = _check_against_model(fast, x[:4], atol=1e-5)
     assert [s.origin.shape[1] for s in trace.stages] == [139, 99, 71]
+
+
+@pytest.mark.parametrize("library", ["torchvision", "transformers"])
+def test_other_libraries_are_tracked_and_drawn(library):
+    """The patch grid comes from the model's family, so torchvision and Hugging Face models are
+    tracked and visualised like timm's."""
+    pytest.importorskip("transformers" if library == "transformers" else "torchvision")
+    from test_hf import _small as small_hf
+    from test_torchvision import _small as small_torchvision
+
+    model = (small_torchvision if library == "torchvision" else small_hf)()
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
+    trace = track_tokens(fast, images(2, 64))
+    assert trace.grid == (8, 8)
+    for stage in trace.stages:  # every patch in exactly one token (EViT fuses, so none is lost)
+        assert torch.equal(stage.members.sum(1), torch.ones(2, 64, dtype=torch.long))
+    assert evit_patch.visualize(fast, images(1, 64).clamp(-2, 2)).size[0] > 0

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import evit_patch
 
+from ..families import find_family
 from ..memory import peak_memory_bytes
 from ..timing import compare_speed
 from .common import add_model_arguments, device, keep_arg, load_model, non_negative_int, plan_options, positive_int
@@ -106,7 +107,7 @@ def _environment(args, device) -> str:
 
 def _measure(model, fast, args, device, batch_sizes, img_size):
     explanation = evit_patch.explain(fast, img_size=img_size)
-    channels_hw = (3, *(explanation.img_size or model.patch_embed.img_size))
+    channels_hw = (3, *(explanation.img_size or find_family(model).input_size(model)))
     probe = torch.randn(1, *channels_hw, device=device)
     counted = (counted_gmacs(model, probe), counted_gmacs(fast, probe))
     run_a, run_b = _runner(model, args, device), _runner(fast, args, device)

@@ -28,6 +28,7 @@ import torch
 import evit_patch
 
 from ..errors import CheckpointError, UsageError
+from ..families import find_family
 from ..train import checkpoint, distributed
 from ..train.data import (
     ResumableBatches,
@@ -152,7 +153,7 @@ def _identity(args, ctx, teacher, student, num_images: int) -> dict:
         "fuse": config.fuse,
         "method": config.method.value,
         "proportional": config.proportional,
-        "img_size": list(teacher.patch_embed.img_size) if hasattr(teacher, "patch_embed") else None,
+        "img_size": list(find_family(teacher).input_size(teacher)),
         "teacher_weights": _fingerprint(teacher),
         "images": num_images,
         "global_batch": args.batch_size * ctx.world_size * args.grad_accum_steps,

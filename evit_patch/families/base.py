@@ -71,6 +71,14 @@ class Family(abc.ABC):
     def outside_macs(self, model: nn.Module, img_size: tuple[int, int] | None = None) -> int:
         """MACs per sample outside the blocks (embedding, head); token pruning leaves them as is."""
 
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        """``(height, width)`` of the images ``model`` was built for."""
+        raise UnsupportedModelError(f"{describe(model)}: evit_patch does not know this family's input size")
+
+    def patch_grid(self, model: nn.Module, img_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """``(rows, columns)`` of image tokens for an input of ``img_size`` (default: the model's)."""
+        raise UnsupportedModelError(f"{describe(model)}: evit_patch does not know this family's patch grid")
+
     def resized(self, model: nn.Module, img_size: int | tuple[int, int]) -> nn.Module:
         """A copy of ``model`` that takes ``img_size`` inputs (position embeddings resampled)."""
         raise UnsupportedModelError(f"{describe(model)}: evit_patch cannot change this family's input size")

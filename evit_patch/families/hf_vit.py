@@ -151,6 +151,16 @@ class HFVisionTransformer(Family):
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return _PREFIX_TOKENS[_full_name(type(model))]
 
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        height, width = self._check_size(model, None)
+        return int(height), int(width)
+
+    def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
+        height, width = self._check_size(model, img_size)
+        patch = model.config.patch_size
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        return height // patch[0], width // patch[1]
+
     def final_norm(self, model: nn.Module) -> str:
         return "layernorm" if model.base_model is model else f"{model.base_model_prefix}.layernorm"
 

@@ -94,6 +94,14 @@ class TimmVisionTransformer(Family):
     def _img_size(self, model: nn.Module, img_size) -> tuple[int, int]:
         return _pair(img_size) if img_size is not None else _pair(model.patch_embed.img_size)
 
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        return _pair(model.patch_embed.img_size)
+
+    def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
+        embed = model.patch_embed
+        grid = embed.grid_size if img_size is None else embed.dynamic_feat_size(_pair(img_size))
+        return int(grid[0]), int(grid[1])
+
     def num_tokens(self, model: nn.Module, img_size=None) -> int:
         embed = model.patch_embed
         if img_size is None:

@@ -87,6 +87,14 @@ class TorchvisionVisionTransformer(Family):
     def final_norm(self, model: nn.Module) -> str:
         return "encoder.ln"
 
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        return int(model.image_size), int(model.image_size)
+
+    def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
+        self._check_size(model, img_size)
+        side = int(model.image_size) // int(model.patch_size)
+        return side, side
+
     def channels(self, model: nn.Module) -> int:
         return int(model.hidden_dim)
 

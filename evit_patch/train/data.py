@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import IMAGE_SUFFIXES, read_dataset, read_image_folder, read_manifest
 from ..errors import UsageError
+from ..families import find_family
 from .loss import UNLABELLED
 
 MAX_CONSECUTIVE_UNREADABLE = 16
@@ -81,9 +82,7 @@ def check_labels(path: str | Path, items: list[tuple[Path, int]], num_classes: i
 def data_config(model: nn.Module) -> dict:
     """timm's data config for ``model``, at the input size the model was built for."""
     config = resolve_data_config({}, model=model)
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        config["input_size"] = (config["input_size"][0], *img_size)
+    config["input_size"] = (config["input_size"][0], *find_family(model).input_size(model))
     return config
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..atomic import write_atomically
 from ..evaluate import compare
+from ..families import find_family
 from ..persist import save_pretrained
 from ..reorganize import num_kept
 from ..state import get_config, reorganizers, set_keep
@@ -106,8 +107,9 @@ def keeps_every_token(student: nn.Module) -> bool:
     The student then computes exactly the teacher's function: the distillation loss is zero up
     to rounding, and AdamW would turn that rounding noise into full-size steps.
     """
-    tokens = getattr(getattr(student, "patch_embed", None), "num_patches", None)
-    return isinstance(tokens, int) and all(num_kept(tokens, m.keep) >= tokens for m in reorganizers(student))
+    family = find_family(student)
+    tokens = family.num_tokens(student) - family.num_prefix_tokens(student)
+    return all(num_kept(tokens, m.keep) >= tokens for m in reorganizers(student))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
