@@ -269,3 +269,13 @@ def test_merging_model_fine_tunes_and_reloads_with_its_method(images, tmp_path):
     assert config.method is evit_patch.Method.MERGE and config.keep == (0.5, 0.5, 0.5)
     with torch.no_grad():
         assert torch.isfinite(loaded(torch.randn(2, 3, 64, 64))).all()
+
+
+def test_defaults_suit_a_short_first_run():
+    """A low learning rate and a soft target (docs/finetuning.md: with lr 5e-5 and T=1 a one-epoch
+    run moved the model away from the original on held-out images); the CLI and TrainConfig agree."""
+    from evit_patch.train.loop import TrainConfig
+
+    args = parse(["--data-dir", "unused"])
+    assert (args.lr, args.temperature) == (1e-5, 2.0)
+    assert (TrainConfig.lr, TrainConfig.temperature) == (args.lr, args.temperature)

@@ -43,14 +43,14 @@ class TrainConfig:
     """Optimisation settings; the step counts default to fractions of the run when ``None``."""
 
     epochs: int = 1
-    lr: float = 5e-5
+    lr: float = 1e-5
     min_lr: float = 0.0
     weight_decay: float = 0.05
     warmup_steps: int | None = None
     """LR warm-up; default 5 % of the optimizer steps."""
     keep_warmup: int | None = None
     """Keep-rate warm-up; default half of the optimizer steps."""
-    temperature: float = 1.0
+    temperature: float = 2.0
     ce_weight: float = 1.0
     distill_only: bool = False
     clip_grad: float | None = None
