@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="LR warm-up steps (default: 5%% of the run)")
     parser.add_argument("--keep-warmup", type=int, default=None, help="keep warm-up steps (default: half the run)")
-    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default: 2)")
     parser.add_argument("--ce-weight", type=float, default=1.0, help="weight of cross-entropy on labelled images")
     parser.add_argument("--distill-only", action="store_true", help="ignore labels: distillation loss only")
     parser.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
