@@ -199,9 +199,7 @@ def timm_to_hf_vit(state: dict[str, torch.Tensor], depth: int) -> dict[str, torc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "implementation, method", [("sdpa", "evit"), ("sdpa", "merge"), ("eager", "merge")], ids=lambda v: str(v)
-)
+@pytest.mark.parametrize("implementation, method", [("sdpa", "evit"), ("eager", "merge")], ids=lambda v: str(v))
 def test_real_deit_tiny_weights_give_the_timm_patched_output(real_model, real_images, implementation, method):
     """The genuine DeiT-Tiny in transformers' ViT class, patched, equals the patched timm model
     (merging with eager attention compares the k^T operand of q @ k^T; transformers' eager
@@ -220,7 +218,8 @@ def test_real_deit_tiny_weights_give_the_timm_patched_output(real_model, real_im
     hf = transformers.ViTForImageClassification(config)
     hf.load_state_dict(timm_to_hf_vit(real_model.state_dict(), 12), strict=True)
     atol = 1e-9 if implementation == "sdpa" else 1e-5
-    assert_patches_like_timm(hf, real_model, real_images[0][:8], logits=_logits, atol=atol, method=method)
+    count = 8 if method == "evit" else 2
+    assert_patches_like_timm(hf, real_model, real_images[0][:count], logits=_logits, atol=atol, method=method)
 
 
 @pytest.mark.parametrize(
