@@ -98,7 +98,7 @@ def load_images(
     )
     labels = torch.tensor([y for _, y in items])
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")  # concurrent test workers each write their own
     torch.save({"images": images, "labels": labels}, tmp)
     os.replace(tmp, cached)
     return images, labels
