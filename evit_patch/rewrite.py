@@ -154,14 +154,13 @@ def wrap_final_norm(norm: nn.Module, edit: BlockEdit, weighted: bool, *, where: 
             f"tokens' positions and sizes are split off: {exc}"
         ) from exc
     gm = fx.GraphModule(norm, graph, class_name=type(norm).__name__)
-    positions, sizes = _unpack_input(gm, edit)
+    _, sizes = _unpack_input(gm, edit)  # the pool reads sizes only
     if weighted:
         gm.add_submodule("evit_pool", SizeWeightedTokens())
         output = next(n for n in gm.graph.nodes if n.op == "output")
         with gm.graph.inserting_before(output):
             pooled = gm.graph.call_module("evit_pool", (output.args[0], sizes, edit.num_prefix_tokens))
         output.args = (pooled,)
-    del positions
     gm.graph.lint()
     gm.recompile()
     gm.train(norm.training)
