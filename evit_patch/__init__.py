@@ -6,17 +6,28 @@ fast = evit_patch.apply(timm.create_model("deit_small_patch16_224", pretrained=T
 print(evit_patch.explain(fast))
 """
 
-from .apply import apply
-from .budget import plan
-from .calibrate import CalibrationResult, calibrate
+from .analysis.tracking import TokenTrace, track_tokens
+from .analysis.visualize import visualize
 from .config import EViTConfig
-from .errors import CheckpointError, EViTError, InvalidPlanError, UnsupportedInputError, UnsupportedModelError
-from .explain import Explanation, explain
-from .export import export_onnx, export_program
+from .deploy.export import export_onnx, export_program
+from .deploy.hub import push_to_hub
+from .deploy.persist import load_pretrained, save_pretrained
+from .errors import (
+    CheckpointError,
+    EViTError,
+    InvalidPlanError,
+    UnsupportedInputError,
+    UnsupportedModelError,
+    VerificationError,
+)
 from .families import list_supported, register_family
-from .hub import push_to_hub
+from .graph.reorganizer import TokenReorganizer
+from .graph.state import get_config, is_patched, reorganizers, set_keep
 from .options import Method, Score
-from .persist import load_pretrained, save_pretrained
+from .pipeline import apply
+from .planning.budget import plan
+from .planning.calibrate import CalibrationResult, calibrate
+from .planning.explain import Explanation, explain
 from .reorganize import (
     cls_attention_from_probs,
     cls_attention_from_qk,
@@ -25,10 +36,6 @@ from .reorganize import (
     received_attention_from_qk,
     reorganize,
 )
-from .reorganizer import TokenReorganizer
-from .state import get_config, is_patched, reorganizers, set_keep
-from .tracking import TokenTrace, track_tokens
-from .visualize import visualize
 
 __version__ = "0.1.0"
 
@@ -44,6 +51,7 @@ __all__ = [
     "TokenReorganizer",
     "UnsupportedInputError",
     "UnsupportedModelError",
+    "VerificationError",
     "apply",
     "calibrate",
     "cls_attention_from_probs",

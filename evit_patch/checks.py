@@ -50,7 +50,7 @@ def check_layers(value: object, where: str) -> None:
 
 def check_not_patched(model: nn.Module, what: str = "apply") -> None:
     """Refuse to patch a model that already holds reorganizers: each block would reorganize twice."""
-    from .reorganizer import TokenReorganizer
+    from .graph.reorganizer import TokenReorganizer
 
     if not isinstance(model, nn.Module):
         return  # find_family refuses it, naming the type

@@ -29,3 +29,8 @@ class CheckpointError(EViTError, ValueError):
 
 class UsageError(EViTError, ValueError):
     """A command-line flag or an input file (images, folders) is not what the command needs."""
+
+
+class VerificationError(EViTError, RuntimeError):
+    """A patched model's traced token counts differ from its analytic plan: a bug in evit_patch, reported
+    at patch time rather than as wrong MACs or a failure at serving time."""

@@ -29,7 +29,7 @@ def images(batch: int = 2, size: int = 224, *, dtype=torch.float64, seed: int = 
 def real_model():
     if not WEIGHTS.is_file():
         pytest.skip(f"real weights not found at {WEIGHTS}")
-    from evit_patch.weights import create_model
+    from evit_patch.deploy.weights import create_model
 
     return create_model("deit_tiny_patch16_224", checkpoint=WEIGHTS)
 
@@ -39,7 +39,7 @@ def real_images(real_model):
     """All 825 real images (75 val + 750 sample), decoded once and cached on disk."""
     from timm.data import create_transform, resolve_data_config
 
-    from evit_patch.data import load_images
+    from evit_patch.bench.data import load_images
 
     transform = create_transform(**resolve_data_config({}, model=real_model))
     parts = [load_images(SHARED / "images" / f"{s}.csv", transform) for s in ("imagenet_val", "imagenet_sample")]

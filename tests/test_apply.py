@@ -9,7 +9,7 @@ from conftest import images, make_vit
 from timm.models.vision_transformer import VisionTransformer
 
 import evit_patch
-from evit_patch.reorganizer import TokenReorganizer
+from evit_patch.graph.reorganizer import TokenReorganizer
 
 
 def _state(model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evit_patch.data import read_manifest
+from evit_patch.bench.data import read_manifest
 
 
 def _write(path, rows):

@@ -7,7 +7,7 @@ import torch
 from conftest import images, make_vit
 
 import evit_patch
-from evit_patch.export import example_input
+from evit_patch.deploy.export import example_input
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_non_image_example_is_refused(fast):
 def test_onnx_weights_can_go_to_a_side_file(tmp_path):
     pytest.importorskip("onnxscript", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
     pytest.importorskip("onnxruntime", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
-    from evit_patch.export import INPUT_NAME, onnx_session
+    from evit_patch.deploy.export import INPUT_NAME, onnx_session
 
     fast = evit_patch.apply(make_vit("test_vit", dtype=torch.float32), layers=[2], keep=0.5)
     path = evit_patch.export_onnx(fast, tmp_path / "out" / "m.onnx", external_data=True)

@@ -10,7 +10,7 @@ from test_hf import _small
 from test_torchvision import _small as small_torchvision
 
 import evit_patch
-from evit_patch.export import example_input
+from evit_patch.deploy.export import example_input
 
 
 def small_hf(dtype):

@@ -10,8 +10,8 @@ import pytest
 from conftest import make_vit
 
 import evit_patch
-from evit_patch.atomic import write_atomically
-from evit_patch.persist import CONFIG_NAME, WEIGHTS_NAME
+from evit_patch.deploy.atomic import write_atomically
+from evit_patch.deploy.persist import CONFIG_NAME, WEIGHTS_NAME
 from evit_patch.train import checkpoint
 
 

@@ -11,7 +11,7 @@ from test_train import write_images
 
 import evit_patch
 from evit_patch import cli
-from evit_patch.weights import create_model
+from evit_patch.deploy.weights import create_model
 
 
 def test_a_run_that_makes_kl_worse_keeps_the_untouched_model(tmp_path):

@@ -19,9 +19,9 @@ from tracked import (
 )
 
 import evit_patch
+from evit_patch.graph.reorganizer import Score
+from evit_patch.graph.token_state import SizeWeightedTokens, pool_weights
 from evit_patch.reorganize import received_attention_from_qk
-from evit_patch.reorganizer import Score
-from evit_patch.token_state import SizeWeightedTokens, pool_weights
 
 VARIANTS = {
     "gap": dict(class_token=False, global_pool="avg", fc_norm=False),  # vit_*_gap_*: norm, then mean

@@ -13,7 +13,7 @@ from huggingface_hub import constants
 
 import evit_patch
 from evit_patch import CheckpointError
-from evit_patch.persist import CONFIG_NAME, WEIGHTS_NAME
+from evit_patch.deploy.persist import CONFIG_NAME, WEIGHTS_NAME
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

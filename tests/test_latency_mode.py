@@ -6,7 +6,7 @@ import torch
 from conftest import images, make_vit
 
 import evit_patch
-from evit_patch.tracking import track_tokens
+from evit_patch.analysis.tracking import track_tokens
 
 
 def test_batch_of_one_equals_its_row_in_any_batch():

@@ -24,8 +24,8 @@ from tracked import (
 )
 
 import evit_patch
+from evit_patch.analysis.tracking import mixing, track_tokens
 from evit_patch.reorganize import merge, reorganize
-from evit_patch.tracking import mixing, track_tokens
 
 MERGE = dict(method="merge")
 
@@ -194,7 +194,7 @@ def test_onnx_matches_eager(name, tmp_path):
     """index_add exports as a standard ScatterND; onnxruntime equals eager at other batch sizes."""
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    from evit_patch.export import INPUT_NAME, STANDARD_ONNX_DOMAINS, export_onnx, onnx_op_types, onnx_session
+    from evit_patch.deploy.export import INPUT_NAME, STANDARD_ONNX_DOMAINS, export_onnx, onnx_op_types, onnx_session
 
     _, model, x = MODELS[name]
     fast = evit_patch.apply(model(torch.float32), layers=[1, 2], keep=0.5, **MERGE)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import evit_patch
-from evit_patch.export import BATCH, INPUT_NAME, STANDARD_ONNX_DOMAINS, onnx_op_types, onnx_session
+from evit_patch.deploy.export import BATCH, INPUT_NAME, STANDARD_ONNX_DOMAINS, onnx_op_types, onnx_session
 
 onnx = pytest.importorskip("onnx", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
 pytest.importorskip("onnxscript", reason='needs the onnx extra: pip install "evit_patch[onnx]"')

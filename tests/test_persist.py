@@ -10,7 +10,7 @@ from conftest import images, make_vit
 
 import evit_patch
 from evit_patch import CheckpointError
-from evit_patch.persist import CONFIG_NAME, WEIGHTS_NAME
+from evit_patch.deploy.persist import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _finetuned_like(seed: int = 0):

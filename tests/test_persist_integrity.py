@@ -15,7 +15,7 @@ from test_torchvision import _small as small_torchvision
 
 import evit_patch
 from evit_patch import CheckpointError
-from evit_patch.persist import CONFIG_NAME, WEIGHTS_NAME
+from evit_patch.deploy.persist import CONFIG_NAME, WEIGHTS_NAME
 from evit_patch.train import checkpoint
 
 

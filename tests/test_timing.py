@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from evit_patch.timing import time_interleaved
+from evit_patch.bench.speed import time_interleaved
 
 
 def test_rounds_rotate_and_only_timed_calls_count():

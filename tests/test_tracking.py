@@ -10,8 +10,8 @@ import torch
 from conftest import images, make_vit
 
 import evit_patch
+from evit_patch.analysis.tracking import PatchStatus, patch_grid, track_tokens
 from evit_patch.errors import InvalidPlanError, UnsupportedInputError
-from evit_patch.tracking import PatchStatus, patch_grid, track_tokens
 
 
 @pytest.fixture(scope="module")

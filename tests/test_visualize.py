@@ -9,8 +9,8 @@ from PIL import Image
 
 import evit_patch
 from evit_patch import cli
-from evit_patch.tracking import PatchStatus, track_tokens
-from evit_patch.visualize import CAPTION, PAD
+from evit_patch.analysis.tracking import PatchStatus, track_tokens
+from evit_patch.analysis.visualize import CAPTION, PAD
 
 
 def _panel(sheet: Image.Image, row: int, column: int, w: int, h: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from evit_patch import CheckpointError
-from evit_patch.weights import create_model
+from evit_patch.deploy.weights import create_model
 
 
 @pytest.fixture(scope="module")

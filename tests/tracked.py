@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import evit_patch
-from evit_patch import token_state
+from evit_patch.graph import token_state
 
 
 def randomise(model: torch.nn.Module) -> torch.nn.Module:

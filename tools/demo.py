@@ -16,10 +16,10 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 import evit_patch
-from evit_patch.data import load_images
-from evit_patch.evaluate import compare
-from evit_patch.timing import compare_speed
-from evit_patch.weights import create_model
+from evit_patch.bench.data import load_images
+from evit_patch.bench.quality import compare
+from evit_patch.bench.speed import compare_speed
+from evit_patch.deploy.weights import create_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -26,9 +26,9 @@ import timm
 import torch
 
 import evit_patch
-from evit_patch.export import INPUT_NAME, example_input, onnx_session
-from evit_patch.timing import time_interleaved
-from evit_patch.weights import create_model
+from evit_patch.bench.speed import time_interleaved
+from evit_patch.deploy.export import INPUT_NAME, example_input, onnx_session
+from evit_patch.deploy.weights import create_model
 
 RUNNERS = ("eager original", "eager patched", "onnxruntime original", "onnxruntime patched")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -25,11 +25,11 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 import evit_patch
-from evit_patch.data import load_images
-from evit_patch.evaluate import compare
+from evit_patch.bench.data import load_images
+from evit_patch.bench.quality import compare
+from evit_patch.deploy.weights import create_model, load_state_dict
+from evit_patch.graph.token_state import SizeWeightedTokens
 from evit_patch.options import Score
-from evit_patch.token_state import SizeWeightedTokens
-from evit_patch.weights import create_model, load_state_dict
 
 POOLINGS = {  # name: (fuse_mean, size-weighted)
     "fused mean, size-weighted (shipped)": (True, True),

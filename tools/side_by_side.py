@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import evit_patch  # noqa: E402
-from evit_patch.timing import compare_speed, time_interleaved  # noqa: E402
+from evit_patch.bench.speed import compare_speed, time_interleaved  # noqa: E402
 
 SHARED = Path(os.environ.get("EVIT_PATCH_SHARED", ROOT.parent / "shared" / "data"))
 DEFAULT_REDUCERS = [
@@ -226,8 +226,8 @@ def load_real(shared: Path = SHARED) -> tuple[nn.Module, torch.Tensor, torch.Ten
     """The genuine DeiT-Tiny and the 825 images (75 val + 750 sample), decoded once and cached."""
     from timm.data import create_transform, resolve_data_config
 
-    from evit_patch.data import load_images
-    from evit_patch.weights import create_model
+    from evit_patch.bench.data import load_images
+    from evit_patch.deploy.weights import create_model
 
     model = create_model("deit_tiny_patch16_224", checkpoint=shared / "weights" / "deit_tiny_patch16_224.safetensors")
     transform = create_transform(**resolve_data_config({}, model=model))

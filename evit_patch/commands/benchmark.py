@@ -25,9 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import evit_patch
 
+from ..bench.memory import peak_memory_bytes
+from ..bench.speed import compare_speed
 from ..families import find_family
-from ..memory import peak_memory_bytes
-from ..timing import compare_speed
 from .common import add_model_arguments, device, keep_arg, load_model, non_negative_int, plan_options, positive_int
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -158,8 +158,8 @@ def _print_rows(rows, compiled: bool) -> None:
 def _sweep(model, args, device) -> list[dict]:
     from timm.data import create_transform, resolve_data_config
 
-    from ..data import load_images
-    from ..evaluate import compare
+    from ..bench.data import load_images
+    from ..bench.quality import compare
 
     transform = create_transform(**resolve_data_config({}, model=model))
     sets = [load_images(p, transform) for p in args.data]

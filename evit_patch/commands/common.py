@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..deploy.weights import create_model
 from ..errors import UsageError
 from ..options import Method, Score
-from ..weights import create_model
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "weights"
 

@@ -14,8 +14,8 @@ from timm.data import create_transform, resolve_data_config
 
 import evit_patch
 
-from ..data import load_images
-from ..evaluate import compare
+from ..bench.data import load_images
+from ..bench.quality import compare
 from .common import add_model_arguments, load_model, plan_options, positive_int
 
 

@@ -20,9 +20,9 @@ import torch
 
 import evit_patch
 
-from ..atomic import write_atomically
+from ..deploy.atomic import write_atomically
+from ..deploy.export import example_input, export_onnx, export_program, onnx_session
 from ..errors import UsageError
-from ..export import example_input, export_onnx, export_program, onnx_session
 from .common import add_load_argument, add_model_arguments, patched_model, positive_int
 
 FORMATS = ("onnx", "pt2", "safetensors")

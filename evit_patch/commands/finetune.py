@@ -27,6 +27,7 @@ import torch
 
 import evit_patch
 
+from ..deploy.weights import create_model
 from ..errors import CheckpointError, UsageError
 from ..families import find_family
 from ..train import checkpoint, distributed
@@ -40,7 +41,6 @@ from ..train.data import (
     val_loader,
 )
 from ..train.loop import AMP_DTYPES, BEST_NAME, TrainConfig, Trainer
-from ..weights import create_model
 from .common import add_model_arguments, device, keep_arg, plan_options, positive_int
 
 

@@ -19,8 +19,8 @@ from timm.data import create_transform, resolve_data_config
 
 import evit_patch
 
-from ..data import load_images
-from ..evaluate import compare
+from ..bench.data import load_images
+from ..bench.quality import compare
 from .common import DEFAULT_MODEL, add_plan_options, load_model, non_negative_int, plan_options, positive_int
 
 

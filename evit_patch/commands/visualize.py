@@ -21,8 +21,8 @@ from timm.data import create_transform, resolve_data_config
 
 import evit_patch
 
+from ..deploy.weights import create_model
 from ..errors import UsageError
-from ..weights import create_model
 from .common import DEFAULT_MODEL, positive_int
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"

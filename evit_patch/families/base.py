@@ -75,6 +75,10 @@ class Family(abc.ABC):
         """``(height, width)`` of the images ``model`` was built for."""
         raise UnsupportedModelError(f"{describe(model)}: evit_patch does not know this family's input size")
 
+    def in_chans(self, model: nn.Module) -> int:
+        """Channels of the images ``model`` takes (RGB unless the family says otherwise)."""
+        return 3
+
     def patch_grid(self, model: nn.Module, img_size: tuple[int, int] | None = None) -> tuple[int, int]:
         """``(rows, columns)`` of image tokens for an input of ``img_size`` (default: the model's)."""
         raise UnsupportedModelError(f"{describe(model)}: evit_patch does not know this family's patch grid")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UnsupportedInputError, UnsupportedModelError
-from ..trace import runtime_guard
+from ..graph.trace import runtime_guard
 from .base import Family, class_path, describe
 from .registry import register_family
 
@@ -154,6 +154,9 @@ class HFVisionTransformer(Family):
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         height, width = self._check_size(model, None)
         return int(height), int(width)
+
+    def in_chans(self, model: nn.Module) -> int:
+        return int(model.config.num_channels)
 
     def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
         height, width = self._check_size(model, img_size)

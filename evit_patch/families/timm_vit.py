@@ -97,6 +97,9 @@ class TimmVisionTransformer(Family):
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         return _pair(model.patch_embed.img_size)
 
+    def in_chans(self, model: nn.Module) -> int:
+        return int(model.patch_embed.proj.in_channels)
+
     def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
         embed = model.patch_embed
         grid = embed.grid_size if img_size is None else embed.dynamic_feat_size(_pair(img_size))

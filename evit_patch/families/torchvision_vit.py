@@ -90,6 +90,9 @@ class TorchvisionVisionTransformer(Family):
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         return int(model.image_size), int(model.image_size)
 
+    def in_chans(self, model: nn.Module) -> int:
+        return int(model.conv_proj.in_channels)
+
     def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
         self._check_size(model, img_size)
         side = int(model.image_size) // int(model.patch_size)

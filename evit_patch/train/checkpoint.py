@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import make_temporary_dir
+from ..deploy.atomic import make_temporary_dir
+from ..deploy.persist import WEIGHTS_NAME, load_weights_file, read_config, save_pretrained, verify_weights
 from ..errors import CheckpointError
-from ..persist import WEIGHTS_NAME, load_weights_file, read_config, save_pretrained, verify_weights
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "train_state.pt"

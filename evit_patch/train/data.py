@@ -23,7 +23,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data import IMAGE_SUFFIXES, read_dataset, read_image_folder, read_manifest
+from ..bench.data import IMAGE_SUFFIXES, read_dataset, read_image_folder, read_manifest
 from ..errors import UsageError
 from ..families import find_family
 from .loss import UNLABELLED

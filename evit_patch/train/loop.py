@@ -22,12 +22,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..atomic import write_atomically
-from ..evaluate import compare
+from ..bench.quality import compare
+from ..deploy.atomic import write_atomically
+from ..deploy.persist import save_pretrained
 from ..families import find_family
-from ..persist import save_pretrained
+from ..graph.state import get_config, reorganizers, set_keep
 from ..reorganize import num_kept
-from ..state import get_config, reorganizers, set_keep
 from . import checkpoint
 from .distributed import Context, barrier, gather, mean
 from .loss import finetune_loss
@@ -119,7 +119,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def evaluate(teacher: nn.Module, student: nn.Module, val, target, position: Position, log: JsonlLog) -> dict:
+def validate(teacher: nn.Module, student: nn.Module, val, target, position: Position, log: JsonlLog) -> dict:
     """Student top-1, teacher top-1 and their agreement over the held-out batches (rank 0).
 
     The student is measured at its ``target`` keep rates, as it will be deployed, even while the
@@ -248,7 +248,7 @@ class Trainer:
         log = JsonlLog(self.output / "log.jsonl", ctx.is_main, pos.step if resumed else None)
         evals = []
         if val is not None and ctx.is_main and not resumed:
-            evals.append(evaluate(self.teacher, self.student, val, self.target, pos, log))
+            evals.append(validate(self.teacher, self.student, val, self.target, pos, log))
             self._keep_if_best(evals[-1], pos)
         barrier(ctx)
         accum = cfg.grad_accum_steps
@@ -305,7 +305,7 @@ class Trainer:
             pos.epoch, pos.batch = pos.epoch + 1, 0
             self.save()
             if val is not None and ctx.is_main:
-                evals.append(evaluate(self.teacher, self.student, val, self.target, pos, log))
+                evals.append(validate(self.teacher, self.student, val, self.target, pos, log))
                 self._keep_if_best(evals[-1], pos)
             barrier(ctx)
         return {"evals": evals, "step": pos.step, "epoch": pos.epoch, "finished": pos.epoch >= cfg.epochs}

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .apply import patch_with
+from ..config import EViTConfig
+from ..families import describe, find_family
+from ..graph.state import set_keep
+from ..options import Method, Score
+from ..pipeline import patch_with
 from .budget import max_keep_within, plan_for_budget, target_fraction
-from .config import EViTConfig
 from .explain import CostModel
-from .families import describe, find_family
-from .options import Method, Score
-from .state import set_keep
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .options import Method
-from .reorganize import num_kept, tokens_after
+from ..options import Method
+from ..reorganize import num_kept, tokens_after
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def default_cache_dir() -> Path:
@@ -90,12 +91,17 @@ def load_images(
     if cached.is_file():
         data = torch.load(cached, weights_only=True)
         return data["images"], data["labels"]
-    images = torch.stack(
-        [
-            transform(Image.open(p).convert("RGB"))
-            for p, _ in tqdm(items, desc=f"decoding {Path(csv_path).name}", disable=not progress)
-        ]
-    )
+
+    def decode(path: Path) -> torch.Tensor:
+        with Image.open(path) as image:
+            return transform(image.convert("RGB"))
+
+    # Pillow releases the GIL while decoding and resizing: one thread per core decodes in parallel.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = pool.map(decode, [p for p, _ in items])
+        images = torch.stack(
+            list(tqdm(decoded, total=len(items), desc=f"decoding {Path(csv_path).name}", disable=not progress))
+        )
     labels = torch.tensor([y for _, y in items])
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")  # concurrent test workers each write their own

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import EViTError, UnsupportedInputError
-from .families import describe, find_family
-from .reorganize import Reorganized
-from .reorganizer import TokenReorganizer
-from .state import _require_patched
+from ..errors import EViTError, UnsupportedInputError
+from ..families import describe, find_family
+from ..graph.reorganizer import TokenReorganizer
+from ..graph.state import _require_patched
+from ..reorganize import Reorganized
 
 
 class PatchStatus(enum.IntEnum):

@@ -17,12 +17,12 @@ import timm
 import torch
 from torch import nn
 
+from ..config import EViTConfig
+from ..errors import CheckpointError, EViTError
+from ..families import describe, find_family
+from ..graph.state import get_config
 from .atomic import write_atomically
-from .config import EViTConfig
 from .download import resolve
-from .errors import CheckpointError, EViTError
-from .families import describe, find_family
-from .state import get_config
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "evit_config.json"
@@ -175,7 +175,7 @@ def load_pretrained(
         CheckpointError: the files are missing, malformed or do not fit the architecture, or the
             repo cannot be found.
     """
-    from .apply import apply
+    from ..pipeline import apply
 
     directory = resolve(
         directory,
@@ -258,6 +258,6 @@ def load_weights_file(model: nn.Module, weights: Path, what: str) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

@@ -1,6 +1,6 @@
 """Draw which patches EViT keeps: one column per reorganizing block, with its [CLS] attention.
 
-Rendering only; which patch is where comes from :mod:`evit_patch.tracking`. Pillow alone, so
+Rendering only; which patch is where comes from :mod:`evit_patch.analysis.tracking`. Pillow alone, so
 the figure needs no plotting library.
 """
 

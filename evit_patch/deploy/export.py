@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UnsupportedInputError
+from ..families import describe, find_family
 from .atomic import write_atomically
-from .errors import UnsupportedInputError
-from .families import describe, find_family
 
 BATCH = "batch"
 """Name of the dynamic batch dimension, in the exported program and the ONNX graph."""
@@ -29,12 +29,9 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 
 def example_input(model: nn.Module, batch: int = 2, *, seed: int | None = None) -> torch.Tensor:
     """Random images of the size, dtype and device ``model`` expects (a resized model's own size)."""
-    from timm.data import resolve_data_config
-
     param = next(model.parameters())
-    channels = resolve_data_config({}, model=model)["input_size"][0]
-    channels = getattr(getattr(model, "config", None), "num_channels", channels)  # transformers
-    size = find_family(model).input_size(model)
+    family = find_family(model)
+    channels, size = family.in_chans(model), family.input_size(model)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, *size, dtype=param.dtype, generator=generator)
     return x.to(param.device)

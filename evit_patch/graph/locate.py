@@ -24,8 +24,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .cost import BlockCost
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
+from ..planning.cost import BlockCost
 from .reorganizer import ScoreSource
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}

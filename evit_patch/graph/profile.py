@@ -11,11 +11,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .cost import BlockCost
-from .errors import UnsupportedModelError
-from .families import Family, describe, find_family
+from ..errors import UnsupportedModelError
+from ..families import Family, describe, find_family
+from ..options import Score
+from ..planning.cost import BlockCost
 from .locate import BlockSite, block_cost, locate
-from .options import Score
 from .trace import trace_block
 
 PROFILE_ATTR = "evit_profile"

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from .errors import CheckpointError, UnsupportedModelError
+from ..errors import CheckpointError, UnsupportedModelError
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from functools import partial
 import torch.fx as fx
 from torch import nn
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 from .locate import BlockSite, tokens_input
 from .reorganizer import ScoreSource, TokenReorganizer
 from .token_state import AttentionBias, Pack, RopeGather, SizeWeightedTokens, Unpack

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import UnsupportedInputError, UnsupportedModelError
+from ..errors import UnsupportedInputError, UnsupportedModelError
 from .reorganizer import TokenReorganizer
 from .token_state import STATE_MODULES
 

@@ -12,11 +12,11 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .config import EViTConfig
-from .errors import InvalidPlanError
+from ..config import EViTConfig
+from ..errors import InvalidPlanError
+from ..families import describe, find_family
+from ..options import Method, parse_option
 from .explain import CostModel
-from .families import describe, find_family
-from .options import Method, parse_option
 
 
 def default_layers(num_blocks: int, method: Method = Method.EVIT) -> tuple[int, ...]:

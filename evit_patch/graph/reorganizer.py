@@ -12,8 +12,8 @@ import enum
 
 from torch import Tensor, nn
 
-from .options import Method, Score
-from .reorganize import (
+from ..options import Method, Score
+from ..reorganize import (
     Reorganized,
     cls_attention_from_probs,
     cls_attention_from_qk,
@@ -50,7 +50,7 @@ class TokenReorganizer(nn.Module):
     (probabilities), where ``x`` is the residual stream right after the attention residual add,
     ``bias`` the attention's additive mask and ``keys`` (``(B, H, N, D)``, or ``(B, H, D, N)`` when
     ``keys_transposed``) what :attr:`Method.MERGE` compares. A ``stateful`` reorganizer also takes
-    and returns the tokens' positions and sizes (see :mod:`evit_patch.token_state`).
+    and returns the tokens' positions and sizes (see :mod:`evit_patch.graph.token_state`).
     ``keep >= 1``, or a keep rate that keeps every token, returns its input: an exact no-op.
     """
 

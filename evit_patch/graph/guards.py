@@ -15,8 +15,8 @@ import copy
 import torch.fx as fx
 from torch import nn
 
-from .errors import UnsupportedInputError
-from .families import describe
+from ..errors import UnsupportedInputError
+from ..families import describe
 
 
 class GuardedIntermediates:

@@ -1,4 +1,8 @@
-"""``apply``: the one verb. Copy, trace, locate, rewrite; the caller's model is never touched."""
+"""``apply``: the one verb. Copy, trace and locate, profile, plan, rewrite, verify.
+
+The caller's model is never touched: every step works on the copy, and a refusal at any step
+leaves nothing half-patched.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,19 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .budget import default_layers, plan_for_budget, target_fraction
 from .checks import check_not_patched
 from .config import EViTConfig
 from .errors import InvalidPlanError, UnsupportedModelError
-from .explain import CostModel
 from .families import describe, find_family
-from .guards import install_guards
+from .graph.guards import install_guards
+from .graph.profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
+from .graph.reorganizer import TokenReorganizer
+from .graph.rewrite import BlockEdit, rewrite_block, wrap_final_norm
+from .graph.state import CONFIG_ATTR
+from .graph.verify import verify_token_counts
 from .options import Method, Score, parse_option
-from .profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
-from .reorganizer import TokenReorganizer
-from .rewrite import BlockEdit, rewrite_block, wrap_final_norm
-from .state import CONFIG_ATTR
+from .planning.budget import default_layers, plan_for_budget, target_fraction
+from .planning.explain import CostModel
 
 DEFAULT_KEEP = 0.7
 
@@ -78,14 +83,16 @@ def apply(
     budget = flops is not None or speedup is not None
     if budget and keep is not None:
         raise InvalidPlanError(f"{where}: give keep or a budget (flops/speedup), not both")
-    # One pipeline, one trace: copy -> trace and locate -> profile -> plan -> rewrite.
+    # One pipeline, one trace: copy -> trace and locate -> profile -> plan -> rewrite -> verify.
     patched, traced = _traced_copy(model, family, img_size)
     options = dict(fuse=fuse, score=score, method=method, proportional=proportional)
     if budget:
         size = None if img_size is None else ((img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
         profile = profile_of(traced, patched, family)
         cost = CostModel(profile, family.num_tokens(patched, size), family.outside_macs(patched, size), size)
-        native = cost if img_size is None else CostModel.of(model)
+        # The original's cost at its own size: the same blocks (a resize changes no block's
+        # structure), so the same profile at the native token count; no second trace.
+        native = cost if img_size is None else CostModel(profile, family.num_tokens(model), family.outside_macs(model))
         target = target_fraction(flops, speedup) * native.macs_original
         config = plan_for_budget(cost, target_macs=target, layers=layers, where=where, **options)
     else:
@@ -158,7 +165,10 @@ def _rewrite(model: nn.Module, patched: nn.Module, traced: list[TracedBlock], co
         edit = BlockEdit(None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=prefix)
         where = f"{describe(patched)}.{name}"
         patched.set_submodule(name, wrap_final_norm(patched.get_submodule(name), edit, averaged, where=where))
-    setattr(patched, PROFILE_ATTR, profile_of(traced, patched, family))
+    profile = profile_of(traced, patched, family)
+    rows = CostModel(profile, family.num_tokens(patched), outside_macs=0).explain(config).rows
+    verify_token_counts(patched, family, [row.tokens_in for row in rows])
+    setattr(patched, PROFILE_ATTR, profile)
     setattr(patched, CONFIG_ATTR, config.replace(score=None if ranking is family.score(model) else ranking))
     install_guards(patched)
     return patched

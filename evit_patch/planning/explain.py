@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import EViTConfig
-from .families import find_family
-from .options import Method, Score
-from .profile import ModelProfile, profile_model
-from .state import get_config
+from ..config import EViTConfig
+from ..families import find_family
+from ..graph.profile import ModelProfile, profile_model
+from ..graph.state import get_config
+from ..options import Method, Score
 
 
 @dataclass(frozen=True)

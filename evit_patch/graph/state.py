@@ -6,10 +6,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .checks import check_rates
-from .config import EViTConfig, _check_keep
-from .errors import InvalidPlanError
-from .families import describe
+from ..checks import check_rates
+from ..config import EViTConfig, _check_keep
+from ..errors import InvalidPlanError
+from ..families import describe
 from .profile import PROFILE_ATTR, ModelProfile
 from .reorganizer import TokenReorganizer
 

@@ -1,0 +1,1 @@
+"""Which patches survive: token tracking and its drawing."""

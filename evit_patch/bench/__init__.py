@@ -1,0 +1,1 @@
+"""Measuring a patched model against its original: quality (agreement, KL, embeddings), speed and memory."""

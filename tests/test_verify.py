@@ -1,0 +1,99 @@
+"""The pipeline's verify step, and its one-trace promise: apply checks the traced token counts
+against the analytic plan, and apply/plan/calibrate trace each block once."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import evit_patch
+from evit_patch import pipeline
+from evit_patch.errors import VerificationError
+from evit_patch.graph import profile as profile_module
+from evit_patch.graph.verify import verify_token_counts
+from evit_patch.planning.cost import BlockCost
+
+
+def _tiny(**kwargs):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, **kwargs).eval()
+
+
+def test_counts_that_disagree_with_the_plan_are_refused_by_block(monkeypatch):
+    """An accounting that counts one token too many from block 1 on is caught at block 2."""
+    model = _tiny()
+    honest = BlockCost.tokens_out
+
+    def one_too_many(self, tokens_in, keep, fuse, method=evit_patch.Method.EVIT):
+        return honest(self, tokens_in, keep, fuse, method) + (keep is not None)
+
+    monkeypatch.setattr(BlockCost, "tokens_out", one_too_many)
+    with pytest.raises(VerificationError) as info:
+        evit_patch.apply(model, layers=[1], keep=0.5)
+    # 16 patches + [CLS] -> keep 8 + fused + [CLS] = 10 tokens; the lying plan says 11.
+    assert str(info.value) == (
+        "VisionTransformer (vit_tiny_patch16_224).blocks.2: the patched graph feeds this block 10 tokens, "
+        "the plan (explain) says 11; please report this as an evit_patch bug"
+    )
+
+
+@pytest.mark.parametrize("method", ["evit", "merge"])
+def test_verified_counts_are_the_explain_rows_and_no_hook_is_left(method):
+    model = _tiny()
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, method=method)
+    rows = evit_patch.explain(fast).rows
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) for b in fast.blocks]
+    with torch.no_grad():
+        fast(torch.randn(2, 3, 64, 64))
+    expected = {"evit": [17, 17, 10, 7], "merge": [17, 17, 9, 5]}[method]
+    assert seen == [r.tokens_in for r in rows] == expected
+    for hook in hooks:
+        hook.remove()
+    assert all(not b._forward_pre_hooks for b in fast.blocks)
+    verify_token_counts(fast, evit_patch.families.find_family(fast), [r.tokens_in for r in rows])
+    with pytest.raises(VerificationError, match=rf"blocks\.3: the patched graph feeds this block {expected[3]} tokens"):
+        verify_token_counts(fast, evit_patch.families.find_family(fast), [*expected[:3], expected[3] + 1])
+
+
+def _count_traces(monkeypatch):
+    calls = []
+    real = profile_module.trace_blocks
+
+    def spy(model, family):
+        calls.append(type(model).__name__)
+        return real(model, family)
+
+    monkeypatch.setattr(profile_module, "trace_blocks", spy)
+    monkeypatch.setattr(pipeline, "trace_blocks", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(layers=[1], keep=0.7), dict(flops=0.7), dict(flops=0.5, img_size=48), dict(flops=0.6, method="merge")],
+    ids=["keep", "flops", "flops+img_size", "merge"],
+)
+def test_apply_traces_each_block_once(monkeypatch, kwargs):
+    calls = _count_traces(monkeypatch)
+    evit_patch.apply(_tiny(), **kwargs)
+    assert calls == ["VisionTransformer"]
+
+
+def test_resized_budget_is_a_fraction_of_the_native_cost():
+    """flops= with img_size= budgets against the original at its own size (no second trace needed)."""
+    model = _tiny()
+    fast = evit_patch.apply(model, flops=1.0, img_size=96)
+    native = evit_patch.explain(evit_patch.apply(model, keep=1.0, layers=[1])).macs_original
+    assert evit_patch.explain(fast).macs_patched <= native < evit_patch.explain(fast).macs_original
+
+
+def test_plan_and_calibrate_trace_once(monkeypatch):
+    calls = _count_traces(monkeypatch)
+    model = _tiny()
+    evit_patch.plan(model, flops=0.7)
+    assert calls == ["VisionTransformer"]
+    calls.clear()
+    evit_patch.calibrate(model, torch.randn(4, 3, 64, 64), flops=0.7, max_evaluations=3, progress=False)
+    assert calls == ["VisionTransformer"]
