@@ -11,10 +11,8 @@ import numbers
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 from .errors import InvalidPlanError
-from .families import describe
 
 
 def _found(value: object) -> str:
@@ -46,17 +44,3 @@ def check_layers(value: object, where: str) -> None:
     """``value`` is a block index or a sequence of them (not a string, not a tensor)."""
     if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, (numbers.Integral, Iterable)):
         raise InvalidPlanError(f"{where}: layers must be a block index or a list of them, got {_found(value)}")
-
-
-def check_not_patched(model: nn.Module, what: str = "apply") -> None:
-    """Refuse to patch a model that already holds reorganizers: each block would reorganize twice."""
-    from .graph.reorganizer import TokenReorganizer
-
-    if not isinstance(model, nn.Module):
-        return  # find_family refuses it, naming the type
-    layers = sorted(m.layer for m in model.modules() if isinstance(m, TokenReorganizer))
-    if layers:
-        raise InvalidPlanError(
-            f"{what}: {describe(model)} is already patched (reorganizes at layers {layers}); change its keep "
-            "rates with evit_patch.set_keep(model, keep), or apply to the original, unpatched model"
-        )

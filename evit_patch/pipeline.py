@@ -10,8 +10,8 @@ import copy
 from collections.abc import Iterable
 
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .checks import check_not_patched
 from .config import EViTConfig
 from .errors import InvalidPlanError, UnsupportedModelError
 from .families import describe, find_family
@@ -19,7 +19,7 @@ from .graph.guards import install_guards
 from .graph.profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
 from .graph.reorganizer import TokenReorganizer
 from .graph.rewrite import BlockEdit, rewrite_block, wrap_final_norm
-from .graph.state import CONFIG_ATTR
+from .graph.state import CONFIG_ATTR, check_not_patched
 from .graph.verify import verify_token_counts
 from .options import Method, Score, parse_option
 from .planning.budget import default_layers, plan_for_budget, target_fraction
@@ -84,7 +84,7 @@ def apply(
     if budget and keep is not None:
         raise InvalidPlanError(f"{where}: give keep or a budget (flops/speedup), not both")
     # One pipeline, one trace: copy -> trace and locate -> profile -> plan -> rewrite -> verify.
-    patched, traced = _traced_copy(model, family, img_size)
+    patched, traced, fake = _traced_copy(model, family, img_size)
     options = dict(fuse=fuse, score=score, method=method, proportional=proportional)
     if budget:
         size = None if img_size is None else ((img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
@@ -100,24 +100,28 @@ def apply(
         layers = default_layers(num_blocks) if layers is None else layers
         keep = DEFAULT_KEEP if keep is None else keep
         config = EViTConfig.build(layers, keep, num_blocks=num_blocks, where=where, **options)
-    return _rewrite(model, patched, traced, config, family)
+    return _rewrite(model, patched, traced, config, family, fake)
 
 
 def patch_with(model: nn.Module, config: EViTConfig, family=None, *, img_size=None) -> nn.Module:
     """Patch a copy of ``model`` with a validated ``config`` (``apply`` after planning)."""
     family = family or find_family(model)
-    patched, traced = _traced_copy(model, family, img_size)
-    return _rewrite(model, patched, traced, config, family)
+    patched, traced, fake = _traced_copy(model, family, img_size)
+    return _rewrite(model, patched, traced, config, family, fake)
 
 
-def _traced_copy(model: nn.Module, family, img_size) -> tuple[nn.Module, list[TracedBlock]]:
-    """The copy to patch (resized if asked) and its traced, located blocks."""
+def _traced_copy(model: nn.Module, family, img_size) -> tuple[nn.Module, list[TracedBlock], FakeTensorMode]:
+    """The copy to patch (resized if asked), its traced, located blocks, and the fake-tensor mode
+    their shapes were propagated in (verify reuses it: each parameter is faked once)."""
     source = model if img_size is None else family.resized(model, img_size)
     patched = copy.deepcopy(source) if source is model else source
-    return patched, trace_blocks(patched, family)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    return patched, trace_blocks(patched, family, fake), fake
 
 
-def _rewrite(model: nn.Module, patched: nn.Module, traced: list[TracedBlock], config: EViTConfig, family) -> nn.Module:
+def _rewrite(
+    model: nn.Module, patched: nn.Module, traced: list[TracedBlock], config: EViTConfig, family, fake: FakeTensorMode
+) -> nn.Module:
     """Insert the reorganizers and the token state into ``patched``'s traced blocks."""
     ranking = _score(model, family, config.score)
     rates = dict(zip(config.layers, config.keep))
@@ -167,7 +171,7 @@ def _rewrite(model: nn.Module, patched: nn.Module, traced: list[TracedBlock], co
         patched.set_submodule(name, wrap_final_norm(patched.get_submodule(name), edit, averaged, where=where))
     profile = profile_of(traced, patched, family)
     rows = CostModel(profile, family.num_tokens(patched), outside_macs=0).explain(config).rows
-    verify_token_counts(patched, family, [row.tokens_in for row in rows])
+    verify_token_counts(patched, family, [row.tokens_in for row in rows], mode=fake)
     setattr(patched, PROFILE_ATTR, profile)
     setattr(patched, CONFIG_ATTR, config.replace(score=None if ranking is family.score(model) else ranking))
     install_guards(patched)

@@ -11,8 +11,8 @@ import evit_patch
 from evit_patch import pipeline
 from evit_patch.errors import VerificationError
 from evit_patch.graph import profile as profile_module
+from evit_patch.graph.cost import BlockCost
 from evit_patch.graph.verify import verify_token_counts
-from evit_patch.planning.cost import BlockCost
 
 
 def _tiny(**kwargs):
@@ -61,9 +61,9 @@ def _count_traces(monkeypatch):
     calls = []
     real = profile_module.trace_blocks
 
-    def spy(model, family):
+    def spy(model, family, *args):
         calls.append(type(model).__name__)
-        return real(model, family)
+        return real(model, family, *args)
 
     monkeypatch.setattr(profile_module, "trace_blocks", spy)
     monkeypatch.setattr(pipeline, "trace_blocks", spy)

@@ -14,7 +14,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from ..errors import UnsupportedModelError
 from ..families import Family, describe, find_family
 from ..options import Score
-from ..planning.cost import BlockCost
+from .cost import BlockCost
 from .locate import BlockSite, block_cost, locate
 from .trace import trace_block
 
@@ -45,8 +45,13 @@ class ModelProfile:
     """The family's default score for this model (a patched model's own score is in its config)."""
 
 
-def trace_blocks(model: nn.Module, family: Family) -> list[TracedBlock]:
-    """Trace every block of ``model`` (pass a copy: its blocks become graph roots)."""
+def trace_blocks(model: nn.Module, family: Family, mode: FakeTensorMode | None = None) -> list[TracedBlock]:
+    """Trace every block of ``model`` (pass a copy: its blocks become graph roots).
+
+    ``mode``: the fake-tensor mode to propagate shapes in; sharing one with :mod:`.verify` fakes
+    each parameter once per ``apply`` (faking them dominates the cost of both steps).
+    """
+    mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
     who = describe(model)
     prefix = family.num_prefix_tokens(model)
     channels = family.channels(model)
@@ -58,14 +63,21 @@ def trace_blocks(model: nn.Module, family: Family) -> list[TracedBlock]:
         gm = trace_block(family.prepare_block(block), where=where, leaf_types=family.leaf_types(), live=live)
         site = locate(gm, where=where)
         inputs = [family.block_inputs(model, index)[arg] for arg in live]
-        _propagate_shapes(gm, block, inputs, where=where, tokens=tokens, channels=channels)
+        _propagate_shapes(gm, block, inputs, mode, where=where, tokens=tokens, channels=channels)
         cost = block_cost(site, channels=channels, num_prefix_tokens=prefix)
         traced.append(TracedBlock(name, gm, site, cost))
     return traced
 
 
 def _propagate_shapes(
-    gm: fx.GraphModule, block: nn.Module, inputs: list[torch.Tensor], *, where: str, tokens: int, channels: int
+    gm: fx.GraphModule,
+    block: nn.Module,
+    inputs: list[torch.Tensor],
+    mode: FakeTensorMode,
+    *,
+    where: str,
+    tokens: int,
+    channels: int,
 ) -> None:
     """Annotate node shapes (``node.meta["val"]``) by running the block on fake tensors of the
     model's token count: shapes and dtypes only, no arithmetic."""
@@ -74,7 +86,6 @@ def _propagate_shapes(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     was_training = gm.training
     gm.eval()
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
         with torch.no_grad():
             x = mode.from_tensor(torch.empty(1, tokens, channels, device=device, dtype=dtype))

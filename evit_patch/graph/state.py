@@ -23,6 +23,18 @@ def reorganizers(model: nn.Module) -> list[TokenReorganizer]:
     return sorted((m for m in model.modules() if isinstance(m, TokenReorganizer)), key=lambda m: m.layer)
 
 
+def check_not_patched(model: nn.Module, what: str = "apply") -> None:
+    """Refuse to patch a model that already holds reorganizers: each block would reorganize twice."""
+    if not isinstance(model, nn.Module):
+        return  # find_family refuses it, naming the type
+    layers = [m.layer for m in reorganizers(model)]
+    if layers:
+        raise InvalidPlanError(
+            f"{what}: {describe(model)} is already patched (reorganizes at layers {layers}); change its keep "
+            "rates with evit_patch.set_keep(model, keep), or apply to the original, unpatched model"
+        )
+
+
 def is_patched(model: nn.Module) -> bool:
     return isinstance(getattr(model, PROFILE_ATTR, None), ModelProfile)
 

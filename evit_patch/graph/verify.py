@@ -20,7 +20,12 @@ from ..families import Family, describe
 
 
 def verify_token_counts(
-    patched: nn.Module, family: Family, expected: Sequence[int], *, img_size: tuple[int, int] | None = None
+    patched: nn.Module,
+    family: Family,
+    expected: Sequence[int],
+    *,
+    img_size: tuple[int, int] | None = None,
+    mode: FakeTensorMode | None = None,
 ) -> None:
     """Check that block ``i`` of ``patched`` receives ``expected[i]`` tokens on one fake image.
 
@@ -41,7 +46,8 @@ def verify_token_counts(
     param = next(patched.parameters())
     size = img_size or family.input_size(patched)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
+        with mode, torch.no_grad():
             image = mode.from_tensor(
                 torch.empty(1, family.in_chans(patched), *size, dtype=param.dtype, device=param.device)
             )
