@@ -43,9 +43,10 @@ class TraceableAttention(nn.Module):
 
     def __init__(self, attention: nn.Module, implementation: str, output: str = "o_proj", scaling: str = "scaling"):
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj = attention.q_proj, attention.k_proj, attention.v_proj
         self.output = output
-        self.add_module(output, getattr(attention, output))
+        for name, module in attention.named_children():  # in the library's order: state_dict keys follow it
+            if name in ("q_proj", "k_proj", "v_proj", output):
+                self.add_module(name, module)
         self.head_dim, self.implementation = attention.head_dim, implementation
         self.scaling = getattr(attention, scaling)
         # "eager" runs the model file's own function, so it stays what transformers computes.
@@ -127,13 +128,13 @@ def check_encoder(
             raise UnsupportedModelError(f"{who}.{name}.{attribute}: expected {expected}, found {type(found).__name__}")
 
 
-def square_size(model: nn.Module, own: tuple[int, int], img_size) -> tuple[int, int]:
-    """``own`` if ``img_size`` is ``None`` or equal to it; anything else is refused."""
+def own_size(model: nn.Module, own: tuple[int, int], img_size, why: str = "interpolate_pos_encoding is not used"):
+    """``own`` if ``img_size`` is ``None`` or equal to it; anything else is refused, saying ``why``."""
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or own)
     if size != own:
         raise UnsupportedModelError(
             f"{describe(model)}: evit_patch patches it at its configured {own[0]}x{own[1]} input only "
-            f"(interpolate_pos_encoding is not used); got img_size={img_size!r}"
+            f"({why}); got img_size={img_size!r}"
         )
     return own
 

@@ -19,8 +19,8 @@ from .hf_common import (
     check_encoder,
     full_name,
     outside_macs,
+    own_size,
     prepare_layer,
-    square_size,
 )
 from .registry import register_family
 
@@ -87,7 +87,7 @@ class HFVisionTransformer(Family):
         return int(model.config.hidden_size)
 
     def _check_size(self, model: nn.Module, img_size) -> tuple[int, int]:
-        return square_size(model, tuple(model.base_model.embeddings.patch_embeddings.image_size), img_size)
+        return own_size(model, tuple(model.base_model.embeddings.patch_embeddings.image_size), img_size)
 
     def num_tokens(self, model: nn.Module, img_size=None) -> int:
         self._check_size(model, img_size)
