@@ -134,7 +134,7 @@ def check_onnx(model, x, tmp_path, **options):
     import pytest
 
     pytest.importorskip("onnxscript", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
-    from evit_patch.export import INPUT_NAME, STANDARD_ONNX_DOMAINS, onnx_op_types, onnx_session
+    from evit_patch.deploy.export import INPUT_NAME, STANDARD_ONNX_DOMAINS, onnx_op_types, onnx_session
 
     fast = evit_patch.apply(copy.deepcopy(model).float(), layers=[1, 2], keep=0.7, **options)
     path = evit_patch.export_onnx(fast, tmp_path / "patched.onnx", x[:2].float())
