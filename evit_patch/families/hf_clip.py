@@ -30,9 +30,9 @@ _ATTENTION = (f"{_CLIP}.CLIPAttention",)
 class HFCLIPVision(Family):
     name = "transformers.CLIPVision"
     notes = (
-        'CLIPVisionModel, CLIPVisionModelWithProjection (or CLIPModel.vision_model), attn_implementation "sdpa" '
-        'or "eager"; fixed input size; last_hidden_state holds the surviving tokens only; no '
-        "output_attentions/output_hidden_states"
+        "CLIPVisionModel, CLIPVisionModelWithProjection (for a CLIPModel, patch its vision_model), "
+        'attn_implementation "sdpa" or "eager"; fixed input size; pooler_output and image_embeds as before, '
+        "last_hidden_state holds the surviving tokens only; no output_attentions/output_hidden_states"
     )
 
     classes = frozenset({*_SUPPORTED, _CLASSIFIER})

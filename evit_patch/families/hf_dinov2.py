@@ -36,9 +36,10 @@ _ATTENTION = (f"{_PLAIN}Attention", f"{_REGISTERS}Attention")
 class HFDinov2(Family):
     name = "transformers.Dinov2"
     notes = (
-        "Dinov2Model, Dinov2ForImageClassification and their WithRegisters versions (registers are "
-        'prefix tokens), attn_implementation "sdpa" or "eager"; fixed input size; last_hidden_state '
-        "holds the surviving tokens only; no output_attentions/output_hidden_states"
+        "Dinov2Model, Dinov2ForImageClassification and their WithRegisters versions (registers are prefix "
+        "tokens, never dropped; the classifier's mean counts a fused token as the patches it stands for), "
+        'attn_implementation "sdpa" or "eager"; planned at the configured input size; pooler_output as '
+        "before, last_hidden_state holds the surviving tokens only; no output_attentions/output_hidden_states"
     )
 
     classes = frozenset(_BASES)
