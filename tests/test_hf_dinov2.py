@@ -131,6 +131,22 @@ def test_keep_one_is_bitwise_identical(name, implementation, dtype):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_drop_path_keeps_following_train_mode():
+    """Stochastic depth stays a module (not traced in eval mode): off in eval, random in training."""
+    model, x = _small("plain", drop_path_rate=0.5), _x(2)
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
+    assert type(fast.encoder.layer[1].drop_path).__name__ == "Dinov2DropPath"
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fast(x).pooler_output,
+            reference_forward_hf_encoder(model, x, [1, 2], 0.5)["pooler_output"],
+            rtol=0,
+            atol=1e-9,
+        )
+        fast.train()
+        assert not torch.equal(fast(x).pooler_output, fast(x).pooler_output)
+
+
 def test_outputs_keep_their_transformers_type():
     model, x = _small("registers"), _x(2)
     fast = evit_patch.apply(model, layers=[1], keep=0.5)
