@@ -131,6 +131,12 @@ def _rewrite(
     stateful = positional or averaged or config.proportional_attention or config.method is Method.MERGE
     first = min(config.layers)
     prefix, channels = family.num_prefix_tokens(patched), family.channels(patched)
+    final = family.final_norm(patched) if stateful else None
+    if stateful and final is None and averaged:
+        raise UnsupportedModelError(
+            f"{describe(patched)}: its head averages the image tokens, but no per-token module follows the "
+            "last block where their sizes could weigh the mean; expected a final norm"
+        )
     for index, block in enumerate(traced):
         reorganizer = None
         if index in rates:
@@ -155,7 +161,8 @@ def _rewrite(
         edit = BlockEdit(
             reorganizer,
             state_in=stateful and index > first,
-            state_out=stateful and index >= first,
+            # Without a final norm the last block drops the state: nothing after it reads positions.
+            state_out=stateful and index >= first and (final is not None or index < len(traced) - 1),
             channels=channels,
             num_prefix_tokens=prefix,
             rotary_args=rotary,
@@ -164,11 +171,10 @@ def _rewrite(
         if edit.changes_graph:
             rewrite_block(block.graph_module, block.site, edit)
             patched.set_submodule(block.name, block.graph_module)
-    if stateful:
-        name = family.final_norm(patched)
+    if final is not None:
         edit = BlockEdit(None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=prefix)
-        where = f"{describe(patched)}.{name}"
-        patched.set_submodule(name, wrap_final_norm(patched.get_submodule(name), edit, averaged, where=where))
+        where = f"{describe(patched)}.{final}"
+        patched.set_submodule(final, wrap_final_norm(patched.get_submodule(final), edit, averaged, where=where))
     profile = profile_of(traced, patched, family)
     rows = CostModel(profile, family.num_tokens(patched), outside_macs=0).explain(config).rows
     verify_token_counts(patched, family, [row.tokens_in for row in rows], mode=fake)

@@ -322,3 +322,60 @@ def reference_forward_tracked(
             pooled = x[0, 0]
         outputs.append(model.head(model.fc_norm(pooled[None])))
     return torch.cat(outputs)
+
+
+def reference_forward_hf_encoder(model, images, layers, keep, fuse: bool = True, method="evit", proportional=None):
+    """EViT (or ``method="merge"``) forward of a transformers DINOv2 (with or without registers) or
+    CLIP vision model, sample by sample, each layer by hand from its Linears: DINOv2's layer scale,
+    CLIP's ``pre_layrnorm`` before the layers and ``post_layernorm`` on the class token alone.
+    Register tokens are prefix tokens. CLIP's "eager" softmax runs in float32, as transformers' does.
+
+    Returns a dict of what the model returns: ``last_hidden_state`` and ``pooler_output`` (and
+    ``image_embeds`` with a projection), or for ``Dinov2*ForImageClassification`` its ``logits``
+    from [CLS] beside the size-weighted mean of the image tokens (registers excluded).
+    """
+    merging = method == "merge"
+    proportional = merging if proportional is None else proportional
+    keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
+    base = model.base_model
+    clip = hasattr(base, "pre_layrnorm")
+    averaged = type(model).__name__.endswith("ForImageClassification")
+    prefix = 1 + getattr(model.config, "num_register_tokens", 0)
+    float32_softmax = clip and model.config._attn_implementation == "eager"
+    hidden, pooled, logits = [], [], []
+    for image in images:
+        x = base.embeddings(image[None])
+        x = base.pre_layrnorm(x) if clip else x
+        pos, size = list(range(x.shape[1])), [1] * x.shape[1]
+        for index, layer in enumerate(base.encoder.layers if clip else base.encoder.layer):
+            attn = layer.self_attn if clip else layer.attention
+            h = (layer.layer_norm1 if clip else layer.norm1)(x)
+            q, k, v = (
+                p(h).reshape(1, h.shape[1], -1, attn.head_dim).transpose(1, 2)
+                for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+            )
+            scores = (q @ k.transpose(-2, -1)) * attn.head_dim**-0.5
+            if proportional:
+                scores = scores + torch.tensor([math.log(s) for s in size], dtype=h.dtype)
+            probs = scores.softmax(dim=-1, dtype=torch.float32) if float32_softmax else scores.softmax(dim=-1)
+            out = (probs.to(h.dtype) @ v).transpose(1, 2).reshape(1, h.shape[1], -1)
+            out = attn.out_proj(out) if clip else layer.layer_scale1(attn.o_proj(out))
+            x = x + out
+            if index in keeps:
+                keys = k if merging else None
+                x, pos, size = _reorganize_sample(x, probs, pos, size, prefix, keeps[index], fuse, True, averaged, keys)
+            mlp = layer.mlp((layer.layer_norm2 if clip else layer.norm2)(x))
+            x = x + (mlp if clip else layer.layer_scale2(mlp))
+        x = x if clip else base.layernorm(x)
+        hidden.append(x)
+        pooled.append(base.post_layernorm(x[:, 0]) if clip else x[:, 0])
+        if averaged:
+            weights = torch.tensor(size[prefix:], dtype=x.dtype)
+            mean = (x[0, prefix:] * weights[:, None]).sum(dim=0) / weights.sum()
+            logits.append(model.classifier(torch.cat([x[0, 0], mean])[None]))
+    if averaged:
+        return {"logits": torch.cat(logits)}
+    out = {"last_hidden_state": torch.cat(hidden), "pooler_output": torch.cat(pooled)}
+    if hasattr(model, "visual_projection"):
+        out["image_embeds"] = model.visual_projection(out["pooler_output"])
+    return out

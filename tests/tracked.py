@@ -128,6 +128,26 @@ def check_export(model, x, **options):
             )
 
 
+def check_onnx(model, x, tmp_path, **options):
+    """The ONNX file (standard ops only) run by onnxruntime equals eager on another batch size,
+    every output included (transformers' outputs are flattened in their field order)."""
+    import pytest
+
+    pytest.importorskip("onnxscript", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
+    from evit_patch.deploy.export import INPUT_NAME, STANDARD_ONNX_DOMAINS, onnx_op_types, onnx_session
+
+    fast = evit_patch.apply(copy.deepcopy(model).float(), layers=[1, 2], keep=0.7, **options)
+    path = evit_patch.export_onnx(fast, tmp_path / "patched.onnx", x[:2].float())
+    assert set(onnx_op_types(path)) <= STANDARD_ONNX_DOMAINS
+    got = onnx_session(path).run(None, {INPUT_NAME: x[:3].float().numpy()})
+    with torch.no_grad():
+        want = fast(x[:3].float())
+    want = [v for v in want.values() if v is not None] if isinstance(want, dict) else [want]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(a), b, rtol=0, atol=1e-4)
+
+
 def check_gradient_checkpointing(model, x, **options):
     """Checkpointing re-runs blocks during backward; with no state outside the tokens, the
     gradients are the ones computed without it (in eval mode: some test models have dropout)."""

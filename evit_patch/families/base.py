@@ -117,8 +117,10 @@ class Family(abc.ABC):
         """Values of :meth:`live_args` for block ``index``, to run a traced block once."""
         return {}
 
-    def final_norm(self, model: nn.Module) -> str:
-        """Name of the per-token module between the last block and the pool."""
+    def final_norm(self, model: nn.Module) -> str | None:
+        """Name of the per-token module between the last block and the pool, where the tokens'
+        positions and sizes are split off. ``None``: none exists (CLIP's ``post_layernorm`` reads
+        the pooled class token only), so the last block returns the bare tokens (token pools only)."""
         return "norm"
 
     def leaf_types(self) -> tuple[type[nn.Module], ...]:

@@ -66,7 +66,7 @@ register_refusal(
     )
 )
 
-# Hugging Face transformers image models other than ViT/DeiT (see hf_vit.py): matched by class path,
+# Hugging Face transformers image models other than ViT/DeiT, DINOv2 and CLIP (see hf_*.py): matched by class path,
 # so transformers need not be installed; each reason names the timm model that works instead.
 _HF = "transformers.models"
 register_refusal(
@@ -75,19 +75,6 @@ register_refusal(
         {f"{_HF}.beit.modeling_beit.BeitModel", f"{_HF}.beit.modeling_beit.BeitForImageClassification"},
         "transformers' BEiT adds its relative position bias inside its own attention classes, which "
         "evit_patch does not re-express; load the weights into timm's beit_* (supported) instead",
-    )
-)
-register_refusal(
-    RefusedFamily(
-        "transformers.Dinov2",
-        {
-            f"{_HF}.dinov2.modeling_dinov2.Dinov2Model",
-            f"{_HF}.dinov2.modeling_dinov2.Dinov2ForImageClassification",
-            f"{_HF}.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersModel",
-            f"{_HF}.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersForImageClassification",
-        },
-        "not yet a family (its layers differ from transformers' ViT); timm's vit_*_dinov2 and "
-        "vit_*_reg4_dinov2 models are supported",
     )
 )
 register_refusal(
@@ -108,11 +95,7 @@ register_refusal(
 register_refusal(
     RefusedFamily(
         "transformers.VisionEncoders",
-        {
-            f"{_HF}.clip.modeling_clip.CLIPVisionModel",
-            f"{_HF}.siglip.modeling_siglip.SiglipVisionModel",
-        },
-        "CLIP and SigLIP vision towers are not yet a family (SigLIP pools with attention, which "
-        "reads every token); timm's vit_*_clip_* models are supported",
+        {f"{_HF}.siglip.modeling_siglip.SiglipVisionModel"},
+        "SigLIP vision towers are not yet a family (SigLIP pools with attention, which reads every token)",
     )
 )

@@ -1,0 +1,152 @@
+"""What every transformers (5.x) image-encoder family shares: a traceable copy of a layer.
+
+Two things keep transformers' layers from tracing. The attention dispatches through transformers'
+attention registry (opaque to fx), so it is swapped for :class:`TraceableAttention`, which runs
+the same query/key/value/output Linear modules through ``scaled_dot_product_attention`` ("sdpa")
+or the model file's own ``eager_attention_forward`` ("eager"). And the layer's ``forward`` is
+wrapped by ``GradientCheckpointingLayer`` into ``(*args, **kwargs)``, so the copy calls the
+unwrapped one, behind a guard against output capture. transformers is never imported here.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import UnsupportedInputError, UnsupportedModelError
+from ..graph.trace import runtime_guard
+from .base import describe
+
+IMPLEMENTATIONS = ("sdpa", "eager")
+OUTPUT_OPTIONS = ("output_attentions", "output_hidden_states")
+
+
+def full_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class TraceableAttention(nn.Module):
+    """A transformers self-attention without the registry dispatch, on the same Linear modules.
+
+    Holds the very same ``q_proj``, ``k_proj``, ``v_proj`` and output projection objects, under
+    the library's names (``output``: ``"o_proj"`` for ViT/DINOv2, ``"out_proj"`` for CLIP), so
+    parameter names are transformers'. Attention dropout is off (the layer is traced in eval mode).
+    """
+
+    def __init__(self, attention: nn.Module, implementation: str, output: str = "o_proj", scaling: str = "scaling"):
+        super().__init__()
+        self.output = output
+        for name, module in attention.named_children():  # in the library's order: state_dict keys follow it
+            if name in ("q_proj", "k_proj", "v_proj", output):
+                self.add_module(name, module)
+        self.head_dim, self.implementation = attention.head_dim, implementation
+        self.scaling = getattr(attention, scaling)
+        # "eager" runs the model file's own function, so it stays what transformers computes.
+        self.eager = sys.modules[type(attention).__module__].eager_attention_forward
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> tuple[Tensor, None]:
+        batch, tokens, _ = hidden_states.shape
+        q, k, v = (
+            proj(hidden_states).view(batch, tokens, -1, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        if self.implementation == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=self.scaling, is_causal=False)
+            out = out.transpose(1, 2).contiguous()
+        else:
+            out, _ = self.eager(self, q, k, v, None, scaling=self.scaling, dropout=0.0)
+        return getattr(self, self.output)(out.reshape(batch, tokens, -1).contiguous()), None
+
+
+@runtime_guard
+@fx.wrap
+def require_no_output_capture(kwargs: dict, where: str) -> None:
+    """Runtime guard: transformers records hidden states/attentions with hooks on its layer classes,
+    which a patched layer no longer is, so the tuples would silently miss layers."""
+    options = kwargs or {}  # fx's Interpreter (shape propagation) passes an empty ``**kwargs`` as []
+    requested = [name for name in OUTPUT_OPTIONS if options.get(name)]
+    if requested:
+        raise UnsupportedInputError(
+            f"{where} was patched by evit_patch: {', '.join(requested)} cannot be honoured (patched layers "
+            "are not captured, and later layers see fewer tokens); call without them"
+        )
+
+
+def traceable_layer(layer: nn.Module, where: str) -> type[nn.Module]:
+    """A subclass of the layer's class whose ``forward`` is the unwrapped one, behind the guard."""
+    unwrapped = inspect.unwrap(type(layer).forward)
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        require_no_output_capture(kwargs, where)
+        return unwrapped(self, hidden_states, attention_mask)
+
+    cls = type(type(layer).__name__, (type(layer),), {"__module__": type(layer).__module__})
+    cls.forward = forward  # set after creation: __init_subclass__ would wrap it again
+    return cls
+
+
+def prepare_layer(layer: nn.Module, attribute: str, output: str = "o_proj", scaling: str = "scaling") -> nn.Module:
+    """A shallow copy of ``layer`` that traces: unwrapped ``forward``, ``layer.<attribute>`` swapped
+    for a :class:`TraceableAttention` on the same Linears. ``layer`` itself is not modified."""
+    attention = getattr(layer, attribute)
+    prepared = copy.copy(layer)
+    prepared.__class__ = traceable_layer(layer, type(layer).__name__)
+    prepared._modules = dict(layer._modules)
+    implementation = attention.config._attn_implementation
+    setattr(prepared, attribute, TraceableAttention(attention, implementation, output, scaling))
+    return prepared
+
+
+def check_encoder(
+    model: nn.Module, layers: Iterable[tuple[str, nn.Module]], attribute: str, attention: tuple[str, ...]
+) -> None:
+    """The checks every transformers family makes: an implementation the traced attention
+    reproduces, no output capture in the config, and one of the ``attention`` classes (qualified
+    names) at ``layer.<attribute>`` in every layer."""
+    who, config = describe(model), model.config
+    if config._attn_implementation not in IMPLEMENTATIONS:
+        raise UnsupportedModelError(
+            f"{who} has attn_implementation={config._attn_implementation!r}; expected one of {IMPLEMENTATIONS}"
+        )
+    requested = [name for name in OUTPUT_OPTIONS if getattr(config, name, False)]
+    if requested:
+        raise UnsupportedModelError(
+            f"{who} has config.{'/'.join(requested)}=True: patched layers are not captured; expected False"
+        )
+    for name, layer in layers:
+        found = getattr(layer, attribute, None)
+        if found is None or full_name(type(found)) not in attention:
+            expected = " or ".join(n.rsplit(".", 1)[1] for n in attention)
+            raise UnsupportedModelError(f"{who}.{name}.{attribute}: expected {expected}, found {type(found).__name__}")
+
+
+def own_size(model: nn.Module, own: tuple[int, int], img_size, why: str = "interpolate_pos_encoding is not used"):
+    """``own`` if ``img_size`` is ``None`` or equal to it; anything else is refused, saying ``why``."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or own)
+    if size != own:
+        raise UnsupportedModelError(
+            f"{describe(model)}: evit_patch patches it at its configured {own[0]}x{own[1]} input only "
+            f"({why}); got img_size={img_size!r}"
+        )
+    return own
+
+
+def outside_macs(model: nn.Module, embeddings: nn.Module, layers: nn.Module, size: tuple[int, int], weight: Tensor):
+    """The embedding's MACs, counted by running it on a ``size`` image; every Linear outside
+    ``layers`` (projection, classifier) reads one vector per image."""
+    image = torch.zeros(1, model.config.num_channels, *size, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        embeddings(image)
+    inside = {id(m) for m in layers.modules()}
+    heads = sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside
+    )
+    return counter.get_total_flops() // 2 + heads

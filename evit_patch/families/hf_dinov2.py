@@ -1,0 +1,123 @@
+"""Hugging Face transformers DINOv2, with and without registers (transformers 5.x; optional).
+
+A ``Dinov2Layer`` is a pre-norm block with LayerScale (``layer_scale1``/``layer_scale2``) and an
+MLP or SwiGLU; its attention is re-expressed by
+:func:`~evit_patch.families.hf_common.prepare_layer`, as for transformers' ViT. Register tokens sit
+between [CLS] and the image tokens: they are prefix tokens, never dropped. ``Dinov2Model``'s
+``pooler_output`` is [CLS] after ``layernorm``; ``Dinov2ForImageClassification`` also averages the
+image tokens, so a fused token counts there as the tokens it stands for (``pool() == "avg"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .base import Family, class_path, describe
+from .hf_common import check_encoder, full_name, outside_macs, own_size, prepare_layer
+from .registry import register_family
+
+_PLAIN = "transformers.models.dinov2.modeling_dinov2.Dinov2"
+_REGISTERS = "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegisters"
+_HEADS = {
+    f"{_PLAIN}Model": "token",
+    f"{_PLAIN}ForImageClassification": "avg",
+    f"{_REGISTERS}Model": "token",
+    f"{_REGISTERS}ForImageClassification": "avg",
+}
+"""Supported classes and their pools: [CLS] alone, or [CLS] beside the mean of the image tokens."""
+_BASES = {f"{_PLAIN}PreTrainedModel", f"{_REGISTERS}PreTrainedModel"}
+_ATTENTION = (f"{_PLAIN}Attention", f"{_REGISTERS}Attention")
+
+
+@register_family
+class HFDinov2(Family):
+    name = "transformers.Dinov2"
+    notes = (
+        "Dinov2Model, Dinov2ForImageClassification and their WithRegisters versions (registers are prefix "
+        "tokens, never dropped; the classifier's mean counts a fused token as the patches it stands for), "
+        'attn_implementation "sdpa" or "eager"; planned at the configured input size; pooler_output as '
+        "before, last_hidden_state holds the surviving tokens only; no output_attentions/output_hidden_states"
+    )
+
+    classes = frozenset(_BASES)
+
+    def matches(self, model: nn.Module) -> bool:
+        return bool(_BASES & class_path(model))
+
+    def check(self, model: nn.Module) -> None:
+        if full_name(type(model)) not in _HEADS:
+            raise UnsupportedModelError(
+                f"{describe(model)} is not supported by evit_patch: expected one of "
+                f"{sorted(n.rsplit('.', 1)[1] for n in _HEADS)} (backbones return feature maps that "
+                "reshape every image token into a grid)"
+            )
+        check_encoder(model, self.blocks(model), "attention", _ATTENTION)
+
+    def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:
+        return [
+            (f"{self._prefix(model)}encoder.layer.{name}", layer)
+            for name, layer in self._layers(model).named_children()
+        ]
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return 1 + int(getattr(model.config, "num_register_tokens", 0))
+
+    def channels(self, model: nn.Module) -> int:
+        return int(model.config.hidden_size)
+
+    def pool(self, model: nn.Module) -> str:
+        return _HEADS[full_name(type(model))]
+
+    def final_norm(self, model: nn.Module) -> str:
+        return f"{self._prefix(model)}layernorm"
+
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        return self._size(model, None)
+
+    def in_chans(self, model: nn.Module) -> int:
+        return int(model.config.num_channels)
+
+    def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
+        height, width = self._size(model, img_size)
+        patch = model.base_model.embeddings.patch_embeddings.patch_size
+        return height // patch[0], width // patch[1]
+
+    def num_tokens(self, model: nn.Module, img_size=None) -> int:
+        rows, cols = self.patch_grid(model, img_size)
+        return rows * cols + self.num_prefix_tokens(model)
+
+    def outside_macs(self, model: nn.Module, img_size=None) -> int:
+        embeddings = model.base_model.embeddings
+        weight = embeddings.patch_embeddings.projection.weight
+        return outside_macs(model, embeddings, self._layers(model), self._size(model, img_size), weight)
+
+    def resized(self, model: nn.Module, img_size) -> nn.Module:
+        self._size(model, img_size)
+        return model
+
+    def prepare_block(self, block: nn.Module) -> nn.Module:
+        return prepare_layer(block, "attention")
+
+    def leaf_types(self) -> tuple[type[nn.Module], ...]:
+        from transformers.models.dinov2.modeling_dinov2 import Dinov2DropPath
+        from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+            Dinov2WithRegistersDropPath,
+        )
+
+        return (Dinov2DropPath, Dinov2WithRegistersDropPath)
+
+    @staticmethod
+    def _prefix(model: nn.Module) -> str:
+        return "" if model.base_model is model else f"{model.base_model_prefix}."
+
+    @staticmethod
+    def _layers(model: nn.Module) -> nn.Module:
+        return model.base_model.encoder.layer
+
+    @staticmethod
+    def _size(model: nn.Module, img_size) -> tuple[int, int]:
+        own = tuple(int(s) for s in model.base_model.embeddings.patch_embeddings.image_size)
+        return own_size(model, own, img_size, "explain and budgets count its tokens at that size")
