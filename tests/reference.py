@@ -283,10 +283,12 @@ def reference_forward_tracked(
     kind, model, images, layers, keep, fuse: bool = True, score=None, method="evit", proportional=None
 ):
     """EViT forward of a timm ViT ("vit"), ``Beit``, ``Eva`` or ``VisionTransformerRelPos``
-    ("relpos") with pre-norm blocks, sample by sample:
+    ("relpos") with pre-norm blocks, or an open_clip ``VisionTransformer`` ("open_clip"), sample by sample:
     position bias and rotary rows looked up by each token's original position, [CLS] or
     received-attention scores, a size-weighted average pool; ``method="merge"``: token merging
     with proportional attention (unless ``proportional=False``)."""
+    if kind == "open_clip":
+        return reference_forward_open_clip(model, images, layers, keep, fuse, method, proportional)
     merging = method == "merge"
     proportional = merging if proportional is None else proportional
     keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
@@ -379,3 +381,38 @@ def reference_forward_hf_encoder(model, images, layers, keep, fuse: bool = True,
     if hasattr(model, "visual_projection"):
         out["image_embeds"] = model.visual_projection(out["pooler_output"])
     return out
+
+
+def reference_forward_open_clip(model, images, layers, keep, fuse: bool = True, method="evit", proportional=None):
+    """EViT (or ``method="merge"``) forward of an open_clip ``VisionTransformer``, sample by sample:
+    attention by hand from ``nn.MultiheadAttention``'s ``in_proj``, [CLS] scores, the class token or
+    a size-weighted average of the image tokens after ``ln_post``, then ``proj``."""
+    merging = method == "merge"
+    proportional = merging if proportional is None else proportional
+    keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
+    mean = model.pool_type == "avg"
+    outputs = []
+    for image in images:
+        x = model._embeds(image[None])
+        pos, size = list(range(x.shape[1])), [1] * x.shape[1]
+        for index, block in enumerate(model.transformer.resblocks):
+            mha, tokens, channels = block.attn, x.shape[1], x.shape[2]
+            qkv = torch.nn.functional.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
+            q, k, v = qkv.reshape(1, tokens, 3, mha.num_heads, -1).permute(2, 0, 3, 1, 4)
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(channels // mha.num_heads)
+            if proportional:
+                logits = logits + torch.tensor([math.log(s) for s in size], dtype=x.dtype)
+            probs = logits.softmax(dim=-1)
+            x = x + block.ls_1(mha.out_proj((probs @ v).transpose(1, 2).reshape(1, tokens, channels)))
+            if index in keeps:
+                keys = k if merging else None
+                x, pos, size = _reorganize_sample(x, probs, pos, size, 1, keeps[index], fuse, True, mean, keys)
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        x = model.ln_post(x)
+        if mean:
+            weights = torch.tensor(size[1:], dtype=x.dtype)
+            pooled = (x[0, 1:] * weights[:, None]).sum(dim=0) / weights.sum()
+        else:
+            pooled = x[0, 0]
+        outputs.append(pooled[None] @ model.proj)
+    return torch.cat(outputs)

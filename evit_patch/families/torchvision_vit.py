@@ -2,9 +2,9 @@
 
 Its blocks call ``nn.MultiheadAttention``, an opaque leaf whose q and k never reach the traced
 graph. Before tracing, each block's attention is swapped (in the copy being patched) for
-:class:`SDPAMultiheadAttention`, which computes the same attention with ``scaled_dot_product_attention``
-from the same ``in_proj``/``out_proj`` parameters, so the structural locator sees q and k and
-the state-dict keys stay torchvision's.
+:class:`~evit_patch.families.mha.SDPAMultiheadAttention`, which computes the same attention with
+``scaled_dot_product_attention`` from the same ``in_proj``/``out_proj`` parameters, so the
+structural locator sees q and k and the state-dict keys stay torchvision's.
 """
 
 from __future__ import annotations
@@ -13,52 +13,15 @@ import copy
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UnsupportedModelError
 from .base import Family, class_path, describe
+from .mha import SDPAMultiheadAttention, check_multihead_attention
 from .registry import register_family
 
 _CLASS = "torchvision.models.vision_transformer.VisionTransformer"
-
-
-class SDPAMultiheadAttention(nn.Module):
-    """Self-attention of a batch-first ``nn.MultiheadAttention`` with the same parameters, via SDPA.
-
-    Holds the very same ``in_proj_weight``, ``in_proj_bias`` and ``out_proj`` objects, so the
-    parameter names match ``nn.MultiheadAttention``'s. Attention dropout is off (the block is
-    traced in eval mode, as for timm).
-    """
-
-    def __init__(self, mha: nn.MultiheadAttention) -> None:
-        super().__init__()
-        self.num_heads = mha.num_heads
-        self.in_proj_weight = mha.in_proj_weight
-        self.in_proj_bias = mha.in_proj_bias
-        self.out_proj = mha.out_proj
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False) -> tuple[Tensor, None]:
-        batch, tokens, channels = query.shape
-        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, channels)), None
-
-
-def _check_attention(mha: nn.Module, where: str) -> None:
-    expected = "a batch-first nn.MultiheadAttention with packed in_proj, no bias_k/bias_v, no add_zero_attn"
-    ok = (
-        isinstance(mha, nn.MultiheadAttention)
-        and mha.batch_first
-        and mha._qkv_same_embed_dim
-        and mha.bias_k is None
-        and mha.bias_v is None
-        and not mha.add_zero_attn
-    )
-    if not ok:
-        raise UnsupportedModelError(f"{where}.self_attention: expected {expected}, found {mha!r}")
 
 
 @register_family
@@ -76,7 +39,7 @@ class TorchvisionVisionTransformer(Family):
 
     def check(self, model: nn.Module) -> None:
         for name, block in self.blocks(model):
-            _check_attention(block.self_attention, f"{describe(model)}.{name}")
+            check_multihead_attention(block.self_attention, f"{describe(model)}.{name}.self_attention")
 
     def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:
         return [(f"encoder.layers.{name}", block) for name, block in model.encoder.layers.named_children()]

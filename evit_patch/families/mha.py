@@ -1,0 +1,57 @@
+"""``nn.MultiheadAttention`` re-expressed with SDPA on the same parameters (torchvision, open_clip).
+
+``nn.MultiheadAttention`` is an opaque leaf for fx: its q and k never reach the traced graph. A
+family swaps it, in the copy being traced, for :class:`SDPAMultiheadAttention`, which computes the
+same self-attention from the same ``in_proj``/``out_proj`` parameters, so the structural locator
+sees q and k and the state-dict keys stay the library's.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModelError
+
+EXPECTED = "a batch-first nn.MultiheadAttention with packed in_proj, no bias_k/bias_v, no add_zero_attn"
+
+
+class SDPAMultiheadAttention(nn.Module):
+    """Self-attention of a batch-first ``nn.MultiheadAttention`` with the same parameters, via SDPA.
+
+    Holds the very same ``in_proj_weight``, ``in_proj_bias`` and ``out_proj`` objects, so the
+    parameter names match ``nn.MultiheadAttention``'s. Attention dropout is off (the block is
+    traced in eval mode, as for timm). ``attn_mask`` is accepted for callers that pass it
+    (open_clip passes ``attn_mask=None`` to its vision blocks) and must be ``None``: a block is
+    traced with its mask at that default, and a guard refuses any other at call time.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.num_heads = mha.num_heads
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.out_proj = mha.out_proj
+
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False, attn_mask: None = None
+    ) -> tuple[Tensor, None]:
+        batch, tokens, channels = query.shape
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, channels)), None
+
+
+def check_multihead_attention(mha: nn.Module, where: str) -> None:
+    """Raise unless ``mha`` (found at ``where``) is an attention :class:`SDPAMultiheadAttention` can stand for."""
+    ok = (
+        isinstance(mha, nn.MultiheadAttention)
+        and mha.batch_first
+        and mha._qkv_same_embed_dim
+        and mha.bias_k is None
+        and mha.bias_v is None
+        and not mha.add_zero_attn
+    )
+    if not ok:
+        raise UnsupportedModelError(f"{where}: expected {EXPECTED}, found {mha!r}")

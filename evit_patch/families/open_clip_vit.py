@@ -1,0 +1,134 @@
+"""open_clip's ``VisionTransformer``: the ``.visual`` tower of ``open_clip.create_model('ViT-B-32')`` etc.
+
+Its blocks (``ResidualAttentionBlock``) call ``nn.MultiheadAttention``, re-expressed with SDPA on
+the same parameters as for torchvision (:mod:`evit_patch.families.mha`). The tower always has a
+class token; it is pooled by that token (``pool_type='tok'``) or by an average over the image
+tokens (``'avg'``, which weighs a fused token by the tokens it stands for), after ``ln_post``, the
+per-token norm where the token state is split off. open_clip is imported nowhere: matching is
+by class path. Towers built on timm (``TimmModel``: SigLIP, ...) hold a timm ViT at ``.trunk``,
+which the timm families serve.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .base import Family, class_path, describe
+from .mha import SDPAMultiheadAttention, check_multihead_attention
+from .registry import register_family
+
+_MODULE = "open_clip.transformer"
+_CLASS = f"{_MODULE}.VisionTransformer"
+_BLOCK = f"{_MODULE}.ResidualAttentionBlock"
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+@register_family
+class OpenClipVisionTransformer(Family):
+    name = "open_clip.VisionTransformer"
+    notes = (
+        "the .visual tower of open_clip's ViT-* CLIP models: nn.MultiheadAttention re-expressed with SDPA on "
+        "the same parameters (keep=1.0 matches to float rounding, not bitwise); class-token or average "
+        "pooling; fixed input size. Not yet: attentional pooling (CoCa), final_ln_after_pool (CLIPA), "
+        "output_tokens. timm-based towers (SigLIP): patch model.visual.trunk"
+    )
+
+    classes = frozenset({_CLASS})
+
+    def matches(self, model: nn.Module) -> bool:
+        return _CLASS in class_path(model)
+
+    def check(self, model: nn.Module) -> None:
+        who = describe(model)
+        if model.attn_pool is not None:
+            raise UnsupportedModelError(
+                f"{who} pools with an attentional pooler (attn_pool, CoCa): its queries read every image "
+                "token, and size-aware attention pooling is not yet supported; expected pool_type='tok' or 'avg'"
+            )
+        if model.pool_type not in ("tok", "avg"):
+            raise UnsupportedModelError(
+                f"{who} has pool_type={model.pool_type!r}: its output is every token, which EViT drops and "
+                "fuses; expected pool_type='tok' or 'avg'"
+            )
+        if model.final_ln_after_pool:
+            raise UnsupportedModelError(
+                f"{who} has final_ln_after_pool=True (CLIPA): it pools the last block's output directly, "
+                "with no per-token norm in between where the fused tokens' sizes are split off; expected "
+                "final_ln_after_pool=False"
+            )
+        if model.output_tokens:
+            raise UnsupportedModelError(
+                f"{who} has output_tokens=True: it returns every image token, which EViT drops and fuses; "
+                "expected output_tokens=False"
+            )
+        if not isinstance(model.patch_dropout, nn.Identity):
+            raise UnsupportedModelError(
+                f"{who} drops patches at random in training (patch_dropout > 0); expected none: both would "
+                "select tokens"
+            )
+        for name, block in self.blocks(model):
+            where = f"{who}.{name}"
+            if _BLOCK not in class_path(block) or hasattr(block, "ln_1_kv"):
+                raise UnsupportedModelError(
+                    f"{where}: expected a self-attention ResidualAttentionBlock, found {type(block).__name__} "
+                    "(custom blocks: qk_norm, scaled cosine attention, ...)"
+                )
+            check_multihead_attention(block.attn, f"{where}.attn")
+
+    def pool(self, model: nn.Module) -> str:
+        return "avg" if model.pool_type == "avg" else "token"
+
+    def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:
+        blocks = model.transformer.resblocks.named_children()
+        return [(f"transformer.resblocks.{name}", block) for name, block in blocks]
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return 1  # the class embedding is always prepended
+
+    def channels(self, model: nn.Module) -> int:
+        return int(model.transformer.width)
+
+    def final_norm(self, model: nn.Module) -> str:
+        return "ln_post"
+
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        return _pair(model.image_size)
+
+    def _check_size(self, model: nn.Module, img_size) -> None:
+        own = _pair(model.image_size)
+        if img_size is not None and _pair(img_size) != own:
+            raise UnsupportedModelError(
+                f"{describe(model)} only accepts {own[0]}x{own[1]} images (its position embedding has a "
+                f"fixed size); got img_size={img_size!r}"
+            )
+
+    def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
+        self._check_size(model, img_size)
+        return _pair(model.grid_size)
+
+    def num_tokens(self, model: nn.Module, img_size=None) -> int:
+        rows, cols = self.patch_grid(model, img_size)
+        return rows * cols + 1
+
+    def outside_macs(self, model: nn.Module, img_size=None) -> int:
+        """The patch convolution (one weight per patch, no bias) and the projection of the pooled token."""
+        rows, cols = self.patch_grid(model, img_size)
+        head = 0 if model.proj is None else model.proj.numel()
+        return model.conv1.weight.numel() * rows * cols + head
+
+    def resized(self, model: nn.Module, img_size) -> nn.Module:
+        self._check_size(model, img_size)
+        return model
+
+    def prepare_block(self, block: nn.Module) -> nn.Module:
+        prepared = copy.copy(block)
+        prepared._modules = dict(block._modules)
+        prepared.attn = SDPAMultiheadAttention(block.attn)
+        return prepared

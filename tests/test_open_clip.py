@@ -1,0 +1,250 @@
+"""open_clip's ``VisionTransformer`` (the ``.visual`` tower of its ViT CLIP models): nn.MultiheadAttention
+re-expressed with SDPA, class-token and average pooling, against the float64 reference."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from conftest import images
+from reference import reference_forward, reference_forward_open_clip
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from tracked import (
+    check_compile,
+    check_export,
+    check_gradient_checkpointing,
+    check_gradients,
+    check_matches_reference,
+    check_original_untouched,
+    check_threads,
+)
+
+import evit_patch
+
+open_clip = pytest.importorskip("open_clip", reason='needs the open_clip extra: pip install "evit_patch[open_clip]"')
+from open_clip.transformer import VisionTransformer  # noqa: E402
+
+POOLS = ["tok", "avg"]
+TOWER = dict(image_size=32, patch_size=8, width=32, layers=4, heads=2, mlp_ratio=4, output_dim=16)
+
+
+def _small(pool: str = "tok", dtype=torch.float64, **kwargs) -> VisionTransformer:
+    """A tiny tower (16 image tokens) with attention far from uniform and layer scales at 0.5 (their
+    1e-5-style inits would hide a wrong residual); float64 so top-k ties cannot flake."""
+    torch.manual_seed(0)
+    model = VisionTransformer(**(TOWER | dict(pool_type=pool, ls_init_value=0.5) | kwargs))
+    with torch.no_grad():
+        for block in model.transformer.resblocks:
+            block.attn.in_proj_weight.normal_(0, 0.3)
+    return model.to(dtype).eval()
+
+
+def _x(batch: int = 3, dtype=torch.float64) -> torch.Tensor:
+    return images(batch, size=32, dtype=dtype)
+
+
+@pytest.mark.parametrize("method", ["evit", "merge"])
+@pytest.mark.parametrize("pool", POOLS)
+def test_matches_reference(pool, method):
+    check_matches_reference("open_clip", _small(pool), _x(), [1, 2], [0.6, 0.5], method=method)
+
+
+def test_without_fusion_matches_reference():
+    check_matches_reference("open_clip", _small("avg"), _x(), [1, 2], 0.5, fuse=False)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_gradients_match_reference(pool):
+    check_gradients("open_clip", _small(pool), _x(2))
+    check_gradients("open_clip", _small(pool), _x(2), method="merge")
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("pool", POOLS)
+def test_keep_one_matches_original_to_float_rounding(pool, dtype, tolerance):
+    """Not bitwise: nn.MultiheadAttention's fused kernel and SDPA round differently."""
+    model, x = _small(pool, dtype), _x(2, dtype)
+    fast = evit_patch.apply(model, layers=[0, 1, 2, 3], keep=1.0)
+    with torch.no_grad():
+        want = model(x)
+        assert (fast(x) - want).abs().max() <= tolerance * want.abs().max()
+
+
+@pytest.mark.parametrize("method", ["evit", "merge"])
+@pytest.mark.parametrize("pool", POOLS)
+def test_explain_equals_counted_macs(pool, method):
+    model = _small(pool)
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, method=method)
+    report = evit_patch.explain(fast)
+    for m, expected in ((model, report.macs_original), (fast, report.macs_patched)):
+        # With grad enabled nn.MultiheadAttention skips its fused fast path, which the counter misses.
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            m(_x(1))
+        assert counter.get_total_flops() // 2 == expected
+
+
+def test_vit_b_32_cost():
+    """The ViT-B-32 tower at keep 0.7 @ 3, 6, 9: 49 image tokens -> 35 -> 26 -> 19 kept (+ [CLS] and the
+    fused token); 4.41 GMACs unpatched, open_clip's own published figure for this tower."""
+    torch.manual_seed(0)
+    tower = open_clip.create_model("ViT-B-32", pretrained=None).visual
+    report = evit_patch.explain(evit_patch.apply(tower, layers=[3, 6, 9], keep=0.7))
+    assert [r.tokens_out for r in report.rows] == [50] * 3 + [37] * 3 + [28] * 3 + [21] * 3
+    assert (round(report.macs_original / 1e9, 3), round(report.macs_patched / 1e9, 3)) == (4.409, 3.099)
+
+
+def test_original_untouched_and_state_dict_keys_kept():
+    model = _small()
+    check_original_untouched(model)
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.7, method="merge")
+    assert isinstance(model.transformer.resblocks[1].attn, torch.nn.MultiheadAttention)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    assert "transformer.resblocks.1.attn.in_proj_weight" in fast.state_dict()
+    assert fast.transformer.resblocks[1].attn.in_proj_weight is not model.transformer.resblocks[1].attn.in_proj_weight
+
+
+def test_threads_average_pool():
+    check_threads(_small("avg"), _x())
+
+
+def test_gradient_checkpointing():
+    """open_clip's Transformer calls checkpointed blocks as ``checkpoint(block, x, None, None, attn_mask)``."""
+    check_gradient_checkpointing(_small("avg"), _x(2))
+
+
+def test_fullgraph_compile_matches_eager():
+    check_compile(_small("avg"), _x(2))
+
+
+def test_torch_export_matches_eager():
+    check_export(_small("avg"), _x())
+
+
+def test_onnx_matches_eager(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from evit_patch.export import INPUT_NAME, onnx_session
+
+    fast = evit_patch.apply(_small("avg", torch.float32), layers=[1, 2], keep=0.5)
+    x = _x(3, torch.float32)
+    session = onnx_session(evit_patch.export_onnx(fast, tmp_path / "tower.onnx"))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.from_numpy(session.run(None, {INPUT_NAME: x.numpy()})[0]), fast(x), rtol=0, atol=1e-5
+        )
+
+
+def test_pickle_round_trip():
+    fast = evit_patch.apply(_small("avg"), layers=[1, 2], keep=0.5, method="merge")
+    with torch.no_grad():
+        torch.testing.assert_close(pickle.loads(pickle.dumps(fast))(_x()), fast(_x()), rtol=0, atol=0)
+
+
+def test_attention_mask_is_refused_at_call_time():
+    fast = evit_patch.apply(_small(), layers=[1], keep=0.5)
+    message = r"resblocks\.1 was patched by evit_patch with attn_mask=None"
+    with pytest.raises(evit_patch.UnsupportedInputError, match=message):
+        fast.transformer.resblocks[1](torch.zeros(1, 17, 32, dtype=torch.float64), attn_mask=torch.zeros(17, 17))
+
+
+def _clip(dtype=torch.float64):
+    """A tiny CLIP: the test tower and a 2-layer text transformer."""
+    torch.manual_seed(0)
+    vision = dict(TOWER, ls_init_value=0.5)
+    vision.pop("output_dim")
+    vision.pop("heads")
+    text = dict(context_length=8, vocab_size=100, width=32, heads=2, layers=2)
+    model = open_clip.CLIP(embed_dim=16, vision_cfg=dict(vision, head_width=16), text_cfg=text)
+    return model.to(dtype).eval()
+
+
+def test_zero_shot_with_a_patched_tower():
+    """The users' workflow: ``model.visual = apply(model.visual)``; ``encode_image`` and the zero-shot
+    logits are the reference tower's embeddings against the text tower's."""
+    model = _clip()
+    with pytest.raises(evit_patch.UnsupportedModelError, match=r"it holds VisionTransformer at 'visual'"):
+        evit_patch.apply(model, layers=[1], keep=0.5)
+    original = model.visual
+    model.visual = evit_patch.apply(model.visual, layers=[1, 2], keep=0.5)
+    text = torch.randint(0, 100, (5, 8))
+    x = _x()
+    with torch.no_grad():
+        image_emb = model.encode_image(x, normalize=True)
+        text_emb = model.encode_text(text, normalize=True)
+        want = torch.nn.functional.normalize(reference_forward_open_clip(original, x, [1, 2], 0.5), dim=-1)
+        torch.testing.assert_close(image_emb, want, rtol=0, atol=1e-9)
+        logits = image_emb @ text_emb.T
+        torch.testing.assert_close(logits, want @ text_emb.T, rtol=0, atol=1e-9)
+        assert not torch.allclose(want, torch.nn.functional.normalize(original(x), dim=-1), atol=1e-3)
+
+
+def test_timm_tower_is_patched_at_its_trunk():
+    """open_clip's timm-based towers (SigLIP, ...) hold a timm ViT at ``.trunk``: patch that."""
+    torch.manual_seed(0)
+    tower = open_clip.timm_model.TimmModel("vit_tiny_patch16_224", embed_dim=16, pool="token")
+    tower.set_input_size(64)
+    tower = tower.double().eval()
+    with pytest.raises(evit_patch.UnsupportedModelError, match=r"it holds VisionTransformer .* at 'trunk'"):
+        evit_patch.apply(tower, layers=[1], keep=0.5)
+    trunk = tower.trunk
+    tower.trunk = evit_patch.apply(trunk, layers=[3, 6, 9], keep=0.7)
+    x = images(2, size=64)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x), tower.head(reference_forward(trunk, x, [3, 6, 9], 0.7)), rtol=0, atol=1e-9)
+
+
+REFUSALS = {
+    "attentional_pool": (
+        dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2),
+        r"VisionTransformer pools with an attentional pooler \(attn_pool, CoCa\): its queries read every image "
+        r"token, and size-aware attention pooling is not yet supported; expected pool_type='tok' or 'avg'",
+    ),
+    "pool_none": (
+        dict(pool_type="none"),
+        r"VisionTransformer has pool_type='none': its output is every token, which EViT drops and fuses; "
+        r"expected pool_type='tok' or 'avg'",
+    ),
+    "final_ln_after_pool": (
+        dict(pool_type="avg", final_ln_after_pool=True),
+        r"VisionTransformer has final_ln_after_pool=True \(CLIPA\): it pools the last block's output directly, "
+        r"with no per-token norm in between where the fused tokens' sizes are split off; expected "
+        r"final_ln_after_pool=False",
+    ),
+    "output_tokens": (
+        dict(output_tokens=True),
+        r"VisionTransformer has output_tokens=True: it returns every image token, which EViT drops and "
+        r"fuses; expected output_tokens=False",
+    ),
+    "patch_dropout": (
+        dict(patch_dropout=0.5),
+        r"VisionTransformer drops patches at random in training \(patch_dropout > 0\); expected none",
+    ),
+    "custom_block": (
+        dict(qk_norm=True),
+        r"VisionTransformer\.transformer\.resblocks\.0: expected a self-attention ResidualAttentionBlock, "
+        r"found CustomResidualAttentionBlock",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_refusals_name_the_configuration(name):
+    kwargs, message = REFUSALS[name]
+    model = _small("tok" if "pool_type" not in kwargs else kwargs.pop("pool_type"), **kwargs)
+    with pytest.raises(evit_patch.UnsupportedModelError, match=f"^{message}"):
+        evit_patch.apply(model, layers=[1], keep=0.5)
+
+
+def test_sequence_first_attention_is_refused_by_block():
+    model = _small()
+    model.transformer.resblocks[2].attn = torch.nn.MultiheadAttention(32, 2, batch_first=False)
+    message = r"transformer\.resblocks\.2\.attn: expected a batch-first"
+    with pytest.raises(evit_patch.UnsupportedModelError, match=message):
+        evit_patch.apply(model, layers=[1], keep=0.7)
+
+
+def test_other_image_size_is_refused():
+    with pytest.raises(evit_patch.UnsupportedModelError, match=r"only accepts 32x32 images .* img_size=64"):
+        evit_patch.apply(_small(), layers=[1], keep=0.7, img_size=64)
