@@ -39,6 +39,19 @@ def read_manifest(csv_path: str | Path) -> list[tuple[Path, int]]:
     return [(root / r["file"], int(r["label"])) for r in rows]
 
 
+def read_class_names(csv_path: str | Path) -> list[str]:
+    """Class names in index order from an ``index,...,name`` CSV (``../shared/data/labels/imagenet1k_classes.csv``),
+    each the first of its comma-separated synonyms (``"tench, Tinca tinca"`` -> ``"tench"``): zero-shot prompts."""
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "index" not in rows[0] or "name" not in rows[0]:
+        raise UsageError(f"{csv_path}: expected a CSV with 'index' and 'name' columns")
+    names = {int(r["index"]): r["name"].split(",")[0].strip() for r in rows}
+    if sorted(names) != list(range(len(names))):
+        raise UsageError(f"{csv_path}: expected indices 0..{len(names) - 1}, each once")
+    return [names[i] for i in range(len(names))]
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 

@@ -1,11 +1,19 @@
-"""Accuracy of a patched model and its agreement with the original, on the same batches."""
+"""Accuracy of a patched model and its agreement with the original, on the same batches.
+
+Classifiers are compared by their predictions (:func:`compare`); embedding models (no classifier
+head: open_clip's visual towers, transformers' ``*Model``/``CLIPVisionModel``, timm with
+``num_classes=0``) by the cosine similarity of their embeddings and, where a text tower gives
+class embeddings, by the zero-shot class they pick (:func:`compare_embeddings`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm import tqdm
 
 
@@ -64,3 +72,104 @@ def compare(
         )
     n = len(images)
     return Comparison(n, *(float(s) / n for s in stats))
+
+
+def embedding_of(output) -> Tensor:
+    """The embedding in a model's output: the tensor itself, or a transformers output's
+    ``image_embeds`` (``*WithProjection``) or ``pooler_output``, in that order."""
+    if isinstance(output, Tensor):
+        return output
+    for name in ("image_embeds", "pooler_output"):
+        value = output.get(name) if isinstance(output, dict) else getattr(output, name, None)
+        if isinstance(value, Tensor):
+            return value
+    raise TypeError(
+        f"expected an embedding: a tensor, or an output with image_embeds or pooler_output; got {type(output).__name__}"
+    )
+
+
+def is_embedding_model(model: nn.Module, output) -> bool:
+    """Whether ``output`` (of ``model``) is an embedding rather than class logits: no ``logits`` field
+    and no classifier (``num_classes`` absent or 0, as for open_clip's towers and timm's ``num_classes=0``)."""
+    if getattr(output, "logits", None) is not None or (isinstance(output, dict) and "logits" in output):
+        return False
+    return not getattr(model, "num_classes", 0)
+
+
+@dataclass(frozen=True)
+class EmbeddingComparison:
+    """Original vs patched embeddings of the same images; zero-shot fields are ``None`` without class embeddings."""
+
+    images: int
+    mean_cosine: float
+    """Mean cosine similarity between each image's original and patched embedding."""
+    min_cosine: float
+    """The lowest of them: the image the patch moved most."""
+    zero_shot_agreement: float | None = None
+    """Fraction of images whose zero-shot class (nearest class embedding) is the same for both."""
+    top1_original: float | None = None
+    """Zero-shot accuracy against the labels."""
+    top1_patched: float | None = None
+
+
+@torch.inference_mode()
+def compare_embeddings(
+    original: nn.Module,
+    patched: nn.Module,
+    images: Tensor,
+    labels: Tensor | None = None,
+    *,
+    classes: Tensor | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> EmbeddingComparison:
+    """Run both models batch by batch and compare their embeddings (see :func:`embedding_of`).
+
+    Args:
+        classes: ``(num_classes, D)`` class embeddings in the models' output space (for CLIP,
+            :func:`zero_shot_classes` of the text tower): each image's zero-shot class is the one
+            of highest cosine similarity, compared between the models and, given ``labels``, with them.
+    """
+    device = next(original.parameters()).device
+    cosines, same, right_a, right_b = [], 0, 0, 0
+    if classes is not None:
+        classes = F.normalize(classes.to(device).float(), dim=-1)
+    for start in tqdm(range(0, len(images), batch_size), desc="evaluating", disable=not progress):
+        x = images[start : start + batch_size].to(device)
+        a = F.normalize(embedding_of(original(x)).float().flatten(1), dim=-1)
+        b = F.normalize(embedding_of(patched(x)).float().flatten(1), dim=-1)
+        cosines.append((a * b).sum(-1).double().cpu())
+        if classes is not None:
+            class_a, class_b = (a @ classes.T).argmax(-1), (b @ classes.T).argmax(-1)
+            same += (class_a == class_b).sum().item()
+            if labels is not None:
+                y = labels[start : start + batch_size].to(device)
+                right_a, right_b = right_a + (class_a == y).sum().item(), right_b + (class_b == y).sum().item()
+    cosine, n = torch.cat(cosines), len(images)
+    zero_shot = classes is not None
+    return EmbeddingComparison(
+        n,
+        cosine.mean().item(),
+        cosine.min().item(),
+        same / n if zero_shot else None,
+        right_a / n if zero_shot and labels is not None else None,
+        right_b / n if zero_shot and labels is not None else None,
+    )
+
+
+@torch.inference_mode()
+def zero_shot_classes(
+    encode_text: Callable[[list[str]], Tensor],
+    class_names: Sequence[str],
+    template: str = "a photo of a {}.",
+    *,
+    batch_size: int = 250,
+) -> Tensor:
+    """``(num_classes, D)`` unit class embeddings from a text tower, one prompt per class.
+
+    ``encode_text`` maps prompts to embeddings, e.g. for open_clip
+    ``lambda texts: model.encode_text(tokenizer(texts))``.
+    """
+    prompts = [template.format(name) for name in class_names]
+    chunks = [encode_text(prompts[i : i + batch_size]).float() for i in range(0, len(prompts), batch_size)]
+    return F.normalize(torch.cat(chunks), dim=-1)

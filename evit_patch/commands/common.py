@@ -20,7 +20,11 @@ DEFAULT_MODEL = "deit_tiny_patch16_224"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="timm model name, or open_clip:ARCH for an open_clip CLIP's vision tower (default: %(default)s)",
+    )
     parser.add_argument("--checkpoint", type=Path, default=None, help="local weights: .safetensors or .pth")
     parser.add_argument("--pretrained", action="store_true", help="download pretrained weights through timm")
     parser.add_argument(
@@ -108,9 +112,33 @@ def keep_arg(args: argparse.Namespace) -> float | list[float]:
     return args.keep[0] if len(args.keep) == 1 else args.keep
 
 
+OPEN_CLIP = "open_clip:"
+"""``--model`` prefix naming an open_clip architecture (``open_clip:ViT-B-32``) instead of a timm model."""
+
+
 def load_model(args: argparse.Namespace) -> nn.Module:
-    """The original model in eval mode, from --checkpoint, --pretrained, or random init."""
+    """The original model in eval mode, from --checkpoint, --pretrained, or random init; for
+    ``open_clip:ARCH``, the CLIP model's vision tower."""
+    if args.model.startswith(OPEN_CLIP):
+        return load_open_clip(args)[0].visual
     return create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
+
+
+def load_open_clip(args: argparse.Namespace) -> tuple[nn.Module, object, object]:
+    """``(model, preprocess, tokenizer)`` for ``--model open_clip:ARCH``: random init, or the weights
+    file given as --checkpoint, loaded by open_clip itself."""
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise UsageError(f'--model {args.model} needs open_clip: pip install "evit_patch[open_clip]"') from exc
+    arch = args.model[len(OPEN_CLIP) :]
+    if arch not in open_clip.list_models():
+        raise UsageError(f"open_clip has no model named {arch!r}; see open_clip.list_models()")
+    if args.pretrained:
+        raise UsageError(f"--model {args.model}: give open_clip's weights file as --checkpoint, not --pretrained")
+    checkpoint = None if args.checkpoint is None else str(args.checkpoint)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=checkpoint)
+    return model.eval(), preprocess, open_clip.get_tokenizer(arch)
 
 
 _REPLACED_BY_LOAD = (
