@@ -12,9 +12,9 @@ from conftest import SHARED, images, make_vit
 from PIL import Image
 
 import evit_patch
-from evit_patch.commands import evaluate
 from evit_patch.bench.data import read_class_names
 from evit_patch.bench.quality import compare_embeddings, embedding_of, is_embedding_model, zero_shot_classes
+from evit_patch.commands import evaluate
 
 
 class Rotated(torch.nn.Module):

@@ -55,10 +55,9 @@ def test_without_fusion_matches_reference():
     check_matches_reference("open_clip", _small("avg"), _x(), [1, 2], 0.5, fuse=False)
 
 
-@pytest.mark.parametrize("pool", POOLS)
-def test_gradients_match_reference(pool):
-    check_gradients("open_clip", _small(pool), _x(2))
-    check_gradients("open_clip", _small(pool), _x(2), method="merge")
+@pytest.mark.parametrize(("pool", "method"), [("tok", "evit"), ("avg", "merge")])
+def test_gradients_match_reference(pool, method):
+    check_gradients("open_clip", _small(pool), _x(2), method=method)
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-6)])
@@ -125,7 +124,7 @@ def test_torch_export_matches_eager():
 def test_onnx_matches_eager(tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    from evit_patch.export import INPUT_NAME, onnx_session
+    from evit_patch.deploy.export import INPUT_NAME, onnx_session
 
     fast = evit_patch.apply(_small("avg", torch.float32), layers=[1, 2], keep=0.5)
     x = _x(3, torch.float32)

@@ -101,6 +101,9 @@ class OpenClipVisionTransformer(Family):
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         return _pair(model.image_size)
 
+    def in_chans(self, model: nn.Module) -> int:
+        return int(model.conv1.in_channels)
+
     def _check_size(self, model: nn.Module, img_size) -> None:
         own = _pair(model.image_size)
         if img_size is not None and _pair(img_size) != own:
