@@ -67,8 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def counted_gmacs(model: torch.nn.Module, image: torch.Tensor) -> float:
-    """GMACs per image by ``FlopCounterMode`` under the math SDPA backend (fused CPU kernels are missed)."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    """GMACs per image by ``FlopCounterMode`` under the math SDPA backend (fused CPU kernels are missed),
+    with grad enabled: ``nn.MultiheadAttention`` (torchvision, open_clip) would otherwise take its fused
+    inference path, which the counter misses too."""
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(image)
     return counter.get_total_flops() / 2 / len(image) / 1e9
 
