@@ -145,3 +145,15 @@ def test_evaluate_command_on_an_open_clip_model(tmp_path):
     assert full["images"] == 6 and full["zero_shot_agreement"] == 1.0
     assert full["min_cosine"] == pytest.approx(1, abs=1e-5) and full["top1_patched"] == full["top1_original"]
     assert pruned["min_cosine"] <= pruned["mean_cosine"] < 1 - 1e-4 and pruned["gmacs"] < full["gmacs"]
+
+
+def test_open_clip_model_errors_are_usage_errors():
+    pytest.importorskip("open_clip")
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    unknown = parser.parse_args(["--model", "open_clip:ViT-X", "--data", "x.csv"])
+    with pytest.raises(evit_patch.EViTError, match=r"^open_clip has no model named 'ViT-X'; see open_clip\."):
+        evaluate.run(unknown)
+    hub = parser.parse_args(["--model", "open_clip:ViT-B-32", "--pretrained", "--data", "x.csv"])
+    with pytest.raises(evit_patch.EViTError, match=r"give open_clip's weights file as --checkpoint, not --pretrained"):
+        evaluate.run(hub)
