@@ -386,7 +386,8 @@ def reference_forward_hf_encoder(model, images, layers, keep, fuse: bool = True,
 def reference_forward_open_clip(model, images, layers, keep, fuse: bool = True, method="evit", proportional=None):
     """EViT (or ``method="merge"``) forward of an open_clip ``VisionTransformer``, sample by sample:
     attention by hand from ``nn.MultiheadAttention``'s ``in_proj``, [CLS] scores, the class token or
-    a size-weighted average of the image tokens after ``ln_post``, then ``proj``."""
+    a size-weighted average of the image tokens after ``ln_post`` (or ``ln_post`` on the pooled token
+    with ``final_ln_after_pool``), then ``proj``."""
     merging = method == "merge"
     proportional = merging if proportional is None else proportional
     keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
@@ -408,11 +409,12 @@ def reference_forward_open_clip(model, images, layers, keep, fuse: bool = True, 
                 keys = k if merging else None
                 x, pos, size = _reorganize_sample(x, probs, pos, size, 1, keeps[index], fuse, True, mean, keys)
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
-        x = model.ln_post(x)
+        x = x if model.final_ln_after_pool else model.ln_post(x)
         if mean:
             weights = torch.tensor(size[1:], dtype=x.dtype)
             pooled = (x[0, 1:] * weights[:, None]).sum(dim=0) / weights.sum()
         else:
             pooled = x[0, 0]
+        pooled = model.ln_post(pooled) if model.final_ln_after_pool else pooled
         outputs.append(pooled[None] @ model.proj)
     return torch.cat(outputs)

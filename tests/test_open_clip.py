@@ -17,6 +17,7 @@ from tracked import (
     check_gradient_checkpointing,
     check_gradients,
     check_matches_reference,
+    check_onnx,
     check_original_untouched,
     check_threads,
 )
@@ -49,6 +50,15 @@ def _x(batch: int = 3, dtype=torch.float64) -> torch.Tensor:
 @pytest.mark.parametrize("pool", POOLS)
 def test_matches_reference(pool, method):
     check_matches_reference("open_clip", _small(pool), _x(), [1, 2], [0.6, 0.5], method=method)
+
+
+@pytest.mark.parametrize("method", ["evit", "merge"])
+def test_norm_after_a_class_token_pool_matches_reference(method):
+    """``final_ln_after_pool``: ``ln_post`` reads the pooled class token only, so the last block drops the
+    token state (merging carries it until then)."""
+    model = _small("tok", final_ln_after_pool=True)
+    check_matches_reference("open_clip", model, _x(), [1, 2], [0.6, 0.5], method=method)
+    assert evit_patch.apply(model, layers=[1, 2], keep=0.5, method=method).ln_post.__class__ is type(model.ln_post)
 
 
 def test_without_fusion_matches_reference():
@@ -122,17 +132,7 @@ def test_torch_export_matches_eager():
 
 
 def test_onnx_matches_eager(tmp_path):
-    pytest.importorskip("onnxscript")
-    pytest.importorskip("onnxruntime")
-    from evit_patch.deploy.export import INPUT_NAME, onnx_session
-
-    fast = evit_patch.apply(_small("avg", torch.float32), layers=[1, 2], keep=0.5)
-    x = _x(3, torch.float32)
-    session = onnx_session(evit_patch.export_onnx(fast, tmp_path / "tower.onnx"))
-    with torch.no_grad():
-        torch.testing.assert_close(
-            torch.from_numpy(session.run(None, {INPUT_NAME: x.numpy()})[0]), fast(x), rtol=0, atol=1e-5
-        )
+    check_onnx(_small("avg"), _x(), tmp_path)
 
 
 def test_pickle_round_trip():
@@ -207,9 +207,9 @@ REFUSALS = {
     ),
     "final_ln_after_pool": (
         dict(pool_type="avg", final_ln_after_pool=True),
-        r"VisionTransformer has final_ln_after_pool=True \(CLIPA\): it pools the last block's output directly, "
-        r"with no per-token norm in between where the fused tokens' sizes are split off; expected "
-        r"final_ln_after_pool=False",
+        r"VisionTransformer has final_ln_after_pool=True and pool_type='avg' \(CLIPA\): it averages the last "
+        r"block's output directly, with no per-token norm in between where the fused tokens' sizes could weigh "
+        r"the mean; expected final_ln_after_pool=False or pool_type='tok'",
     ),
     "output_tokens": (
         dict(output_tokens=True),

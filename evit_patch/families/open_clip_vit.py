@@ -4,7 +4,8 @@ Its blocks (``ResidualAttentionBlock``) call ``nn.MultiheadAttention``, re-expre
 the same parameters as for torchvision (:mod:`evit_patch.families.mha`). The tower always has a
 class token; it is pooled by that token (``pool_type='tok'``) or by an average over the image
 tokens (``'avg'``, which weighs a fused token by the tokens it stands for), after ``ln_post``, the
-per-token norm where the token state is split off. open_clip is imported nowhere: matching is
+per-token norm where the token state is split off (with ``final_ln_after_pool``, ``ln_post`` follows
+a class-token pool instead, and the last block returns the bare tokens). open_clip is imported nowhere: matching is
 by class path. Towers built on timm (``TimmModel``: SigLIP, ...) hold a timm ViT at ``.trunk``,
 which the timm families serve.
 """
@@ -36,8 +37,8 @@ class OpenClipVisionTransformer(Family):
     notes = (
         "the .visual tower of open_clip's ViT-* CLIP models: nn.MultiheadAttention re-expressed with SDPA on "
         "the same parameters (keep=1.0 matches to float rounding, not bitwise); class-token or average "
-        "pooling; fixed input size. Not yet: attentional pooling (CoCa), final_ln_after_pool (CLIPA), "
-        "output_tokens. timm-based towers (SigLIP): patch model.visual.trunk"
+        "pooling; fixed input size. Not yet: attentional pooling (CoCa), average pooling with "
+        "final_ln_after_pool (CLIPA), output_tokens. timm-based towers (SigLIP): patch model.visual.trunk"
     )
 
     classes = frozenset({_CLASS})
@@ -57,11 +58,11 @@ class OpenClipVisionTransformer(Family):
                 f"{who} has pool_type={model.pool_type!r}: its output is every token, which EViT drops and "
                 "fuses; expected pool_type='tok' or 'avg'"
             )
-        if model.final_ln_after_pool:
+        if model.final_ln_after_pool and model.pool_type == "avg":
             raise UnsupportedModelError(
-                f"{who} has final_ln_after_pool=True (CLIPA): it pools the last block's output directly, "
-                "with no per-token norm in between where the fused tokens' sizes are split off; expected "
-                "final_ln_after_pool=False"
+                f"{who} has final_ln_after_pool=True and pool_type='avg' (CLIPA): it averages the last block's "
+                "output directly, with no per-token norm in between where the fused tokens' sizes could weigh "
+                "the mean; expected final_ln_after_pool=False or pool_type='tok'"
             )
         if model.output_tokens:
             raise UnsupportedModelError(
@@ -95,8 +96,9 @@ class OpenClipVisionTransformer(Family):
     def channels(self, model: nn.Module) -> int:
         return int(model.transformer.width)
 
-    def final_norm(self, model: nn.Module) -> str:
-        return "ln_post"
+    def final_norm(self, model: nn.Module) -> str | None:
+        # final_ln_after_pool: ln_post normalises the pooled class token only; nothing per token follows.
+        return None if model.final_ln_after_pool else "ln_post"
 
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         return _pair(model.image_size)
