@@ -157,3 +157,19 @@ def test_open_clip_model_errors_are_usage_errors():
     hub = parser.parse_args(["--model", "open_clip:ViT-B-32", "--pretrained", "--data", "x.csv"])
     with pytest.raises(evit_patch.EViTError, match=r"give open_clip's weights file as --checkpoint, not --pretrained"):
         evaluate.run(hub)
+
+
+def test_transformers_towers_are_compared_by_their_embeddings():
+    """A patched transformers CLIP tower: ``image_embeds`` compared (keep 1.0: identical), detected as an embedding."""
+    pytest.importorskip("transformers")
+    from test_hf_clip import _small, _x
+
+    model, x = _small(), _x()
+    assert is_embedding_model(model, model(x[:1]))
+    same = compare_embeddings(model, evit_patch.apply(model, layers=[1], keep=1.0), x, progress=False)
+    assert same.min_cosine == pytest.approx(1, abs=1e-6)
+    fast = evit_patch.apply(model, layers=[1], keep=0.5)
+    moved = compare_embeddings(model, fast, x, progress=False)
+    with torch.no_grad():
+        want = torch.cosine_similarity(model(x).image_embeds, fast(x).image_embeds).min().item()
+    assert moved.min_cosine == pytest.approx(want, abs=1e-6) and want < 1 - 1e-4
