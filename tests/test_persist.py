@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,14 @@ def _finetuned_like(seed: int = 0):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One saved model, copied by each test that damages it."""
+    directory = tmp_path_factory.mktemp("saved")
+    evit_patch.save_pretrained(_finetuned_like(), directory)
+    return directory
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -77,8 +86,8 @@ def test_unpatched_model_is_refused(tmp_path):
         (lambda d: _edit(d, format_version=99), "upgrade evit_patch"),
     ],
 )
-def test_bad_directories_fail_clearly(tmp_path, damage, message):
-    evit_patch.save_pretrained(_finetuned_like(), tmp_path)
+def test_bad_directories_fail_clearly(saved, tmp_path, damage, message):
+    shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
     damage(tmp_path)
     with pytest.raises(CheckpointError, match=message):
         evit_patch.load_pretrained(tmp_path)
