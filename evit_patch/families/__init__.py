@@ -1,6 +1,17 @@
 """Model families. Importing this package registers every family file."""
 
-from . import hf_clip, hf_dinov2, hf_vit, refused, timm_beit, timm_eva, timm_relpos, timm_vit, torchvision_vit  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    hf_clip,
+    hf_dinov2,
+    hf_siglip,
+    hf_vit,
+    refused,
+    timm_beit,
+    timm_eva,
+    timm_relpos,
+    timm_vit,
+    torchvision_vit,
+)
 from .base import Family, describe
 from .registry import SupportEntry, find_family, list_supported, register_family
 
