@@ -18,7 +18,7 @@ from .families import describe, find_family
 from .graph.guards import install_guards
 from .graph.profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
 from .graph.reorganizer import TokenReorganizer
-from .graph.rewrite import BlockEdit, rewrite_block, wrap_final_norm
+from .graph.rewrite import BlockEdit, rewrite_block, wrap_attention_pool, wrap_final_norm
 from .graph.state import CONFIG_ATTR, check_not_patched
 from .graph.verify import verify_token_counts
 from .options import Method, Score, parse_option
@@ -125,17 +125,21 @@ def _rewrite(
     """Insert the reorganizers and the token state into ``patched``'s traced blocks."""
     ranking = _score(model, family, config.score)
     rates = dict(zip(config.layers, config.keep))
-    rotary, averaged = family.rotary_args(patched), family.pool(patched) == "avg"
+    rotary, pool = family.rotary_args(patched), family.pool(patched)
+    averaged, attention_pool = pool == "avg", pool == "attention"
     positional = bool(rotary) or any(t.site.bias is not None for t in traced)
-    # Merging weighs tokens by size; proportional attention and average pools read sizes later on.
-    stateful = positional or averaged or config.proportional_attention or config.method is Method.MERGE
+    # Merging weighs tokens by size; proportional attention and average or attention pools read sizes later on.
+    stateful = (
+        positional or averaged or attention_pool or config.proportional_attention or config.method is Method.MERGE
+    )
     first = min(config.layers)
     prefix, channels = family.num_prefix_tokens(patched), family.channels(patched)
     final = family.final_norm(patched) if stateful else None
-    if stateful and final is None and averaged:
+    if stateful and final is None and (averaged or attention_pool):
         raise UnsupportedModelError(
-            f"{describe(patched)}: its head averages the image tokens, but no per-token module follows the "
-            "last block where their sizes could weigh the mean; expected a final norm"
+            f"{describe(patched)}: its head {'averages' if averaged else 'pools with attention over'} the image "
+            "tokens, but no per-token module follows the last block where their sizes could weigh them; "
+            "expected a final norm"
         )
     for index, block in enumerate(traced):
         reorganizer = None
@@ -155,7 +159,7 @@ def _rewrite(
                 layer=index,
                 score=ranking,
                 stateful=stateful,
-                fuse_mean=averaged,
+                fuse_mean=averaged or attention_pool,  # a pool that weighs it by size: on the tokens' scale
                 keys_transposed=block.site.keys_transposed,
             )
         edit = BlockEdit(
@@ -174,7 +178,10 @@ def _rewrite(
     if final is not None:
         edit = BlockEdit(None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=prefix)
         where = f"{describe(patched)}.{final}"
-        patched.set_submodule(final, wrap_final_norm(patched.get_submodule(final), edit, averaged, where=where))
+        norm = wrap_final_norm(patched.get_submodule(final), edit, averaged, where=where, pass_state=attention_pool)
+        patched.set_submodule(final, norm)
+        if attention_pool:
+            _wrap_attention_pool(patched, family, channels)
     profile = profile_of(traced, patched, family)
     rows = CostModel(profile, family.num_tokens(patched), outside_macs=0).explain(config).rows
     verify_token_counts(patched, family, [row.tokens_in for row in rows], mode=fake)
@@ -182,6 +189,18 @@ def _rewrite(
     setattr(patched, CONFIG_ATTR, config.replace(score=None if ranking is family.score(model) else ranking))
     install_guards(patched)
     return patched
+
+
+def _wrap_attention_pool(patched: nn.Module, family, channels: int) -> None:
+    """The attention pool reads the state the final norm passes on: a fused token weighs as its size."""
+    name = family.pool_module(patched)
+    edit = BlockEdit(
+        None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=family.pool_prefix_tokens(patched)
+    )
+    where = f"{describe(patched)}.{name}"
+    pool = wrap_attention_pool(patched.get_submodule(name), edit, where=where, leaf_types=family.leaf_types())
+    patched.set_submodule(name, pool)
+    family.strip_state(patched)
 
 
 def _score(model: nn.Module, family, requested: str | Score | None) -> Score:

@@ -133,7 +133,8 @@ def reorganize(
         num_keep: ``k`` with ``1 <= k <= N - P``.
         fuse: append the fused token.
         fuse_mean: fuse with normalised weights, ``sum_i a_i x_i / sum_i a_i``: a token on the scale
-            of the ones it replaces, for heads that average the tokens (see ``docs/how-it-works.md``).
+            of the ones it replaces, for heads that average the tokens or pool them with attention
+            (see ``docs/how-it-works.md``).
     """
     batch, num_tokens, channels = x.shape
     kept_index = scores.topk(num_keep, dim=1, largest=True, sorted=True).indices

@@ -272,8 +272,9 @@ def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls, mean, keys=
     new_pos = pos[:prefix] + [pos[prefix + i] for i in kept]
     new_size = size[:prefix] + [size[prefix + i] for i in kept]
     if fuse:
-        fused = sum(scores[i] * x[0, prefix + i] for i in dropped)
-        rows.append((fused / sum(scores[i] for i in dropped) if mean else fused)[None])
+        weights = scores.to(x.dtype)  # float32 scores (eager attention) weigh in the tokens' dtype
+        fused = sum(weights[i] * x[0, prefix + i] for i in dropped)
+        rows.append((fused / sum(weights[i] for i in dropped) if mean else fused)[None])
         new_pos.append(None)
         new_size.append(sum(size[prefix + i] for i in dropped))
     return torch.cat(rows)[None], new_pos, new_size
@@ -285,7 +286,7 @@ def reference_forward_tracked(
     """EViT forward of a timm ViT ("vit"), ``Beit``, ``Eva`` or ``VisionTransformerRelPos``
     ("relpos") with pre-norm blocks, or an open_clip ``VisionTransformer`` ("open_clip"), sample by sample:
     position bias and rotary rows looked up by each token's original position, [CLS] or
-    received-attention scores, a size-weighted average pool; ``method="merge"``: token merging
+    received-attention scores, a size-weighted average or attention pool; ``method="merge"``: token merging
     with proportional attention (unless ``proportional=False``)."""
     if kind == "open_clip":
         return reference_forward_open_clip(model, images, layers, keep, fuse, method, proportional)
@@ -312,12 +313,15 @@ def reference_forward_tracked(
             out, probs, keys = _attention(kind, block, h, pos, prefix, table, shared, sizes, merging)
             x = x + ls1(out)
             if index in keeps:
-                mean = model.global_pool == "avg"
+                mean = model.global_pool in ("avg", "map")  # pools that weigh the fused token by its size
                 keys = keys if merging else None
                 x, pos, size = _reorganize_sample(x, probs, pos, size, prefix, keeps[index], fuse, cls, mean, keys)
             x = x + ls2(block.mlp(block.norm2(x)))
         x = model.norm(x)
-        if model.global_pool == "avg":
+        if getattr(model, "attn_pool", None) is not None:  # global_pool="map"; prefix sliced off
+            start = 0 if model.pool_include_prefix else prefix
+            pooled = reference_timm_attention_pool(model.attn_pool, x[0, start:], size[start:])
+        elif model.global_pool == "avg":
             weights = torch.tensor(size[prefix:], dtype=x.dtype)
             pooled = (x[0, prefix:] * weights[:, None]).sum(dim=0) / weights.sum()
         else:
@@ -418,3 +422,84 @@ def reference_forward_open_clip(model, images, layers, keep, fuse: bool = True, 
         pooled = model.ln_post(pooled) if model.final_ln_after_pool else pooled
         outputs.append(pooled[None] @ model.proj)
     return torch.cat(outputs)
+
+
+# --- Attention-pool heads: a probe attends over the tokens, each key's logit raised by log(size). ---
+
+
+def reference_probe_attention(q, k, v, sizes, scale):
+    """One sample's pooling attention with explicit loops: ``q`` (L, H, D) probe queries, ``k`` and
+    ``v`` (N, H, D) the tokens' keys and values, ``sizes`` N patch counts. Query ``l`` of head ``h``
+    gives key ``j`` the weight ``s_j exp(q·k_j scale) / sum_i s_i exp(q·k_i scale)``: a token standing
+    for ``s`` patches weighs as ``s`` copies of itself. Returns (L, H * D)."""
+    queries, heads, _ = q.shape
+    rows = []
+    for query in range(queries):
+        out = []
+        for h in range(heads):
+            logits = [(q[query, h] @ k[j, h]) * scale + math.log(sizes[j]) for j in range(len(sizes))]
+            top = max(float(z.detach()) for z in logits)
+            weights = [torch.exp(z - top) for z in logits]
+            total = sum(weights)
+            out.append(sum((w / total) * v[j, h] for j, w in enumerate(weights)))
+        rows.append(torch.cat(out))
+    return torch.stack(rows)
+
+
+def reference_timm_attention_pool(pool, x, sizes):
+    """timm's ``AttentionPoolLatent`` on one sample's tokens ``x`` (N, C) of ``sizes``, by hand."""
+    heads, dim = pool.num_heads, pool.head_dim
+    q = pool.q_norm(pool.q(pool.latent[0]).reshape(-1, heads, dim))
+    k, v = pool.kv(x).reshape(len(x), 2, heads, dim).unbind(1)
+    out = pool.proj(reference_probe_attention(q, pool.k_norm(k), v, sizes, dim**-0.5))
+    if pool.mlp is not None:
+        out = out + pool.mlp(pool.norm(out))
+    return out[0] if pool.pool == "token" else out.mean(0)
+
+
+def reference_siglip_head(head, x, sizes):
+    """transformers' ``SiglipMultiheadAttentionPoolingHead`` on one sample's tokens (N, C), by hand
+    from the ``nn.MultiheadAttention``'s packed projection."""
+    mha = head.attention
+    channels, heads = x.shape[-1], mha.num_heads
+    weight, bias = mha.in_proj_weight.split(channels), mha.in_proj_bias.split(channels)
+    q, k, v = (
+        torch.nn.functional.linear(t, w, b).reshape(len(t), heads, -1)
+        for t, w, b in zip((head.probe[0], x, x), weight, bias)
+    )
+    out = mha.out_proj(reference_probe_attention(q, k, v, sizes, (channels // heads) ** -0.5))
+    return (out + head.mlp(head.layernorm(out)))[0]
+
+
+def reference_forward_siglip(model, images, layers, keep, method="evit", proportional=None):
+    """EViT (or merging) forward of a transformers ``SiglipVisionModel``, sample by sample: each
+    layer by hand from its Linears, tokens ranked by the attention they receive, EViT's fused token
+    the score-weighted mean of the dropped ones, the head's probe weighing each token by its size.
+    Returns ``(last_hidden_state, pooler_output)``."""
+    merging = method == "merge"
+    proportional = merging if proportional is None else proportional
+    keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
+    eager = model.config._attn_implementation == "eager"
+    hidden, pooled = [], []
+    for image in images:
+        x = model.embeddings(image[None])
+        pos, size = list(range(x.shape[1])), [1] * x.shape[1]
+        for index, layer in enumerate(model.encoder.layers):
+            attn = layer.self_attn
+            h = layer.layer_norm1(x)
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            q, k, v = (p(h).reshape(1, h.shape[1], -1, attn.head_dim).transpose(1, 2) for p in projections)
+            logits = (q @ k.transpose(-2, -1)) * attn.scale
+            if proportional:
+                logits = logits + torch.tensor([math.log(s) for s in size], dtype=x.dtype)
+            # "eager": transformers' float32 softmax, which the score is read from before the cast back
+            probs = logits.softmax(dim=-1, dtype=torch.float32) if eager else logits.softmax(dim=-1)
+            x = x + attn.out_proj((probs.to(x.dtype) @ v).transpose(1, 2).reshape(1, h.shape[1], -1))
+            if index in keeps:
+                keys = k if merging else None
+                x, pos, size = _reorganize_sample(x, probs, pos, size, 0, keeps[index], True, False, True, keys)
+            x = x + layer.mlp(layer.layer_norm2(x))
+        x = model.post_layernorm(x)
+        hidden.append(x[0])
+        pooled.append(reference_siglip_head(model.head, x[0], size))
+    return hidden, torch.stack(pooled)

@@ -22,7 +22,6 @@ def _tiny(**kwargs):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(global_pool="map"), r"pools with an attention-pool head \(global_pool='map'\)"),
         (dict(global_pool=""), r"has global_pool='': its output reads every image token one by one"),
         (dict(global_pool="max"), r"has global_pool='max': .* expected global_pool='token' or 'avg'"),
         (
@@ -30,11 +29,23 @@ def _tiny(**kwargs):
             r"averages prefix and image tokens together \(pool_include_prefix=True\)",
         ),
     ],
-    ids=["map_head", "no_pool", "max_pool", "pool_include_prefix"],
+    ids=["no_pool", "max_pool", "pool_include_prefix"],
 )
 def test_heads_that_read_every_token_are_refused(kwargs, message):
     with pytest.raises(UnsupportedModelError, match=message):
         evit_patch.apply(_tiny(**kwargs), layers=[1], keep=0.7)
+
+
+def test_attention_pool_outside_timm_vit_is_refused():
+    """timm.VisionTransformer's 'map' head is served (tests/test_attention_pool.py); EVA's pools
+    every token, prefix included, through other code, and stays refused."""
+    model = make_vit("eva02_tiny_patch14_224", img_size=56, depth=2, global_pool="map")
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^Eva \(eva02_tiny_patch14_224\) pools with an attention-pool head \(global_pool='map'\); "
+        r"expected global_pool='token' or 'avg'$",
+    ):
+        evit_patch.apply(model, layers=[1], keep=0.7)
 
 
 @pytest.mark.parametrize(

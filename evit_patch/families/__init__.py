@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (registration side effects)
     hf_clip,
     hf_dinov2,
+    hf_siglip,
     hf_vit,
     open_clip_vit,
     refused,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import abc
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UnsupportedModelError
 from ..options import Score
@@ -100,9 +103,32 @@ class Family(abc.ABC):
         return Score.CLS
 
     def pool(self, model: nn.Module) -> str:
-        """``"token"`` (the head reads prefix tokens) or ``"avg"`` (it averages the image tokens,
-        so a fused token must count as the tokens it stands for)."""
+        """``"token"`` (the head reads prefix tokens), ``"avg"`` (it averages the image tokens, so a
+        fused token must count as the tokens it stands for) or ``"attention"`` (a probe attends
+        over the tokens: a fused token must weigh as the tokens it stands for in its softmax; see
+        :meth:`pool_module`)."""
         return "token"
+
+    def pool_module(self, model: nn.Module) -> str:
+        """``pool == "attention"``: qualified name of the attention-pool module, which is called on
+        the final norm's output (possibly minus the prefix rows, see :meth:`pool_prefix_tokens`)."""
+        raise UnsupportedModelError(f"{describe(model)}: evit_patch does not know this family's attention pool")
+
+    def pool_prefix_tokens(self, model: nn.Module) -> int:
+        """Prefix rows the attention pool reads before the image tokens (0 where they are sliced off)."""
+        return 0
+
+    def pool_macs_per_token(self, model: nn.Module) -> int:
+        """MACs the head spends per token it reads (an attention pool's key and value projections
+        and its probe's logits and weighted sum); ``explain`` multiplies them by the final token
+        count. The head's other MACs belong in :meth:`outside_macs`."""
+        return 0
+
+    def strip_state(self, model: nn.Module) -> None:
+        """Called on the patched copy when the final norm passes the token state on to an attention
+        pool: a family whose model also returns the normed tokens removes the state channels
+        there (e.g. with a forward hook), so users see the library's output width."""
+        return None
 
     def rotary_args(self, model: nn.Module) -> tuple[str, ...]:
         """Block arguments holding a per-image-token rotary table; they stay graph inputs."""
@@ -126,6 +152,24 @@ class Family(abc.ABC):
     def leaf_types(self) -> tuple[type[nn.Module], ...]:
         """Module types the tracer must not enter (mode-dependent helpers)."""
         return ()
+
+
+def attention_pool_macs(pool: nn.Module, channels: int) -> tuple[int, int]:
+    """``(fixed, per_token)`` MACs of an attention-pool module, counted by running it on one and
+    on two tokens: with a fixed probe its cost is linear in the tokens it reads. SDPA runs as
+    matmuls (as ``explain`` counts every attention), which the counter sees on any backend."""
+    # A copy without gradients: FlopCounterMode's module hooks fail on a view of a parameter that
+    # requires grad made under no_grad (timm's ``latent.expand``), even in an inference-only run.
+    pool = copy.deepcopy(pool).requires_grad_(False)
+    param = next(pool.parameters())
+    counts = []
+    for tokens in (1, 2):
+        x = torch.zeros(1, tokens, channels, device=param.device, dtype=param.dtype)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            pool(x)
+        counts.append(counter.get_total_flops() // 2)
+    per_token = counts[1] - counts[0]
+    return counts[0] - per_token, per_token
 
 
 class RefusedFamily(Family):

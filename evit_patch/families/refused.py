@@ -66,8 +66,8 @@ register_refusal(
     )
 )
 
-# Hugging Face transformers image models other than ViT/DeiT, DINOv2 and CLIP (see hf_*.py): matched by class path,
-# so transformers need not be installed; each reason names the timm model that works instead.
+# Hugging Face transformers image models other than ViT/DeiT, DINOv2, CLIP and SigLIP (see hf_*.py): matched by
+# class path, so transformers need not be installed; each reason names the timm model that works instead.
 _HF = "transformers.models"
 register_refusal(
     RefusedFamily(
@@ -90,12 +90,5 @@ register_refusal(
         {f"{_HF}.vit_mae.modeling_vit_mae.ViTMAEModel", f"{_HF}.vit_mae.modeling_vit_mae.ViTMAEForPreTraining"},
         "its embeddings mask a random subset of patches on every call; for the fine-tuned encoder use "
         "transformers' ViTForImageClassification or timm's vit_* (both supported)",
-    )
-)
-register_refusal(
-    RefusedFamily(
-        "transformers.VisionEncoders",
-        {f"{_HF}.siglip.modeling_siglip.SiglipVisionModel"},
-        "SigLIP vision towers are not yet a family (SigLIP pools with attention, which reads every token)",
     )
 )

@@ -6,14 +6,14 @@ import copy
 from collections.abc import Sequence
 
 import torch
-from timm.layers import DropPath
+from timm.layers import AttentionPoolLatent, DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UnsupportedModelError
 from ..options import Score
-from .base import Family, describe
+from .base import Family, attention_pool_macs, describe
 from .registry import register_family
 
 
@@ -26,9 +26,12 @@ def _patches(embed: nn.Module, size: tuple[int, int]) -> int:
     return int(grid[0] * grid[1])
 
 
-def check_pool(model: nn.Module, who: str) -> None:
-    """Token pooling, or an average over the image tokens (size-weighted once tokens are fused)."""
+def check_pool(model: nn.Module, who: str, attention: bool = False) -> None:
+    """Token pooling, an average over the image tokens (size-weighted once tokens are fused), or
+    (``attention``: the families whose code is known to allow it) timm's attention-pool head."""
     if getattr(model, "attn_pool", None) is not None:
+        if attention:
+            return check_attention_pool(model, who)
         raise UnsupportedModelError(
             f"{who} pools with an attention-pool head (global_pool={model.global_pool!r}); "
             "expected global_pool='token' or 'avg'"
@@ -50,12 +53,26 @@ def check_pool(model: nn.Module, who: str) -> None:
         )
 
 
+def check_attention_pool(model: nn.Module, who: str) -> None:
+    """``global_pool='map'``: ``AttentionPoolLatent`` without a per-position embedding of its own
+    (which would have to follow the tokens' positions, and has none for a fused token)."""
+    pool = model.attn_pool
+    if not isinstance(pool, AttentionPoolLatent) or pool.pos_embed is not None:
+        found = type(pool).__name__ + (" with pos_embed='abs'" if getattr(pool, "pos_embed", None) is not None else "")
+        raise UnsupportedModelError(
+            f"{who}.attn_pool: expected timm's AttentionPoolLatent without a position embedding "
+            f"(global_pool='map'), found {found}"
+        )
+
+
 def score_of(model: nn.Module) -> Score:
     """[CLS] attention where there is a class token, else the attention each token receives."""
     return Score.CLS if getattr(model, "cls_token", None) is not None else Score.RECEIVED
 
 
 def pool_of(model: nn.Module) -> str:
+    if getattr(model, "attn_pool", None) is not None:
+        return "attention"
     return "avg" if model.global_pool == "avg" else "token"
 
 
@@ -65,7 +82,9 @@ class TimmVisionTransformer(Family):
     notes = (
         "vit_*, deit_*, deit3_*, distilled DeiT, register-token and CLIP-style ViTs; token-pooled, or "
         "average-pooled (*_gap_*) with or without a class token: without one, tokens are ranked by the "
-        "attention they receive, and the fused token counts as the tokens it stands for in the average"
+        "attention they receive, and the fused token counts as the tokens it stands for in the average; "
+        "attention-pooled (global_pool='map': SigLIP, so400m), where a fused or merged token weighs as the "
+        "tokens it stands for in the probe's softmax (log(size) added to its logits)"
     )
 
     classes = frozenset({"timm.models.vision_transformer.VisionTransformer"})
@@ -74,13 +93,24 @@ class TimmVisionTransformer(Family):
         return isinstance(model, VisionTransformer)
 
     def check(self, model: nn.Module) -> None:
-        check_pool(model, describe(model))
+        check_pool(model, describe(model), attention=True)
 
     def score(self, model: nn.Module) -> Score:
         return score_of(model)
 
     def pool(self, model: nn.Module) -> str:
         return pool_of(model)
+
+    def pool_module(self, model: nn.Module) -> str:
+        return "attn_pool"
+
+    def pool_prefix_tokens(self, model: nn.Module) -> int:
+        """``VisionTransformer.pool`` slices the prefix tokens off unless ``pool_include_prefix``."""
+        return int(model.num_prefix_tokens) if getattr(model, "pool_include_prefix", False) else 0
+
+    def pool_macs_per_token(self, model: nn.Module) -> int:
+        pool = getattr(model, "attn_pool", None)
+        return 0 if pool is None else attention_pool_macs(pool, int(model.embed_dim))[1]
 
     def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:
         return [(f"blocks.{name}", block) for name, block in model.blocks.named_children()]
@@ -132,6 +162,8 @@ class TimmVisionTransformer(Family):
         heads = model.get_classifier()
         heads = heads if isinstance(heads, tuple) else (heads,)
         head_macs = sum(m.in_features * m.out_features for h in heads for m in h.modules() if isinstance(m, nn.Linear))
+        if getattr(model, "attn_pool", None) is not None:  # its per-token part: pool_macs_per_token
+            head_macs += attention_pool_macs(model.attn_pool, int(model.embed_dim))[0]
         return embed_macs + head_macs
 
     def resized(self, model: nn.Module, img_size) -> nn.Module:

@@ -317,3 +317,57 @@ def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int) -> Blo
         fixed_macs=table_macs,
         key_dim=qk_width // heads,
     )
+
+
+@dataclass(frozen=True)
+class PoolSite:
+    """The attention of an attention-pool head (a probe attends over the tokens), where a key
+    bias goes: an SDPA call's ``attn_mask``, the logits before one softmax, or the ``attn_mask``
+    of an ``nn.MultiheadAttention`` call (kept as a leaf, so the head runs its own code)."""
+
+    where: str
+    attention: fx.Node
+    like: fx.Node
+    """The query (its dtype; for ``nn.MultiheadAttention`` its length too), or the softmax's logits."""
+    multihead: nn.MultiheadAttention | None = None
+    """The module an ``nn.MultiheadAttention`` call runs; ``None`` for SDPA or a softmax."""
+
+    @property
+    def fused(self) -> bool:
+        return self.multihead is None and self.attention.target in _SDPA
+
+
+def locate_pool(gm: fx.GraphModule, *, where: str) -> PoolSite:
+    """The one attention of a traced attention-pool head, with no mask of its own (structure only)."""
+    modules = dict(gm.named_modules())
+    multihead = [
+        n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], nn.MultiheadAttention)
+    ]
+    if multihead:
+        if len(multihead) > 1:
+            raise UnsupportedModelError(f"{where}: expected one attention in the pool, found {len(multihead)}")
+        op, mha = multihead[0], modules[multihead[0].target]
+        given = [name for index, name in ((3, "key_padding_mask"), (5, "attn_mask")) if _arg(op, index, name)]
+        if given or not mha.batch_first or _arg(op, 7, "is_causal", False):
+            raise UnsupportedModelError(
+                f"{where}: expected a batch-first nn.MultiheadAttention called as attn(query, x, x) without "
+                f"masks, found batch_first={mha.batch_first}, masks={given}"
+            )
+        return PoolSite(where, op, _query(op, where), mha)
+    source, op = _attention_op(gm.graph, where)
+    if source is ScoreSource.QUERY_KEY:
+        (like, _), _ = _check_fused_call(op, where)
+    else:
+        _check_softmax(op, where)
+        like = _arg(op, 0, "input")
+    bias, _ = _position_bias(source, op, where)
+    if bias is not None:
+        raise UnsupportedModelError(f"{where}: expected a pooling attention without a mask, found {bias}")
+    return PoolSite(where, op, like)
+
+
+def _query(op: fx.Node, where: str) -> fx.Node:
+    query = _arg(op, 0, "query")
+    if not isinstance(query, fx.Node):
+        raise UnsupportedModelError(f"{where}: the pooling attention's query is not a graph value")
+    return query

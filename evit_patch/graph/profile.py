@@ -43,6 +43,14 @@ class ModelProfile:
     costs: tuple[BlockCost, ...]
     score: Score = Score.CLS
     """The family's default score for this model (a patched model's own score is in its config)."""
+    pool_macs_per_token: int = 0
+    """MACs an attention-pool head spends per token it reads (0 for other heads)."""
+    pool_prefix_tokens: int = 0
+    """Prefix tokens the attention pool reads besides the image tokens."""
+
+    def pool_macs(self, tokens: int) -> int:
+        """The head's token-dependent MACs when ``tokens`` (prefix included) leave the last block."""
+        return self.pool_macs_per_token * (tokens - self.num_prefix_tokens + self.pool_prefix_tokens)
 
 
 def trace_blocks(model: nn.Module, family: Family, mode: FakeTensorMode | None = None) -> list[TracedBlock]:
@@ -106,6 +114,8 @@ def profile_of(traced: list[TracedBlock], model: nn.Module, family: Family) -> M
         block_names=tuple(t.name for t in traced),
         costs=tuple(t.cost for t in traced),
         score=family.score(model),
+        pool_macs_per_token=family.pool_macs_per_token(model),
+        pool_prefix_tokens=family.pool_prefix_tokens(model),
     )
 
 

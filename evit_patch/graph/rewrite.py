@@ -10,10 +10,10 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .locate import BlockSite, tokens_input
+from .locate import BlockSite, locate_pool, tokens_input
 from .reorganizer import ScoreSource, TokenReorganizer
-from .token_state import AttentionBias, Pack, RopeGather, SizeWeightedTokens, Unpack
-from .trace import BlockTracer, runtime_guard
+from .token_state import AttentionBias, Pack, PoolSizeBias, RopeGather, SizeWeightedTokens, Unpack
+from .trace import BlockTracer, runtime_guard, trace_block
 
 REORGANIZER_NAME = "evit"
 """Submodule name of the inserted module inside a patched block (``blocks.3.evit``)."""
@@ -143,9 +143,12 @@ def _add_bias(logits, bias):
     return logits if bias is None else logits + bias
 
 
-def wrap_final_norm(norm: nn.Module, edit: BlockEdit, weighted: bool, *, where: str) -> fx.GraphModule:
+def wrap_final_norm(
+    norm: nn.Module, edit: BlockEdit, weighted: bool, *, where: str, pass_state: bool = False
+) -> fx.GraphModule:
     """``norm`` on the tokens with their state split off, followed by size weights for an average
-    pool (``weighted``); keeps ``norm``'s parameter names."""
+    pool (``weighted``), or by the state appended again for an attention pool that reads the sizes
+    itself (``pass_state``, see :func:`wrap_attention_pool`); keeps ``norm``'s parameter names."""
     try:
         graph = BlockTracer().trace(norm)
     except Exception as exc:  # fx raises many types; the cause is chained for the details
@@ -154,14 +157,53 @@ def wrap_final_norm(norm: nn.Module, edit: BlockEdit, weighted: bool, *, where: 
             f"tokens' positions and sizes are split off: {exc}"
         ) from exc
     gm = fx.GraphModule(norm, graph, class_name=type(norm).__name__)
-    _, sizes = _unpack_input(gm, edit)  # the pool reads sizes only
+    positions, sizes = _unpack_input(gm, edit)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
     if weighted:
         gm.add_submodule("evit_pool", SizeWeightedTokens())
-        output = next(n for n in gm.graph.nodes if n.op == "output")
         with gm.graph.inserting_before(output):
             pooled = gm.graph.call_module("evit_pool", (output.args[0], sizes, edit.num_prefix_tokens))
         output.args = (pooled,)
+    elif pass_state:
+        gm.add_submodule("evit_pack", Pack(edit.num_prefix_tokens))
+        with gm.graph.inserting_before(output):
+            packed = gm.graph.call_module("evit_pack", (output.args[0], positions, sizes))
+        output.args = (packed,)
     gm.graph.lint()
     gm.recompile()
     gm.train(norm.training)
+    return gm
+
+
+def wrap_attention_pool(
+    pool: nn.Module, edit: BlockEdit, *, where: str, leaf_types: tuple[type[nn.Module], ...] = ()
+) -> fx.GraphModule:
+    """An attention-pool head (a probe attends over the tokens) that reads the tokens with their
+    state: the sizes are split off and ``log(size)`` is added to each key's logit in the probe's
+    softmax (:class:`~evit_patch.token_state.PoolSizeBias`), so a fused or merged token weighs as
+    the tokens it stands for. ``edit.num_prefix_tokens``: the rows before the image tokens that
+    ``pool`` reads. While no token has moved, the head runs exactly as before. Any library's head
+    whose attention is one SDPA call, one softmax or one ``nn.MultiheadAttention`` is served;
+    parameter names stay ``pool``'s."""
+    gm = trace_block(pool, where=where, leaf_types=leaf_types)
+    site = locate_pool(gm, where=where)
+    _, sizes = _unpack_input(gm, edit)
+    graph, op = gm.graph, site.attention
+    heads = None if site.multihead is None else site.multihead.num_heads
+    gm.add_submodule("evit_bias", PoolSizeBias(edit.num_prefix_tokens, heads))
+    like = site.like
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_after(max((sizes, like), key=order.__getitem__)):
+        bias = graph.call_module("evit_bias", (sizes, like))
+    if site.multihead is not None or (site.fused and len(op.args) <= 3):
+        op.update_kwarg("attn_mask", bias)
+    elif site.fused:
+        op.update_arg(3, bias)
+    else:
+        with graph.inserting_after(bias):
+            logits = graph.call_function(_add_bias, (like, bias))
+        op.update_arg(0, logits)
+    graph.lint()
+    gm.recompile()
+    gm.train(pool.training)
     return gm

@@ -1,10 +1,11 @@
 """Where the surviving tokens came from, carried through the forward pass inside the token tensor.
 
 Relative position bias (BEiT), rotary tables (EVA, RoPE-ViT), proportional attention and
-size-weighted average pooling need, after a reorganization, the original position of every token
+size-weighted average and attention pooling need, after a reorganization, the original position of every token
 and how many patches it stands for. A model hands its blocks nothing but the token tensor, so
 that is where they travel: a reorganizing block appends :data:`STATE_CHANNELS` channels to its
-output (see :func:`pack`), every later block and the final norm split them off again. Nothing is
+output (see :func:`pack`), every later block and the final norm split them off again (before an
+attention-pool head, the final norm passes them on and the head splits them off). Nothing is
 stored on a module: concurrent calls, re-run blocks (gradient checkpointing), ``torch.compile``
 and ``torch.export`` see a pure function. While no token has moved (every keep rate keeps all
 tokens) nothing is appended, so the model computes exactly what the original does.
@@ -183,5 +184,34 @@ class SizeWeightedTokens(nn.Module):
         return x * pool_weights(sizes, num_prefix_tokens).to(x.dtype)
 
 
-STATE_MODULES = (Unpack, Pack, RopeGather, AttentionBias, SizeWeightedTokens)
+class PoolSizeBias(nn.Module):
+    """The key bias of an attention-pool head (a probe attends over the tokens): ``log(size)`` per
+    key, so a fused or merged token that stands for ``s`` patches weighs as ``s`` tokens in the
+    probe's softmax, as proportional attention does in the blocks. ``None`` while no token has
+    moved (the head computes what it always did), or with ``weighted=False`` (for studies).
+
+    ``num_heads=None``: a mask that broadcasts, ``(B, 1, 1, P + M)``, for SDPA's ``attn_mask`` or
+    the logits before a softmax; an int: ``nn.MultiheadAttention``'s float ``attn_mask`` layout,
+    ``(B * heads, L, P + M)`` for ``L`` queries (``query``: its batch-first query).
+    """
+
+    def __init__(self, num_prefix_tokens: int, num_heads: int | None = None, weighted: bool = True) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.weighted = int(num_prefix_tokens), bool(weighted)
+        self.num_heads = None if num_heads is None else int(num_heads)
+
+    def forward(self, sizes: Tensor | None, like: Tensor) -> Tensor | None:
+        if sizes is None or not self.weighted:
+            return None
+        logs = size_bias(sizes, self.num_prefix_tokens, like.dtype)
+        if self.num_heads is None:
+            return logs
+        batch, queries, keys = logs.shape[0], like.shape[1], logs.shape[-1]
+        return logs.expand(batch, self.num_heads, queries, keys).reshape(batch * self.num_heads, queries, keys)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, weighted={self.weighted}"
+
+
+STATE_MODULES = (Unpack, Pack, RopeGather, AttentionBias, SizeWeightedTokens, PoolSizeBias)
 """Modules the pass inserts: leaves for every tracer, also when pickle re-traces a patched block."""

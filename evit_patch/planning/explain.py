@@ -38,14 +38,18 @@ class Explanation:
     method: Method = Method.EVIT
     """What becomes of the tokens not kept."""
     proportional: bool = False
+    pool_macs_original: int = 0
+    """An attention-pool head's token-dependent MACs (keys and values of every token it reads)."""
+    pool_macs_patched: int = 0
+    """The same for the tokens leaving the patched model's last block."""
 
     @property
     def macs_original(self) -> int:
-        return self.outside_macs + sum(r.macs_original for r in self.rows)
+        return self.outside_macs + self.pool_macs_original + sum(r.macs_original for r in self.rows)
 
     @property
     def macs_patched(self) -> int:
-        return self.outside_macs + sum(r.macs_patched for r in self.rows)
+        return self.outside_macs + self.pool_macs_patched + sum(r.macs_patched for r in self.rows)
 
     @property
     def ideal_speedup(self) -> float:
@@ -65,8 +69,9 @@ class Explanation:
                 f"{r.index:>5} {keep:>5} {r.tokens_in:>9} {r.tokens_out:>10} "
                 f"{r.macs_original / 1e9:>10.3f} {r.macs_patched / 1e9:>10.3f}"
             )
-        outside = self.outside_macs / 1e9
-        lines.append(f"{'embed+head':>27} {'':>10} {outside:>10.3f} {outside:>10.3f}")
+        head_original = (self.outside_macs + self.pool_macs_original) / 1e9
+        head_patched = (self.outside_macs + self.pool_macs_patched) / 1e9
+        lines.append(f"{'embed+head':>27} {'':>10} {head_original:>10.3f} {head_patched:>10.3f}")
         lines.append(
             f"{'total':>27} {'':>10} {self.macs_original / 1e9:>10.3f} {self.macs_patched / 1e9:>10.3f}"
             f"   ({self.macs_patched / self.macs_original:.3f}x MACs, ideal speedup {self.ideal_speedup:.2f}x)"
@@ -97,7 +102,8 @@ class CostModel:
     @property
     def macs_original(self) -> int:
         """MACs per sample of the unpatched model at this input size."""
-        return self.outside_macs + sum(cost.macs(self.tokens) for cost in self.profile.costs)
+        blocks = sum(cost.macs(self.tokens) for cost in self.profile.costs)
+        return self.outside_macs + self.profile.pool_macs(self.tokens) + blocks
 
     def explain(self, config: EViTConfig) -> Explanation:
         tokens, rows = self.tokens, []
@@ -127,6 +133,8 @@ class CostModel:
             score,
             config.method,
             config.proportional_attention,
+            self.profile.pool_macs(self.tokens),
+            self.profile.pool_macs(tokens),
         )
 
     def macs(self, config: EViTConfig) -> int:
