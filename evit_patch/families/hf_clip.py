@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Family, class_path, describe
-from .hf_common import check_encoder, full_name, outside_macs, own_size, prepare_layer
+from .base import class_path, describe
+from .hf_common import TransformersFamily, check_encoder, full_name, outside_macs, prepare_layer
 from .registry import register_family
 
 _CLIP = "transformers.models.clip.modeling_clip"
@@ -27,7 +27,7 @@ _ATTENTION = (f"{_CLIP}.CLIPAttention",)
 
 
 @register_family
-class HFCLIPVision(Family):
+class HFCLIPVision(TransformersFamily):
     name = "transformers.CLIPVision"
     notes = (
         "CLIPVisionModel, CLIPVisionModelWithProjection (for a CLIPModel, patch its vision_model), "
@@ -57,35 +57,13 @@ class HFCLIPVision(Family):
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 1
 
-    def channels(self, model: nn.Module) -> int:
-        return int(model.config.hidden_size)
-
     def final_norm(self, model: nn.Module) -> None:
         return None  # post_layernorm reads the class token alone
-
-    def input_size(self, model: nn.Module) -> tuple[int, int]:
-        return self._size(model, None)
-
-    def in_chans(self, model: nn.Module) -> int:
-        return int(model.config.num_channels)
-
-    def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
-        height, width = self._size(model, img_size)
-        patch = int(model.config.patch_size)
-        return height // patch, width // patch
-
-    def num_tokens(self, model: nn.Module, img_size=None) -> int:
-        rows, cols = self.patch_grid(model, img_size)
-        return rows * cols + 1
 
     def outside_macs(self, model: nn.Module, img_size=None) -> int:
         embeddings = model.base_model.embeddings
         weight = embeddings.patch_embedding.weight
         return outside_macs(model, embeddings, self._layers(model), self._size(model, img_size), weight)
-
-    def resized(self, model: nn.Module, img_size) -> nn.Module:
-        self._size(model, img_size)
-        return model
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
         return prepare_layer(block, "self_attn", output="out_proj", scaling="scale")
@@ -93,8 +71,3 @@ class HFCLIPVision(Family):
     @staticmethod
     def _layers(model: nn.Module) -> nn.Module:
         return model.base_model.encoder.layers
-
-    @staticmethod
-    def _size(model: nn.Module, img_size) -> tuple[int, int]:
-        side = int(model.config.image_size)
-        return own_size(model, (side, side), img_size)

@@ -1,4 +1,5 @@
-"""What every transformers (5.x) image-encoder family shares: a traceable copy of a layer.
+"""What every transformers (5.x) image-encoder family shares: a traceable copy of a layer, and
+:class:`TransformersFamily`, which reads the sizes every one of them keeps in ``model.config``.
 
 Two things keep transformers' layers from tracing. The attention dispatches through transformers'
 attention registry (opaque to fx), so it is swapped for :class:`TraceableAttention`, which runs
@@ -23,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UnsupportedInputError, UnsupportedModelError
 from ..graph.trace import runtime_guard
-from .base import describe
+from .base import Family, describe
 
 IMPLEMENTATIONS = ("sdpa", "eager")
 OUTPUT_OPTIONS = ("output_attentions", "output_hidden_states")
@@ -150,3 +151,39 @@ def outside_macs(model: nn.Module, embeddings: nn.Module, layers: nn.Module, siz
         m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside
     )
     return counter.get_total_flops() // 2 + heads
+
+
+class TransformersFamily(Family):
+    """Width, input channels, input size and patch grid, from ``model.config`` as transformers'
+    vision configs spell them; each family adds its layers, prefix tokens, pool and head."""
+
+    size_note = "interpolate_pos_encoding is not used"
+    """Why another input size is refused (the model is patched at its configured size only)."""
+
+    def channels(self, model: nn.Module) -> int:
+        return int(model.config.hidden_size)
+
+    def in_chans(self, model: nn.Module) -> int:
+        return int(model.config.num_channels)
+
+    def _size(self, model: nn.Module, img_size) -> tuple[int, int]:
+        side = model.config.image_size
+        own = (int(side), int(side)) if isinstance(side, int) else tuple(int(s) for s in side)
+        return own_size(model, own, img_size, self.size_note)
+
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        return self._size(model, None)
+
+    def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
+        height, width = self._size(model, img_size)
+        patch = model.config.patch_size
+        rows, cols = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        return height // rows, width // cols
+
+    def num_tokens(self, model: nn.Module, img_size=None) -> int:
+        rows, cols = self.patch_grid(model, img_size)
+        return rows * cols + self.num_prefix_tokens(model)
+
+    def resized(self, model: nn.Module, img_size) -> nn.Module:
+        self._size(model, img_size)
+        return model

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Family, class_path, describe
-from .hf_common import check_encoder, full_name, outside_macs, own_size, prepare_layer
+from .base import class_path, describe
+from .hf_common import TransformersFamily, check_encoder, full_name, outside_macs, prepare_layer
 from .registry import register_family
 
 _PLAIN = "transformers.models.dinov2.modeling_dinov2.Dinov2"
@@ -33,7 +33,7 @@ _ATTENTION = (f"{_PLAIN}Attention", f"{_REGISTERS}Attention")
 
 
 @register_family
-class HFDinov2(Family):
+class HFDinov2(TransformersFamily):
     name = "transformers.Dinov2"
     notes = (
         "Dinov2Model, Dinov2ForImageClassification and their WithRegisters versions (registers are prefix "
@@ -43,6 +43,7 @@ class HFDinov2(Family):
     )
 
     classes = frozenset(_BASES)
+    size_note = "explain and budgets count its tokens at that size"
 
     def matches(self, model: nn.Module) -> bool:
         return bool(_BASES & class_path(model))
@@ -65,38 +66,16 @@ class HFDinov2(Family):
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 1 + int(getattr(model.config, "num_register_tokens", 0))
 
-    def channels(self, model: nn.Module) -> int:
-        return int(model.config.hidden_size)
-
     def pool(self, model: nn.Module) -> str:
         return _HEADS[full_name(type(model))]
 
     def final_norm(self, model: nn.Module) -> str:
         return f"{self._prefix(model)}layernorm"
 
-    def input_size(self, model: nn.Module) -> tuple[int, int]:
-        return self._size(model, None)
-
-    def in_chans(self, model: nn.Module) -> int:
-        return int(model.config.num_channels)
-
-    def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
-        height, width = self._size(model, img_size)
-        patch = model.base_model.embeddings.patch_embeddings.patch_size
-        return height // patch[0], width // patch[1]
-
-    def num_tokens(self, model: nn.Module, img_size=None) -> int:
-        rows, cols = self.patch_grid(model, img_size)
-        return rows * cols + self.num_prefix_tokens(model)
-
     def outside_macs(self, model: nn.Module, img_size=None) -> int:
         embeddings = model.base_model.embeddings
         weight = embeddings.patch_embeddings.projection.weight
         return outside_macs(model, embeddings, self._layers(model), self._size(model, img_size), weight)
-
-    def resized(self, model: nn.Module, img_size) -> nn.Module:
-        self._size(model, img_size)
-        return model
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
         return prepare_layer(block, "attention")
@@ -116,8 +95,3 @@ class HFDinov2(Family):
     @staticmethod
     def _layers(model: nn.Module) -> nn.Module:
         return model.base_model.encoder.layer
-
-    @staticmethod
-    def _size(model: nn.Module, img_size) -> tuple[int, int]:
-        own = tuple(int(s) for s in model.base_model.embeddings.patch_embeddings.image_size)
-        return own_size(model, own, img_size, "explain and budgets count its tokens at that size")

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..options import Score
-from .base import Family, attention_pool_macs, class_path, describe
-from .hf_common import check_encoder, full_name, outside_macs, own_size, prepare_layer
+from .base import attention_pool_macs, class_path, describe
+from .hf_common import TransformersFamily, check_encoder, full_name, outside_macs, prepare_layer
 from .registry import register_family
 
 _SIGLIP = "transformers.models.siglip.modeling_siglip"
@@ -38,7 +38,7 @@ def _strip_state(module: nn.Module, args, output, *, channels: int):
 
 
 @register_family
-class HFSiglipVision(Family):
+class HFSiglipVision(TransformersFamily):
     name = "transformers.SiglipVisionModel"
     notes = (
         "SiglipVisionModel with its attention-pooling head (vision_use_head=True), "
@@ -67,9 +67,6 @@ class HFSiglipVision(Family):
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 0
 
-    def channels(self, model: nn.Module) -> int:
-        return int(model.config.hidden_size)
-
     def score(self, model: nn.Module) -> Score:
         return Score.RECEIVED
 
@@ -88,35 +85,12 @@ class HFSiglipVision(Family):
     def strip_state(self, model: nn.Module) -> None:
         model.register_forward_hook(functools.partial(_strip_state, channels=self.channels(model)))
 
-    def _size(self, model: nn.Module, img_size) -> tuple[int, int]:
-        side = int(model.config.image_size)
-        return own_size(model, (side, side), img_size)
-
-    def input_size(self, model: nn.Module) -> tuple[int, int]:
-        return self._size(model, None)
-
-    def in_chans(self, model: nn.Module) -> int:
-        return int(model.config.num_channels)
-
-    def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
-        height, width = self._size(model, img_size)
-        patch = int(model.config.patch_size)
-        return height // patch, width // patch
-
-    def num_tokens(self, model: nn.Module, img_size=None) -> int:
-        rows, cols = self.patch_grid(model, img_size)
-        return rows * cols
-
     def outside_macs(self, model: nn.Module, img_size=None) -> int:
         """The embedding, counted by running it, and the head's part that does not scale with the tokens."""
         embeddings, channels = model.embeddings, self.channels(model)
         size, weight = self._size(model, img_size), embeddings.patch_embedding.weight
         inside = nn.ModuleList([model.encoder.layers, model.head])  # the head is counted below
         return outside_macs(model, embeddings, inside, size, weight) + attention_pool_macs(model.head, channels)[0]
-
-    def resized(self, model: nn.Module, img_size) -> nn.Module:
-        self._size(model, img_size)
-        return model
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
         return prepare_layer(block, "self_attn", output="out_proj", scaling="scale")

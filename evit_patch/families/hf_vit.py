@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Family, class_path, describe
+from .base import class_path, describe
 from .hf_common import (
+    TransformersFamily,
     check_encoder,
     full_name,
     outside_macs,
-    own_size,
     prepare_layer,
 )
 from .registry import register_family
@@ -38,7 +38,7 @@ _ATTENTION = (f"{_VIT}.ViTAttention", f"{_DEIT}.DeiTAttention")
 
 
 @register_family
-class HFVisionTransformer(Family):
+class HFVisionTransformer(TransformersFamily):
     name = "transformers.ViT"
     notes = (
         "ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), "
@@ -67,41 +67,14 @@ class HFVisionTransformer(Family):
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return _PREFIX_TOKENS[full_name(type(model))]
 
-    def input_size(self, model: nn.Module) -> tuple[int, int]:
-        height, width = self._check_size(model, None)
-        return int(height), int(width)
-
-    def in_chans(self, model: nn.Module) -> int:
-        return int(model.config.num_channels)
-
-    def patch_grid(self, model: nn.Module, img_size=None) -> tuple[int, int]:
-        height, width = self._check_size(model, img_size)
-        patch = model.config.patch_size
-        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        return height // patch[0], width // patch[1]
-
     def final_norm(self, model: nn.Module) -> str:
         return "layernorm" if model.base_model is model else f"{model.base_model_prefix}.layernorm"
-
-    def channels(self, model: nn.Module) -> int:
-        return int(model.config.hidden_size)
-
-    def _check_size(self, model: nn.Module, img_size) -> tuple[int, int]:
-        return own_size(model, tuple(model.base_model.embeddings.patch_embeddings.image_size), img_size)
-
-    def num_tokens(self, model: nn.Module, img_size=None) -> int:
-        self._check_size(model, img_size)
-        return int(model.base_model.embeddings.patch_embeddings.num_patches) + self.num_prefix_tokens(model)
 
     def outside_macs(self, model: nn.Module, img_size=None) -> int:
         """The embedding, counted by running it; every Linear outside the layers reads one token."""
         base = model.base_model
         weight = base.embeddings.patch_embeddings.projection.weight
-        return outside_macs(model, base.embeddings, base.layers, self._check_size(model, img_size), weight)
-
-    def resized(self, model: nn.Module, img_size) -> nn.Module:
-        self._check_size(model, img_size)
-        return model
+        return outside_macs(model, base.embeddings, base.layers, self._size(model, img_size), weight)
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
         return prepare_layer(block, "attention")
