@@ -135,11 +135,10 @@ def _rewrite(
     first = min(config.layers)
     prefix, channels = family.num_prefix_tokens(patched), family.channels(patched)
     final = family.final_norm(patched) if stateful else None
-    if stateful and final is None and (averaged or attention_pool):
+    if stateful and final is None and averaged:
         raise UnsupportedModelError(
-            f"{describe(patched)}: its head {'averages' if averaged else 'pools with attention over'} the image "
-            "tokens, but no per-token module follows the last block where their sizes could weigh them; "
-            "expected a final norm"
+            f"{describe(patched)}: its head averages the image tokens, but no per-token module follows the "
+            "last block where their sizes could weigh them; expected a final norm"
         )
     for index, block in enumerate(traced):
         reorganizer = None
@@ -165,8 +164,9 @@ def _rewrite(
         edit = BlockEdit(
             reorganizer,
             state_in=stateful and index > first,
-            # Without a final norm the last block drops the state: nothing after it reads positions.
-            state_out=stateful and index >= first and (final is not None or index < len(traced) - 1),
+            # Without a final norm the last block drops the state (nothing after it reads positions),
+            # unless an attention pool reads the block's output directly (it splits the sizes off itself).
+            state_out=stateful and index >= first and (final is not None or attention_pool or index < len(traced) - 1),
             channels=channels,
             num_prefix_tokens=prefix,
             rotary_args=rotary,
@@ -180,8 +180,8 @@ def _rewrite(
         where = f"{describe(patched)}.{final}"
         norm = wrap_final_norm(patched.get_submodule(final), edit, averaged, where=where, pass_state=attention_pool)
         patched.set_submodule(final, norm)
-        if attention_pool:
-            _wrap_attention_pool(patched, family, channels)
+    if attention_pool:
+        _wrap_attention_pool(patched, family, channels)
     profile = profile_of(traced, patched, family)
     rows = CostModel(profile, family.num_tokens(patched), outside_macs=0).explain(config).rows
     verify_token_counts(patched, family, [row.tokens_in for row in rows], mode=fake)
@@ -192,7 +192,8 @@ def _rewrite(
 
 
 def _wrap_attention_pool(patched: nn.Module, family, channels: int) -> None:
-    """The attention pool reads the state the final norm passes on: a fused token weighs as its size."""
+    """The attention pool reads the state the final norm (or, without one, the last block) passes on:
+    a fused token weighs as its size."""
     name = family.pool_module(patched)
     edit = BlockEdit(
         None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=family.pool_prefix_tokens(patched)

@@ -391,12 +391,15 @@ def reference_forward_open_clip(model, images, layers, keep, fuse: bool = True, 
     """EViT (or ``method="merge"``) forward of an open_clip ``VisionTransformer``, sample by sample:
     attention by hand from ``nn.MultiheadAttention``'s ``in_proj``, [CLS] scores, the class token or
     a size-weighted average of the image tokens after ``ln_post`` (or ``ln_post`` on the pooled token
-    with ``final_ln_after_pool``), then ``proj``."""
+    with ``final_ln_after_pool``), then ``proj``. With an ``attn_pool`` (``attentional_pool=True``): the
+    pooler's probe weighs every token, class token included, by its size, then ``ln_post``, the pool
+    over its queries and ``proj``; with ``output_tokens``, returns ``(pooled, tokens)`` as open_clip does."""
     merging = method == "merge"
     proportional = merging if proportional is None else proportional
     keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
-    mean = model.pool_type == "avg"
-    outputs = []
+    pooler = model.attn_pool
+    mean = model.pool_type == "avg" or pooler is not None  # pools that weigh the fused token by its size
+    outputs, token_outputs = [], []
     for image in images:
         x = model._embeds(image[None])
         pos, size = list(range(x.shape[1])), [1] * x.shape[1]
@@ -413,6 +416,14 @@ def reference_forward_open_clip(model, images, layers, keep, fuse: bool = True, 
                 keys = k if merging else None
                 x, pos, size = _reorganize_sample(x, probs, pos, size, 1, keeps[index], fuse, True, mean, keys)
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        if pooler is not None:
+            queries = model.ln_post(reference_open_clip_pooler(pooler, x[0], size))
+            pooled, tokens = {"tok": (queries[0], queries[1:]), "avg": (queries[1:].mean(0), queries[1:])}.get(
+                model.pool_type, (queries, queries)
+            )
+            outputs.append(pooled[None] @ model.proj)
+            token_outputs.append(tokens[None])
+            continue
         x = x if model.final_ln_after_pool else model.ln_post(x)
         if mean:
             weights = torch.tensor(size[1:], dtype=x.dtype)
@@ -421,6 +432,8 @@ def reference_forward_open_clip(model, images, layers, keep, fuse: bool = True, 
             pooled = x[0, 0]
         pooled = model.ln_post(pooled) if model.final_ln_after_pool else pooled
         outputs.append(pooled[None] @ model.proj)
+    if pooler is not None and model.output_tokens:
+        return torch.cat(outputs), torch.cat(token_outputs)
     return torch.cat(outputs)
 
 
@@ -469,6 +482,23 @@ def reference_siglip_head(head, x, sizes):
     )
     out = mha.out_proj(reference_probe_attention(q, k, v, sizes, (channels // heads) ** -0.5))
     return (out + head.mlp(head.layernorm(out)))[0]
+
+
+def reference_open_clip_pooler(pool, x, sizes):
+    """open_clip's ``AttentionalPooler`` on one sample's tokens (N, C), by hand from its
+    ``nn.MultiheadAttention``'s projections (separate ones where ``kdim`` differs from its width)."""
+    mha = pool.attn
+    width, heads = mha.embed_dim, mha.num_heads
+    if mha.in_proj_weight is not None:
+        weights = mha.in_proj_weight.split(width)
+    else:
+        weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+    keys = pool.ln_k(x)
+    q, k, v = (
+        torch.nn.functional.linear(t, w, b).reshape(len(t), heads, -1)
+        for t, w, b in zip((pool.ln_q(pool.query), keys, keys), weights, mha.in_proj_bias.split(width))
+    )
+    return mha.out_proj(reference_probe_attention(q, k, v, sizes, (width // heads) ** -0.5))
 
 
 def reference_forward_siglip(model, images, layers, keep, method="evit", proportional=None):

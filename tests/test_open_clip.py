@@ -1,5 +1,5 @@
 """open_clip's ``VisionTransformer`` (the ``.visual`` tower of its ViT CLIP models): nn.MultiheadAttention
-re-expressed with SDPA, class-token and average pooling, against the float64 reference."""
+re-expressed with SDPA, class-token, average and attentional pooling (CoCa), against the float64 reference."""
 
 from __future__ import annotations
 
@@ -179,6 +179,72 @@ def test_zero_shot_with_a_patched_tower():
         assert not torch.allclose(want, torch.nn.functional.normalize(original(x), dim=-1), atol=1e-3)
 
 
+POOLER = dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2)
+
+
+def _pooled(pool: str = "tok", dtype=torch.float64, **kwargs) -> VisionTransformer:
+    """The test tower with CoCa's attentional pooler (4 queries, output_dim 16 != width 32: separate key
+    and value projections), its query scaled up so its softmax is far from uniform."""
+    model = _small(pool, dtype, **(POOLER | kwargs))
+    with torch.no_grad():
+        model.attn_pool.query.mul_(4)
+    return model
+
+
+def test_attentional_pool_matches_reference():
+    """The pooler's probe weighs a merged token by its size; ``ln_post``, the pool over its queries
+    (``'none'``: all of them) and ``proj`` follow as open_clip runs them."""
+    check_matches_reference("open_clip", _pooled("none"), _x(), [1, 2], [0.6, 0.5], method="merge")
+
+
+def test_attentional_pool_with_output_tokens_weighs_tokens_by_size():
+    """CoCa's tower: ``output_tokens`` returns the pooler's other queries (a fixed count) beside the pooled
+    one, both as the reference computes them; without the size bias the pooler counts the fused token
+    once, and both move away from it."""
+    model, x = _pooled(output_tokens=True), _x()
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
+    with torch.no_grad():
+        got, want = fast(x), reference_forward_open_clip(model, x, [1, 2], 0.5)
+        assert [tuple(t.shape) for t in got] == [(3, 16), (3, 3, 16)]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+        fast.attn_pool.evit_bias.weighted = False
+        assert all((a - b).abs().max() > 1e-3 for a, b in zip(fast(x), want))
+
+
+def test_attentional_pool_gradients_match_reference():
+    check_gradients("open_clip", _pooled(), _x(2))
+
+
+def test_attentional_pool_keep_one_matches_original_to_float_rounding():
+    """Not bitwise, as for the other pools: the blocks' nn.MultiheadAttention is re-expressed with SDPA;
+    the pooler itself runs open_clip's own call, with no mask while no token has moved."""
+    model, x = _pooled(), _x(2)
+    fast = evit_patch.apply(model, layers=[0, 1, 2, 3], keep=1.0)
+    masks = []
+    fast.attn_pool.evit_bias.register_forward_hook(lambda module, args, output: masks.append(output))
+    with torch.no_grad():
+        want = model(x)
+        assert (fast(x) - want).abs().max() <= 1e-12 * want.abs().max()
+    assert masks == [None]
+
+
+def test_attentional_pool_explain_equals_counted_macs():
+    """``pool_type='none'``: ``proj`` maps every query's output."""
+    model = _pooled("none")
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, method="merge")
+    report = evit_patch.explain(fast)
+    assert report.macs_patched < report.macs_original
+    for m, expected in ((model, report.macs_original), (fast, report.macs_patched)):
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            m(_x(1))
+        assert counter.get_total_flops() // 2 == expected
+
+
+def test_attentional_pool_torch_export_matches_eager():
+    check_export(_pooled(), _x())
+
+
 def test_timm_tower_is_patched_at_its_trunk():
     """open_clip's timm-based towers (SigLIP, ...) hold a timm ViT at ``.trunk``: patch that."""
     torch.manual_seed(0)
@@ -195,10 +261,10 @@ def test_timm_tower_is_patched_at_its_trunk():
 
 
 REFUSALS = {
-    "attentional_pool": (
-        dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2),
-        r"VisionTransformer pools with an attentional pooler \(attn_pool, CoCa\): its queries read every image "
-        r"token, and size-aware attention pooling is not yet supported; expected pool_type='tok' or 'avg'",
+    "two_poolers": (
+        dict(POOLER, attentional_pool="parallel", output_dim=32),
+        r"VisionTransformer has attentional_pool='parallel': ln_post normalises every token before two "
+        r"attentional poolers \(open_clip's untested two-pooler variant\); expected attentional_pool=True",
     ),
     "pool_none": (
         dict(pool_type="none"),

@@ -146,7 +146,9 @@ class Family(abc.ABC):
     def final_norm(self, model: nn.Module) -> str | None:
         """Name of the per-token module between the last block and the pool, where the tokens'
         positions and sizes are split off. ``None``: none exists (CLIP's ``post_layernorm`` reads
-        the pooled class token only), so the last block returns the bare tokens (token pools only)."""
+        the pooled class token only), so the last block returns the bare tokens (token pools), or,
+        for an attention pool that normalises its own keys (open_clip's ``AttentionalPooler``), the
+        tokens with their state, which the pool splits off itself."""
         return "norm"
 
     def leaf_types(self) -> tuple[type[nn.Module], ...]:

@@ -5,9 +5,13 @@ the same parameters as for torchvision (:mod:`evit_patch.families.mha`). The tow
 class token; it is pooled by that token (``pool_type='tok'``) or by an average over the image
 tokens (``'avg'``, which weighs a fused token by the tokens it stands for), after ``ln_post``, the
 per-token norm where the token state is split off (with ``final_ln_after_pool``, ``ln_post`` follows
-a class-token pool instead, and the last block returns the bare tokens). open_clip is imported nowhere: matching is
-by class path. Towers built on timm (``TimmModel``: SigLIP, ...) hold a timm ViT at ``.trunk``,
-which the timm families serve.
+a class-token pool instead, and the last block returns the bare tokens). With ``attentional_pool=True``
+(CoCa's tower) an ``AttentionalPooler`` reads the last block's output, class token included, through
+its own key norm and one ``nn.MultiheadAttention``: the last block passes the token state on and the
+pooler adds ``log(size)`` to each key's logit (its float ``attn_mask``), so a fused or merged token
+weighs as the tokens it stands for; ``ln_post``, the pool over its fixed set of queries and ``proj``
+follow unchanged. open_clip is imported nowhere: matching is by class path. Towers built on timm
+(``TimmModel``: SigLIP, ...) hold a timm ViT at ``.trunk``, which the timm families serve.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Family, class_path, describe
+from .base import Family, attention_pool_macs, class_path, describe
 from .mha import SDPAMultiheadAttention, check_multihead_attention
 from .registry import register_family
 
 _MODULE = "open_clip.transformer"
 _CLASS = f"{_MODULE}.VisionTransformer"
 _BLOCK = f"{_MODULE}.ResidualAttentionBlock"
+_POOLER = f"{_MODULE}.AttentionalPooler"
 
 
 def _pair(size) -> tuple[int, int]:
@@ -37,8 +42,10 @@ class OpenClipVisionTransformer(Family):
     notes = (
         "the .visual tower of open_clip's ViT-* CLIP models: nn.MultiheadAttention re-expressed with SDPA on "
         "the same parameters (keep=1.0 matches to float rounding, not bitwise); class-token or average "
-        "pooling; fixed input size. Not yet: attentional pooling (CoCa), average pooling with "
-        "final_ln_after_pool (CLIPA), output_tokens. timm-based towers (SigLIP): patch model.visual.trunk"
+        "pooling, or attentional pooling (attentional_pool=True, CoCa), where a fused or merged token weighs as "
+        "the tokens it stands for in the pooler's softmax; fixed input size. Not yet: the two-pooler "
+        "attentional_pool='parallel'/'cascade', average pooling with final_ln_after_pool (CLIPA), "
+        "output_tokens without an attentional pooler. timm-based towers (SigLIP): patch model.visual.trunk"
     )
 
     classes = frozenset({_CLASS})
@@ -49,10 +56,37 @@ class OpenClipVisionTransformer(Family):
     def check(self, model: nn.Module) -> None:
         who = describe(model)
         if model.attn_pool is not None:
+            self._check_attentional_pooler(model, who)
+        else:
+            self._check_token_pool(model, who)
+        if not isinstance(model.patch_dropout, nn.Identity):
             raise UnsupportedModelError(
-                f"{who} pools with an attentional pooler (attn_pool, CoCa): its queries read every image "
-                "token, and size-aware attention pooling is not yet supported; expected pool_type='tok' or 'avg'"
+                f"{who} drops patches at random in training (patch_dropout > 0); expected none: both would "
+                "select tokens"
             )
+        for name, block in self.blocks(model):
+            where = f"{who}.{name}"
+            if _BLOCK not in class_path(block) or hasattr(block, "ln_1_kv"):
+                raise UnsupportedModelError(
+                    f"{where}: expected a self-attention ResidualAttentionBlock, found {type(block).__name__} "
+                    "(custom blocks: qk_norm, scaled cosine attention, ...)"
+                )
+            check_multihead_attention(block.attn, f"{where}.attn")
+
+    def _check_attentional_pooler(self, model: nn.Module, who: str) -> None:
+        """``attentional_pool=True``: one pooler reads the tokens; what follows it (``ln_post``, the
+        pool over its queries, ``output_tokens``) sees a fixed number of query outputs."""
+        if getattr(model, "attn_pool_contrastive", None) is not None:
+            raise UnsupportedModelError(
+                f"{who} has attentional_pool={model.attn_pool_type!r}: ln_post normalises every token before "
+                "two attentional poolers (open_clip's untested two-pooler variant); expected attentional_pool=True"
+            )
+        if _POOLER not in class_path(model.attn_pool):
+            raise UnsupportedModelError(
+                f"{who}.attn_pool: expected open_clip's AttentionalPooler, found {type(model.attn_pool).__name__}"
+            )
+
+    def _check_token_pool(self, model: nn.Module, who: str) -> None:
         if model.pool_type not in ("tok", "avg"):
             raise UnsupportedModelError(
                 f"{who} has pool_type={model.pool_type!r}: its output is every token, which EViT drops and "
@@ -69,22 +103,20 @@ class OpenClipVisionTransformer(Family):
                 f"{who} has output_tokens=True: it returns every image token, which EViT drops and fuses; "
                 "expected output_tokens=False"
             )
-        if not isinstance(model.patch_dropout, nn.Identity):
-            raise UnsupportedModelError(
-                f"{who} drops patches at random in training (patch_dropout > 0); expected none: both would "
-                "select tokens"
-            )
-        for name, block in self.blocks(model):
-            where = f"{who}.{name}"
-            if _BLOCK not in class_path(block) or hasattr(block, "ln_1_kv"):
-                raise UnsupportedModelError(
-                    f"{where}: expected a self-attention ResidualAttentionBlock, found {type(block).__name__} "
-                    "(custom blocks: qk_norm, scaled cosine attention, ...)"
-                )
-            check_multihead_attention(block.attn, f"{where}.attn")
 
     def pool(self, model: nn.Module) -> str:
+        if model.attn_pool is not None:
+            return "attention"
         return "avg" if model.pool_type == "avg" else "token"
+
+    def pool_module(self, model: nn.Module) -> str:
+        return "attn_pool"
+
+    def pool_prefix_tokens(self, model: nn.Module) -> int:
+        return 1  # the pooler reads the class token too
+
+    def pool_macs_per_token(self, model: nn.Module) -> int:
+        return 0 if model.attn_pool is None else attention_pool_macs(model.attn_pool, self.channels(model))[1]
 
     def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:
         blocks = model.transformer.resblocks.named_children()
@@ -98,7 +130,9 @@ class OpenClipVisionTransformer(Family):
 
     def final_norm(self, model: nn.Module) -> str | None:
         # final_ln_after_pool: ln_post normalises the pooled class token only; nothing per token follows.
-        return None if model.final_ln_after_pool else "ln_post"
+        # An attentional pooler reads the last block's output (its ln_k normalises the keys) and
+        # splits the token state off itself; ln_post then normalises its queries' outputs.
+        return None if model.final_ln_after_pool or model.attn_pool is not None else "ln_post"
 
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         return _pair(model.image_size)
@@ -123,9 +157,14 @@ class OpenClipVisionTransformer(Family):
         return rows * cols + 1
 
     def outside_macs(self, model: nn.Module, img_size=None) -> int:
-        """The patch convolution (one weight per patch, no bias) and the projection of the pooled token."""
+        """The patch convolution (one weight per patch, no bias), the attentional pooler's part that does
+        not scale with the tokens (its queries' projections), and the projection of the pooled token
+        (of every query's output with ``pool_type='none'``)."""
         rows, cols = self.patch_grid(model, img_size)
-        head = 0 if model.proj is None else model.proj.numel()
+        pooled = model.attn_pool.query.shape[0] if model.attn_pool is not None and model.pool_type == "none" else 1
+        head = 0 if model.proj is None else model.proj.numel() * pooled
+        if model.attn_pool is not None:
+            head += attention_pool_macs(model.attn_pool, self.channels(model))[0]
         return model.conv1.weight.numel() * rows * cols + head
 
     def resized(self, model: nn.Module, img_size) -> nn.Module:
