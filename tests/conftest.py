@@ -11,6 +11,11 @@ import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per worker (README runs one worker per core): most of a test's time is
+    # single-threaded Python (tracing, fake-tensor shapes), so workers, not threads, fill the cores.
+    torch.set_num_threads(1)
+
 SHARED = Path(os.environ.get("EVIT_PATCH_SHARED", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
 
@@ -34,13 +39,24 @@ def real_model():
     return create_model("deit_tiny_patch16_224", checkpoint=WEIGHTS)
 
 
-@pytest.fixture(scope="session")
-def real_images(real_model):
-    """All 825 real images (75 val + 750 sample), decoded once and cached on disk."""
+def _decoded(model, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     from timm.data import create_transform, resolve_data_config
 
     from evit_patch.bench.data import load_images
 
-    transform = create_transform(**resolve_data_config({}, model=real_model))
-    parts = [load_images(SHARED / "images" / f"{s}.csv", transform) for s in ("imagenet_val", "imagenet_sample")]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), len(parts[0][0])
+    transform = create_transform(**resolve_data_config({}, model=model))
+    return load_images(SHARED / "images" / f"{name}.csv", transform, progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_val_images(real_model):
+    """The 75 real ImageNet validation images and labels: enough for tests that compare a few."""
+    return _decoded(real_model, "imagenet_val")
+
+
+@pytest.fixture(scope="session")
+def real_images(real_model, real_val_images):
+    """All 825 real images (75 val + 750 sample), decoded once and cached on disk."""
+    sample = _decoded(real_model, "imagenet_sample")
+    parts = (real_val_images, sample)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), len(real_val_images[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch._dynamo
 from timm.models.vision_transformer import VisionTransformer
@@ -12,11 +13,12 @@ import evit_patch
 
 def _small_vit():
     torch.manual_seed(0)
-    return VisionTransformer(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3).eval()
+    return VisionTransformer(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3).eval()
 
 
-def test_fullgraph_inductor_matches_eager_without_graph_breaks_for_a_dynamic_batch():
-    fast = evit_patch.apply(_small_vit(), layers=[1, 3], keep=0.7)
+@pytest.mark.parametrize("method", ["evit", "merge"])  # merging's index_add and argmax, lowered for real
+def test_fullgraph_inductor_matches_eager_without_graph_breaks_for_a_dynamic_batch(method):
+    fast = evit_patch.apply(_small_vit(), layers=[1, 3], keep=0.7, method=method)
     first = torch.randn(4, 3, 64, 64)
     torch._dynamo.mark_dynamic(first, 0)
     torch._dynamo.reset()

@@ -200,7 +200,7 @@ def timm_to_hf_vit(state: dict[str, torch.Tensor], depth: int) -> dict[str, torc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("implementation, method", [("sdpa", "evit"), ("eager", "merge")], ids=lambda v: str(v))
-def test_real_deit_tiny_weights_give_the_timm_patched_output(real_model, real_images, implementation, method):
+def test_real_deit_tiny_weights_give_the_timm_patched_output(real_model, real_val_images, implementation, method):
     """The genuine DeiT-Tiny in transformers' ViT class, patched, equals the patched timm model
     (merging with eager attention compares the k^T operand of q @ k^T; transformers' eager
     softmax runs in float32, hence the looser tolerance there)."""
@@ -219,7 +219,7 @@ def test_real_deit_tiny_weights_give_the_timm_patched_output(real_model, real_im
     hf.load_state_dict(timm_to_hf_vit(real_model.state_dict(), 12), strict=True)
     atol = 1e-9 if implementation == "sdpa" else 1e-5
     count = 8 if method == "evit" else 2
-    assert_patches_like_timm(hf, real_model, real_images[0][:count], logits=_logits, atol=atol, method=method)
+    assert_patches_like_timm(hf, real_model, real_val_images[0][:count], logits=_logits, atol=atol, method=method)
 
 
 @pytest.mark.parametrize(

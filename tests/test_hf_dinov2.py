@@ -246,7 +246,7 @@ def timm_to_hf_dinov2(state: dict[str, torch.Tensor], depth: int) -> dict[str, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["evit", "merge"])
-def test_real_deit_tiny_weights_in_dinov2_give_the_timm_patched_embedding(real_model, real_images, method):
+def test_real_deit_tiny_weights_in_dinov2_give_the_timm_patched_embedding(real_model, real_val_images, method):
     """The genuine DeiT-Tiny in transformers' ``Dinov2Model``: its ``pooler_output`` is timm's
     pre-logits ([CLS] after the final norm), and patched at keep 0.7 @ 3, 6, 9 the two agree again
     (at 224 px DINOv2 adds its position table without interpolating it)."""
@@ -266,5 +266,5 @@ def test_real_deit_tiny_weights_in_dinov2_give_the_timm_patched_embedding(real_m
     timm_model = copy.deepcopy(real_model)
     timm_model.reset_classifier(0)  # timm's output is then its pre-logits: [CLS] after the norm
     count = 6 if method == "evit" else 3
-    x = real_images[0][:count]
+    x = real_val_images[0][:count]
     assert_patches_like_timm(hf, timm_model, x, logits=lambda m, x: m(x).pooler_output, method=method)

@@ -107,7 +107,7 @@ def test_explain_equals_counted_macs(name):
 @pytest.mark.parametrize("name", ["vit"])
 def test_fullgraph_compile_matches_eager(name):
     _, model, x = MODELS[name]
-    check_compile(model(), x(), backend="inductor", **MERGE)  # index_add, argmax: lowered for real
+    check_compile(model(), x(), **MERGE)  # inductor lowers merging in test_compile.py
 
 
 @pytest.mark.parametrize("name", ["beit"])

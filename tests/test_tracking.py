@@ -170,8 +170,8 @@ def test_track_tokens_refuses_unpatched_models_and_unknown_grids(model):
         patch_grid(model, (224, 224), 100)
 
 
-def test_real_deit_tiny_tracking_matches_its_reorganizers(real_model, real_images):
-    x, _, _ = real_images
+def test_real_deit_tiny_tracking_matches_its_reorganizers(real_model, real_val_images):
+    x, _ = real_val_images
     fast = evit_patch.apply(real_model, layers=[3, 6, 9], keep=0.7)
     trace, _ = _check_against_model(fast, x[:4], atol=1e-5)
     assert [s.origin.shape[1] for s in trace.stages] == [139, 99, 71]

@@ -95,7 +95,7 @@ def check_compile(model, x, *, backend: str = "aot_eager", **options):
 
     ``aot_eager`` by default: dynamo's capture (where graph breaks happen) and AOT autograd's
     functionalization are what differ between families; inductor's C++ code generation, which costs
-    seconds per model on a cold cache, is run by test_compile.py and by merging's own ops (test_merge.py).
+    seconds per model on a cold cache, is run by test_compile.py (EViT and merging on a small ViT).
     """
     import torch._dynamo
     from torch._dynamo.utils import counters
