@@ -15,6 +15,8 @@ import pytest
 
 import evit_patch
 
+pytestmark = pytest.mark.xdist_group("docs")  # one worker: the module fixture is built once
+
 ROOT = Path(__file__).resolve().parents[1]
 NEEDED = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
 

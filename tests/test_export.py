@@ -9,6 +9,8 @@ from conftest import images, make_vit
 import evit_patch
 from evit_patch.deploy.export import example_input
 
+pytestmark = pytest.mark.xdist_group("export")  # one worker: the module fixture is built once
+
 
 @pytest.fixture(scope="module")
 def fast():

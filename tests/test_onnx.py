@@ -12,7 +12,7 @@ onnx = pytest.importorskip("onnx", reason='needs the onnx extra: pip install "ev
 pytest.importorskip("onnxscript", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
 pytest.importorskip("onnxruntime", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("onnx")]  # one worker: the module fixture is built once
 
 
 @pytest.fixture(scope="module")

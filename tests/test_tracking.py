@@ -13,6 +13,8 @@ import evit_patch
 from evit_patch.analysis.tracking import PatchStatus, patch_grid, track_tokens
 from evit_patch.errors import InvalidPlanError, UnsupportedInputError
 
+pytestmark = pytest.mark.xdist_group("tracking")  # one worker: the module fixture is built once
+
 
 @pytest.fixture(scope="module")
 def model():

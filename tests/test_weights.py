@@ -11,6 +11,8 @@ from timm.layers import resample_abs_pos_embed
 from evit_patch import CheckpointError
 from evit_patch.deploy.weights import create_model
 
+pytestmark = pytest.mark.xdist_group("weights")  # one worker: the module fixture is built once
+
 
 @pytest.fixture(scope="module")
 def weights_224(tmp_path_factory):
