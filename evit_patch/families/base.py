@@ -46,9 +46,10 @@ class Family(abc.ABC):
                 return depth
         return len(type(model).__mro__)
 
-    @abc.abstractmethod
     def matches(self, model: nn.Module) -> bool:
-        """Whether this family is responsible for ``model``."""
+        """Whether this family is responsible for ``model``: by default, whether one of ``classes``
+        is the model's class or a base of it (matched by name, so the library need not be imported)."""
+        return bool(self.classes & class_path(model))
 
     @abc.abstractmethod
     def check(self, model: nn.Module) -> None:
@@ -182,9 +183,6 @@ class RefusedFamily(Family):
     def __init__(self, name: str, class_names: set[str], reason: str) -> None:
         self.name, self.class_names, self.notes = name, class_names, reason
         self.classes = frozenset(class_names)
-
-    def matches(self, model: nn.Module) -> bool:
-        return bool(self.class_names & class_path(model))
 
     def check(self, model: nn.Module) -> None:
         raise UnsupportedModelError(f"{describe(model)} is not supported by evit_patch: {self.notes}")

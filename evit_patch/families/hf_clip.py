@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import class_path, describe
+from .base import describe
 from .hf_common import TransformersFamily, check_encoder, full_name, outside_macs, prepare_layer
 from .registry import register_family
 
@@ -36,9 +36,6 @@ class HFCLIPVision(TransformersFamily):
     )
 
     classes = frozenset({*_SUPPORTED, _CLASSIFIER})
-
-    def matches(self, model: nn.Module) -> bool:
-        return bool(self.classes & class_path(model))
 
     def check(self, model: nn.Module) -> None:
         if full_name(type(model)) not in _SUPPORTED:

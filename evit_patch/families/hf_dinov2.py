@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import class_path, describe
+from .base import describe
 from .hf_common import TransformersFamily, check_encoder, full_name, outside_macs, prepare_layer
 from .registry import register_family
 
@@ -44,9 +44,6 @@ class HFDinov2(TransformersFamily):
 
     classes = frozenset(_BASES)
     size_note = "explain and budgets count its tokens at that size"
-
-    def matches(self, model: nn.Module) -> bool:
-        return bool(_BASES & class_path(model))
 
     def check(self, model: nn.Module) -> None:
         if full_name(type(model)) not in _HEADS:

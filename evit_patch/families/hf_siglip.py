@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..options import Score
-from .base import attention_pool_macs, class_path, describe
+from .base import attention_pool_macs, describe
 from .hf_common import TransformersFamily, check_encoder, full_name, outside_macs, prepare_layer
 from .registry import register_family
 
@@ -48,9 +48,6 @@ class HFSiglipVision(TransformersFamily):
     )
 
     classes = frozenset({_MODEL})
-
-    def matches(self, model: nn.Module) -> bool:
-        return _MODEL in class_path(model)
 
     def check(self, model: nn.Module) -> None:
         head = getattr(model, "head", None) if model.use_head else None

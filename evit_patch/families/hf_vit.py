@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import class_path, describe
+from .base import describe
 from .hf_common import (
     TransformersFamily,
     check_encoder,
@@ -46,9 +46,6 @@ class HFVisionTransformer(TransformersFamily):
     )
 
     classes = frozenset({*_BASES})
-
-    def matches(self, model: nn.Module) -> bool:
-        return bool(_BASES & class_path(model))
 
     def check(self, model: nn.Module) -> None:
         if full_name(type(model)) not in _PREFIX_TOKENS:

@@ -50,9 +50,6 @@ class OpenClipVisionTransformer(Family):
 
     classes = frozenset({_CLASS})
 
-    def matches(self, model: nn.Module) -> bool:
-        return _CLASS in class_path(model)
-
     def check(self, model: nn.Module) -> None:
         who = describe(model)
         if model.attn_pool is not None:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UnsupportedModelError
-from .base import Family, class_path, describe
+from .base import Family, describe
 from .mha import SDPAMultiheadAttention, check_multihead_attention
 from .registry import register_family
 
@@ -33,9 +33,6 @@ class TorchvisionVisionTransformer(Family):
     )
 
     classes = frozenset({_CLASS})
-
-    def matches(self, model: nn.Module) -> bool:
-        return _CLASS in class_path(model)
 
     def check(self, model: nn.Module) -> None:
         for name, block in self.blocks(model):
