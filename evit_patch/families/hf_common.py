@@ -129,6 +129,15 @@ def check_encoder(
             raise UnsupportedModelError(f"{who}.{name}.{attribute}: expected {expected}, found {type(found).__name__}")
 
 
+def check_class(model: nn.Module, supported: Iterable[str], why: str) -> None:
+    """Refuse a model whose class is not one of ``supported`` (qualified names), naming them and ``why``."""
+    if full_name(type(model)) not in supported:
+        raise UnsupportedModelError(
+            f"{describe(model)} is not supported by evit_patch: expected one of "
+            f"{sorted(n.rsplit('.', 1)[1] for n in supported)} ({why})"
+        )
+
+
 def own_size(model: nn.Module, own: tuple[int, int], img_size, why: str = "interpolate_pos_encoding is not used"):
     """``own`` if ``img_size`` is ``None`` or equal to it; anything else is refused, saying ``why``."""
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or own)

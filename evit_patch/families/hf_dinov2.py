@@ -14,9 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .base import describe
-from .hf_common import TransformersFamily, check_encoder, full_name, outside_macs, prepare_layer
+from .hf_common import TransformersFamily, check_class, check_encoder, full_name, outside_macs, prepare_layer
 from .registry import register_family
 
 _PLAIN = "transformers.models.dinov2.modeling_dinov2.Dinov2"
@@ -46,12 +44,7 @@ class HFDinov2(TransformersFamily):
     size_note = "explain and budgets count its tokens at that size"
 
     def check(self, model: nn.Module) -> None:
-        if full_name(type(model)) not in _HEADS:
-            raise UnsupportedModelError(
-                f"{describe(model)} is not supported by evit_patch: expected one of "
-                f"{sorted(n.rsplit('.', 1)[1] for n in _HEADS)} (backbones return feature maps that "
-                "reshape every image token into a grid)"
-            )
+        check_class(model, _HEADS, "backbones return feature maps that reshape every image token into a grid")
         check_encoder(model, self.blocks(model), "attention", _ATTENTION)
 
     def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:

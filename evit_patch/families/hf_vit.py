@@ -13,10 +13,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .base import describe
 from .hf_common import (
     TransformersFamily,
+    check_class,
     check_encoder,
     full_name,
     outside_macs,
@@ -48,12 +47,11 @@ class HFVisionTransformer(TransformersFamily):
     classes = frozenset({*_BASES})
 
     def check(self, model: nn.Module) -> None:
-        if full_name(type(model)) not in _PREFIX_TOKENS:
-            raise UnsupportedModelError(
-                f"{describe(model)} is not supported by evit_patch: expected one of "
-                f"{sorted(n.rsplit('.', 1)[1] for n in _PREFIX_TOKENS)} (a head that reads the class token; "
-                "masked-image-modeling heads reshape every image token into a grid)"
-            )
+        check_class(
+            model,
+            _PREFIX_TOKENS,
+            "a head that reads the class token; masked-image-modeling heads reshape every image token into a grid",
+        )
         check_encoder(model, self.blocks(model), "attention", _ATTENTION)
 
     def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:

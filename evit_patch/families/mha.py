@@ -8,6 +8,8 @@ sees q and k and the state-dict keys stay the library's.
 
 from __future__ import annotations
 
+import copy
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -55,3 +57,12 @@ def check_multihead_attention(mha: nn.Module, where: str) -> None:
     )
     if not ok:
         raise UnsupportedModelError(f"{where}: expected {EXPECTED}, found {mha!r}")
+
+
+def with_sdpa_attention(block: nn.Module, attribute: str) -> nn.Module:
+    """A shallow copy of ``block`` whose ``attribute`` (an ``nn.MultiheadAttention``) is re-expressed
+    with SDPA; ``block`` itself is left as it is (a family's ``prepare_block``)."""
+    prepared = copy.copy(block)
+    prepared._modules = dict(block._modules)
+    setattr(prepared, attribute, SDPAMultiheadAttention(getattr(block, attribute)))
+    return prepared

@@ -16,14 +16,13 @@ follow unchanged. open_clip is imported nowhere: matching is by class path. Towe
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Family, attention_pool_macs, class_path, describe
-from .mha import SDPAMultiheadAttention, check_multihead_attention
+from .mha import check_multihead_attention, with_sdpa_attention
 from .registry import register_family
 
 _MODULE = "open_clip.transformer"
@@ -169,7 +168,4 @@ class OpenClipVisionTransformer(Family):
         return model
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
-        prepared = copy.copy(block)
-        prepared._modules = dict(block._modules)
-        prepared.attn = SDPAMultiheadAttention(block.attn)
-        return prepared
+        return with_sdpa_attention(block, "attn")

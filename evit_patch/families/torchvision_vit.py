@@ -9,7 +9,6 @@ structural locator sees q and k and the state-dict keys stay torchvision's.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -18,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UnsupportedModelError
 from .base import Family, describe
-from .mha import SDPAMultiheadAttention, check_multihead_attention
+from .mha import check_multihead_attention, with_sdpa_attention
 from .registry import register_family
 
 _CLASS = "torchvision.models.vision_transformer.VisionTransformer"
@@ -87,7 +86,4 @@ class TorchvisionVisionTransformer(Family):
         return model
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
-        prepared = copy.copy(block)
-        prepared._modules = dict(block._modules)
-        prepared.self_attention = SDPAMultiheadAttention(block.self_attention)
-        return prepared
+        return with_sdpa_attention(block, "self_attention")
