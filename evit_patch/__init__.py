@@ -8,7 +8,7 @@ print(evit_patch.explain(fast))
 
 from .analysis.tracking import TokenTrace, track_tokens
 from .analysis.visualize import visualize
-from .config import EViTConfig
+from .config import EViTConfig, PlanOptions
 from .deploy.export import export_onnx, export_program
 from .deploy.hub import push_to_hub
 from .deploy.persist import load_pretrained, save_pretrained
@@ -22,22 +22,20 @@ from .errors import (
 )
 from .families import list_supported, register_family
 from .graph.reorganizer import TokenReorganizer
-from .graph.state import get_config, is_patched, reorganizers, set_keep
-from .options import Method, Score
+from .graph.state import get_config, is_patched, reorganizers, set_keep, split_state
+from .options import Method, Pool, Score
 from .pipeline import apply
 from .planning.budget import plan
 from .planning.calibrate import CalibrationResult, calibrate
 from .planning.explain import Explanation, explain
-from .reorganize import (
+from .reductions import Mix, Reduction, list_reductions, num_kept, register_reduction, reorganize
+from .scores import (
     cls_attention_from_probs,
     cls_attention_from_qk,
-    num_kept,
     received_attention_from_probs,
     received_attention_from_qk,
-    reorganize,
 )
-
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (evit_patch.__version__)
 
 __all__ = [
     "CalibrationResult",
@@ -47,6 +45,10 @@ __all__ = [
     "Explanation",
     "InvalidPlanError",
     "Method",
+    "Mix",
+    "PlanOptions",
+    "Pool",
+    "Reduction",
     "Score",
     "TokenReorganizer",
     "UnsupportedInputError",
@@ -61,6 +63,7 @@ __all__ = [
     "export_program",
     "get_config",
     "is_patched",
+    "list_reductions",
     "list_supported",
     "load_pretrained",
     "num_kept",
@@ -69,10 +72,12 @@ __all__ = [
     "received_attention_from_probs",
     "received_attention_from_qk",
     "register_family",
+    "register_reduction",
     "reorganize",
     "reorganizers",
     "save_pretrained",
     "set_keep",
+    "split_state",
     "TokenTrace",
     "track_tokens",
     "visualize",

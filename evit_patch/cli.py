@@ -33,7 +33,7 @@ def _summary(module: ModuleType) -> str:
 
 
 def build_parser(commands: tuple[str, ...] = COMMANDS) -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(
         prog="evit-patch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

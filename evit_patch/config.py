@@ -1,4 +1,7 @@
-"""The EViT configuration: which blocks reorganize, at which keep rate, with or without fusion."""
+"""The plan: :class:`PlanOptions` (method, fusion, score, proportional attention), validated once
+and carried from ``apply``, ``plan``, ``calibrate`` and the CLI to the rewrite, and
+:class:`EViTConfig` (which blocks reorganize, at which keep rate, with those options), what a
+patched model and a saved one record."""
 
 from __future__ import annotations
 
@@ -10,7 +13,86 @@ from dataclasses import dataclass
 
 from .checks import check_flag, check_layers, check_rates
 from .errors import InvalidPlanError
-from .options import Method, Score, parse_option
+from .options import Method, Pool, Score, parse_option
+from .reductions import Reduction, list_reductions, reduction_class
+
+
+def parse_method(value: object, where: str) -> Method | str:
+    """A built-in method as its :class:`Method` member, any other registered method by its name."""
+    if isinstance(value, Method):
+        return value
+    if isinstance(value, str) and value in list_reductions():
+        return next((m for m in Method if m.value == value), value)
+    raise InvalidPlanError(
+        f"{where}: method must be one of {', '.join(repr(n) for n in list_reductions())}, got {value!r}"
+    )
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Everything a plan says besides its layers and keep rates, validated once."""
+
+    method: Method | str = Method.EVIT
+    """The reduction method (a registered name)."""
+    fuse: bool = True
+    """EViT: fuse the dropped tokens into one extra token."""
+    score: Score | None = None
+    """``None``: the family's default (the [CLS] row where there is a class token)."""
+    proportional: bool | None = None
+    """Proportional attention; ``None``: the method's default."""
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        method: object = Method.EVIT,
+        fuse: object = True,
+        score: object = None,
+        proportional: object = None,
+        where: str = "evit_patch",
+    ) -> PlanOptions:
+        """Validate user input; refuse an option the method does not honour (it would be ignored)."""
+        options = cls(
+            parse_method(method, where),
+            check_flag(fuse, "fuse", where),
+            parse_option(Score, score, where, optional=True),
+            None if proportional is None else check_flag(proportional, "proportional", where),
+        )
+        if not options.fuse and "fuse" not in options.reduction_class.accepts:
+            raise InvalidPlanError(
+                f"{where}: fuse=False applies to method='evit' only; method={options.method_name!r} "
+                "keeps no fused token to leave out"
+            )
+        return options
+
+    @property
+    def method_name(self) -> str:
+        return self.method.value if isinstance(self.method, Method) else str(self.method)
+
+    @property
+    def reduction_class(self) -> type[Reduction]:
+        return reduction_class(self.method_name)
+
+    @property
+    def proportional_attention(self) -> bool:
+        """Whether later blocks add ``log(size)`` to their attention logits (``proportional`` resolved)."""
+        return self.reduction_class.proportional if self.proportional is None else self.proportional
+
+    def reduction(self, pool: Pool) -> Reduction:
+        """The configured method for a model whose head pools as ``pool``."""
+        return self.reduction_class.from_plan(self, pool)
+
+    def as_kwargs(self) -> dict:
+        """As keyword arguments of :func:`~evit_patch.apply`."""
+        return {"fuse": self.fuse, "score": self.score, "method": self.method, "proportional": self.proportional}
+
+    def to_dict(self) -> dict:
+        return {
+            "fuse": self.fuse,
+            "score": None if self.score is None else self.score.value,
+            "method": self.method_name,
+            "proportional": self.proportional,
+        }
 
 
 def _check_keep(keep: object, what: str) -> float:
@@ -21,44 +103,49 @@ def _check_keep(keep: object, what: str) -> float:
 
 @dataclass(frozen=True)
 class EViTConfig:
-    """Where EViT reorganizes tokens: ``layers`` (0-indexed blocks, ascending), one keep rate each."""
+    """Where EViT reorganizes tokens: ``layers`` (0-indexed blocks, ascending), one keep rate each,
+    and the :class:`~evit_patch.options.PlanOptions` fields."""
 
     layers: tuple[int, ...]
     keep: tuple[float, ...]
     fuse: bool = True
     score: Score | None = None
     """``Score.CLS`` (EViT), ``Score.RECEIVED`` (attention received), or ``None``: the family's default."""
-    method: Method = Method.EVIT
-    """What becomes of the tokens not kept: EViT's fused token (the default), or merging."""
+    method: Method | str = Method.EVIT
+    """What becomes of the tokens not kept: EViT's fused token (the default), merging, or any
+    registered reduction (by name)."""
     proportional: bool | None = None
-    """Proportional attention (``log(size)`` added to later attention logits); ``None``: on for
-    merging, off for EViT (the paper's form)."""
+    """Proportional attention (``log(size)`` added to later attention logits); ``None``: the
+    method's default (on for merging, off for EViT, the paper's form)."""
+
+    @property
+    def plan_options(self) -> PlanOptions:
+        """The plan's options as one object."""
+        return PlanOptions(self.method, self.fuse, self.score, self.proportional)
 
     @property
     def proportional_attention(self) -> bool:
         """Whether later blocks add ``log(size)`` to their attention logits (``proportional`` resolved)."""
-        return self.method is Method.MERGE if self.proportional is None else self.proportional
+        return self.plan_options.proportional_attention
 
     @classmethod
     def build(
         cls,
         layers: int | Iterable[int],
         keep: float | Iterable[float],
-        fuse: bool = True,
+        options: PlanOptions | None = None,
         *,
         num_blocks: int,
         where: str = "model",
-        score: str | Score | None = None,
-        method: str | Method = Method.EVIT,
-        proportional: bool | None = None,
     ) -> EViTConfig:
         """Validate user input against a model with ``num_blocks`` blocks.
 
-        ``keep`` is one rate for every layer or one per layer, in the order ``layers`` was given.
+        ``keep`` is one rate for every layer or one per layer, in the order ``layers`` was given;
+        ``options`` (default: EViT's) come validated from :meth:`PlanOptions.build`.
         """
         check_layers(layers, where)
         check_rates(keep, "keep", where)
-        fuse = check_flag(fuse, "fuse", where)
+        options = options or PlanOptions()
         layer_list = [layers] if isinstance(layers, numbers.Integral) else list(layers)
         if not layer_list:
             raise InvalidPlanError(f"{where}: layers is empty; expected at least one block index")
@@ -84,18 +171,17 @@ class EViTConfig:
                 )
         keeps = [_check_keep(k, f"{where}, layer {layer}") for layer, k in zip(layer_list, keeps)]
         pairs = sorted(zip((int(x) for x in layer_list), keeps))
-        return cls(
-            tuple(p[0] for p in pairs),
-            tuple(p[1] for p in pairs),
-            fuse,
-            parse_option(Score, score, where, optional=True),
-            parse_option(Method, method, where),
-            None if proportional is None else check_flag(proportional, "proportional", where),
+        return cls(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)).with_options(options)
+
+    def with_options(self, options: PlanOptions) -> EViTConfig:
+        """A copy with every option taken from ``options``."""
+        return dataclasses.replace(
+            self, fuse=options.fuse, score=options.score, method=options.method, proportional=options.proportional
         )
 
     def options(self) -> dict:
         """Everything but ``layers`` and ``keep``, as keyword arguments of :func:`~evit_patch.apply`."""
-        return {"fuse": self.fuse, "score": self.score, "method": self.method, "proportional": self.proportional}
+        return self.plan_options.as_kwargs()
 
     def replace(self, **changes) -> EViTConfig:
         """A copy with some fields changed (``dataclasses.replace``)."""
@@ -106,24 +192,16 @@ class EViTConfig:
         return dict(zip(self.layers, self.keep)).get(layer)
 
     def to_dict(self) -> dict:
-        return {
-            "layers": list(self.layers),
-            "keep": list(self.keep),
-            "fuse": self.fuse,
-            "score": None if self.score is None else self.score.value,
-            "method": self.method.value,
-            "proportional": self.proportional,
-        }
+        return {"layers": list(self.layers), "keep": list(self.keep), **self.plan_options.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> EViTConfig:
         layers, keep = tuple(data["layers"]), tuple(float(k) for k in data["keep"])
-        where = "EViTConfig"
-        return cls(
-            layers,
-            keep,
-            check_flag(data.get("fuse", True), "fuse", where),
-            parse_option(Score, data.get("score"), where, optional=True),
-            parse_option(Method, data.get("method", Method.EVIT.value), where),
-            None if data.get("proportional") is None else check_flag(data["proportional"], "proportional", where),
+        options = PlanOptions.build(
+            method=data.get("method", Method.EVIT.value),
+            fuse=data.get("fuse", True),
+            score=data.get("score"),
+            proportional=data.get("proportional"),
+            where="EViTConfig",
         )
+        return cls(layers, keep).with_options(options)

@@ -1,7 +1,8 @@
 """The vocabularies a plan is written in: one enum each, accepted as the enum or its string value.
 
-Both enums subclass ``str``, so ``Score.CLS == "cls"`` and a config serialises to JSON as the plain
-value; everything inside the package compares enum members.
+The enums subclass ``str``, so ``Score.CLS == "cls"`` and a config serialises to JSON as the plain
+value; everything inside the package compares enum members. :class:`~evit_patch.config.PlanOptions`
+carries them through ``apply``, ``plan``, ``calibrate``, saved configs and the CLI.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class Score(str, enum.Enum):
 
 
 class Method(str, enum.Enum):
-    """What happens to the image tokens a reorganizing block does not keep."""
+    """The built-in reduction methods (``evit_patch.reductions``); a registered method is selected
+    by its name as well."""
 
     EVIT = "evit"
     """EViT exactly: fused into one extra token, their sum weighted by the raw [CLS] attention
@@ -30,6 +32,18 @@ class Method(str, enum.Enum):
     """Each is averaged into the kept token whose key it resembles most (cosine of head-averaged
     keys), weighted by how many patches each stands for; later blocks add ``log(size)`` to the
     attention logits (proportional attention). The best training-free choice measured here."""
+
+
+class Pool(str, enum.Enum):
+    """How a model's head reads the tokens leaving its last block."""
+
+    TOKEN = "token"
+    """It reads prefix tokens (the class token) only."""
+    AVG = "avg"
+    """It averages the image tokens: a fused or merged token must count as the tokens it stands for."""
+    ATTENTION = "attention"
+    """A probe attends over the tokens: a fused or merged token must weigh as the tokens it stands
+    for in its softmax."""
 
 
 def parse_option(kind: type[enum.Enum], value: object, where: str, *, optional: bool = False):

@@ -12,16 +12,15 @@ from collections.abc import Iterable
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .config import EViTConfig
-from .errors import InvalidPlanError, UnsupportedModelError
+from .config import EViTConfig, PlanOptions
+from .errors import InvalidPlanError
 from .families import describe, find_family
-from .graph.guards import install_guards
 from .graph.profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
-from .graph.reorganizer import TokenReorganizer
-from .graph.rewrite import BlockEdit, rewrite_block, wrap_attention_pool, wrap_final_norm
+from .graph.rewrite import insert
 from .graph.state import CONFIG_ATTR, check_not_patched
 from .graph.verify import verify_token_counts
-from .options import Method, Score, parse_option
+from .graph.wiring import wire
+from .options import Method, Score
 from .planning.budget import default_layers, plan_for_budget, target_fraction
 from .planning.explain import CostModel
 
@@ -79,13 +78,12 @@ def apply(
     family = find_family(model)
     family.check(model)
     where = describe(model)
-    method = parse_option(Method, method, where)
+    options = PlanOptions.build(method=method, fuse=fuse, score=score, proportional=proportional, where=where)
     budget = flops is not None or speedup is not None
     if budget and keep is not None:
         raise InvalidPlanError(f"{where}: give keep or a budget (flops/speedup), not both")
     # One pipeline, one trace: copy -> trace and locate -> profile -> plan -> rewrite -> verify.
     patched, traced, fake = _traced_copy(model, family, img_size)
-    options = dict(fuse=fuse, score=score, method=method, proportional=proportional)
     if budget:
         size = None if img_size is None else ((img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
         profile = profile_of(traced, patched, family)
@@ -94,12 +92,12 @@ def apply(
         # structure), so the same profile at the native token count; no second trace.
         native = cost if img_size is None else CostModel(profile, family.num_tokens(model), family.outside_macs(model))
         target = target_fraction(flops, speedup) * native.macs_original
-        config = plan_for_budget(cost, target_macs=target, layers=layers, where=where, **options)
+        config = plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)
     else:
         num_blocks = len(traced)
-        layers = default_layers(num_blocks) if layers is None else layers
+        layers = default_layers(num_blocks, options) if layers is None else layers
         keep = DEFAULT_KEEP if keep is None else keep
-        config = EViTConfig.build(layers, keep, num_blocks=num_blocks, where=where, **options)
+        config = EViTConfig.build(layers, keep, options, num_blocks=num_blocks, where=where)
     return _rewrite(model, patched, traced, config, family, fake)
 
 
@@ -122,91 +120,21 @@ def _traced_copy(model: nn.Module, family, img_size) -> tuple[nn.Module, list[Tr
 def _rewrite(
     model: nn.Module, patched: nn.Module, traced: list[TracedBlock], config: EViTConfig, family, fake: FakeTensorMode
 ) -> nn.Module:
-    """Insert the reorganizers and the token state into ``patched``'s traced blocks."""
-    ranking = _score(model, family, config.score)
-    rates = dict(zip(config.layers, config.keep))
-    rotary, pool = family.rotary_args(patched), family.pool(patched)
-    averaged, attention_pool = pool == "avg", pool == "attention"
-    positional = bool(rotary) or any(t.site.bias is not None for t in traced)
-    # Merging weighs tokens by size; proportional attention and average or attention pools read sizes later on.
-    stateful = (
-        positional or averaged or attention_pool or config.proportional_attention or config.method is Method.MERGE
-    )
-    first = min(config.layers)
-    prefix, channels = family.num_prefix_tokens(patched), family.channels(patched)
-    final = family.final_norm(patched) if stateful else None
-    if stateful and final is None and averaged:
-        raise UnsupportedModelError(
-            f"{describe(patched)}: its head averages the image tokens, but no per-token module follows the "
-            "last block where their sizes could weigh them; expected a final norm"
-        )
-    for index, block in enumerate(traced):
-        reorganizer = None
-        if index in rates:
-            if config.method is Method.MERGE and block.site.keys is None:
-                raise UnsupportedModelError(
-                    f"{block.site.where}: method='merge' compares the attention keys, but the block's "
-                    "q @ k^T was not found; use method='evit'"
-                )
-            reorganizer = TokenReorganizer(
-                rates[index],
-                num_prefix_tokens=prefix,
-                source=block.site.source,
-                method=config.method,
-                fuse=config.fuse,
-                scale=block.site.scale,
-                layer=index,
-                score=ranking,
-                stateful=stateful,
-                fuse_mean=averaged or attention_pool,  # a pool that weighs it by size: on the tokens' scale
-                keys_transposed=block.site.keys_transposed,
-            )
-        edit = BlockEdit(
-            reorganizer,
-            state_in=stateful and index > first,
-            # Without a final norm the last block drops the state (nothing after it reads positions),
-            # unless an attention pool reads the block's output directly (it splits the sizes off itself).
-            state_out=stateful and index >= first and (final is not None or attention_pool or index < len(traced) - 1),
-            channels=channels,
-            num_prefix_tokens=prefix,
-            rotary_args=rotary,
-            proportional=config.proportional_attention,
-        )
-        if edit.changes_graph:
-            rewrite_block(block.graph_module, block.site, edit)
-            patched.set_submodule(block.name, block.graph_module)
-    if final is not None:
-        edit = BlockEdit(None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=prefix)
-        where = f"{describe(patched)}.{final}"
-        norm = wrap_final_norm(patched.get_submodule(final), edit, averaged, where=where, pass_state=attention_pool)
-        patched.set_submodule(final, norm)
-    if attention_pool:
-        _wrap_attention_pool(patched, family, channels)
-    profile = profile_of(traced, patched, family)
+    """Wire (decide), insert (edit the copy's graphs), verify, and label the patched copy."""
+    score = _score(model, family, config.score)
+    profile = profile_of(traced, patched, family)  # before the head is wrapped: its costs are the original's
+    wiring = wire(patched, family, traced, config, score)
+    insert(patched, family, traced, wiring)
     rows = CostModel(profile, family.num_tokens(patched), outside_macs=0).explain(config).rows
     verify_token_counts(patched, family, [row.tokens_in for row in rows], mode=fake)
     setattr(patched, PROFILE_ATTR, profile)
-    setattr(patched, CONFIG_ATTR, config.replace(score=None if ranking is family.score(model) else ranking))
-    install_guards(patched)
+    setattr(patched, CONFIG_ATTR, config.replace(score=None if score is family.score(model) else score))
+    family.install_guards(patched, min(config.layers))
     return patched
 
 
-def _wrap_attention_pool(patched: nn.Module, family, channels: int) -> None:
-    """The attention pool reads the state the final norm (or, without one, the last block) passes on:
-    a fused token weighs as its size."""
-    name = family.pool_module(patched)
-    edit = BlockEdit(
-        None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=family.pool_prefix_tokens(patched)
-    )
-    where = f"{describe(patched)}.{name}"
-    pool = wrap_attention_pool(patched.get_submodule(name), edit, where=where, leaf_types=family.leaf_types())
-    patched.set_submodule(name, pool)
-    family.strip_state(patched)
-
-
-def _score(model: nn.Module, family, requested: str | Score | None) -> Score:
+def _score(model: nn.Module, family, requested: Score | None) -> Score:
     default = family.score(model)
-    requested = parse_option(Score, requested, describe(model), optional=True)
     if requested is None:
         return default
     if requested is Score.CLS and default is Score.RECEIVED:

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import evit_patch
 from evit_patch.graph.reorganizer import TokenReorganizer
+from evit_patch.reductions.base import Permutation
 
 
 def _state(model):
@@ -144,7 +145,7 @@ def test_forced_reorganization_at_keep_one_only_permutes_tokens():
     model = make_vit()
     fast = evit_patch.apply(model, layers=[3, 6, 9], keep=1.0)
     for module in evit_patch.reorganizers(fast):
-        module.force = True
+        module.reduction = Permutation()
     x = images(2)
     with torch.no_grad():
         features, reference = fast.forward_features(x), model.forward_features(x)

@@ -11,6 +11,7 @@ import torch
 from conftest import images, make_vit
 from reference import reference_probe_attention, reference_timm_attention_pool
 from tracked import (
+    NoSizeBias,
     check_compile,
     check_export,
     check_gradient_checkpointing,
@@ -25,7 +26,7 @@ from tracked import (
 
 import evit_patch
 from evit_patch.errors import UnsupportedModelError
-from evit_patch.graph.token_state import PoolSizeBias, pack
+from evit_patch.token_state import PoolSizeBias, pack
 
 VARIANTS = {
     "siglip": ("vit_base_patch16_siglip_224", {}),  # no class token: received-attention score
@@ -70,7 +71,7 @@ def test_probe_weighs_a_token_as_its_size():
     mask = PoolSizeBias(1, num_heads=4)(sizes, torch.zeros(2, 3, 8, dtype=torch.float64))
     assert mask.shape == (2 * 4, 3, 5)
     torch.testing.assert_close(mask[5, 2], torch.tensor([0.0, math.log(2), 0, math.log(5), 0], dtype=torch.float64))
-    assert PoolSizeBias(0)(None, q) is None and PoolSizeBias(0, weighted=False)(sizes, q) is None
+    assert PoolSizeBias(0)(None, q) is None
 
     model = _small()
     fast = evit_patch.apply(model, layers=[1], keep=0.5)
@@ -94,7 +95,7 @@ def test_size_awareness_changes_the_embedding():
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
     with torch.no_grad():
         weighted = fast(x)
-        fast.attn_pool.evit_bias.weighted = False
+        fast.attn_pool.evit_bias = NoSizeBias()
         assert (fast(x) - weighted).abs().max() > 1e-3
 
 
@@ -136,10 +137,11 @@ def test_pickle_round_trip():
         torch.testing.assert_close(pickle.loads(pickle.dumps(fast))(x), fast(x), rtol=0, atol=0)
 
 
-def test_features_carry_the_state_to_the_head():
-    """forward_features returns the normed tokens with the 4 state channels the head reads."""
+def test_features_have_the_librarys_width_and_the_head_its_state():
+    """forward_features returns the normed tokens at the library's width; forward hands the head the
+    state it weighs the tokens by (the size-weighted reference above)."""
     fast = evit_patch.apply(_small(), layers=[1, 2], keep=0.5)
-    assert fast.forward_features(images(1, size=64)).shape == (1, 6, 64 + 4)  # 16 -> 8 + 1 -> 5 + 1
+    assert fast.forward_features(images(1, size=64)).shape == (1, 6, 64)  # 16 -> 8 + 1 -> 5 + 1
 
 
 def test_position_embedded_pool_is_refused():

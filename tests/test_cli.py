@@ -96,3 +96,21 @@ def test_export_of_a_saved_model_and_a_failed_verification(tmp_path, capsys):
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
         assert torch.equal(evit_patch.load_pretrained(tmp_path / "copy")(x), model.eval()(x))
+
+
+def test_models_from_torchvision_and_a_transformers_folder(tmp_path, capsys):
+    """--model torchvision:NAME and transformers:DIR reach the same plan as timm models do."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=64, patch_size=16, num_hidden_layers=4, num_attention_heads=4, hidden_size=64)
+    config.intermediate_size, config.architectures = 128, ["ViTForImageClassification"]
+    ViTForImageClassification(config).save_pretrained(tmp_path / "hf")
+    assert cli.main(["explain", "--model", f"transformers:{tmp_path / 'hf'}", "--layers", "1", "--keep", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "EViT plan for ViTForImageClassification" in out and "    1  0.50        17         10" in out
+    assert cli.main(["explain", "--model", "torchvision:vit_b_32", "--layers", "3", "6", "9", "--keep", "0.7"]) == 0
+    assert "EViT plan for VisionTransformer" in capsys.readouterr().out
+    assert cli.main(["explain", "--model", "torchvision:vit_nope"]) == 2
+    assert capsys.readouterr().err == (
+        "evit-patch explain: error: torchvision has no model named 'vit_nope'; see torchvision.models.list_models()\n"
+    )

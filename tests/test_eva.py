@@ -20,6 +20,7 @@ from tracked import (
 )
 
 import evit_patch
+from evit_patch.reductions.base import Permutation
 
 # name, constructor options: class token + avg pool (EVA-02), token pool (RoPE-ViT), per-block
 # "mixed" RoPE tables, class + 4 registers with dynamic image size and rotate-half (DINOv3), and
@@ -84,7 +85,7 @@ def test_dynamic_image_size_follows_the_input():
     model = _small("dinov3")
     fast = evit_patch.apply(model, layers=[1, 2], keep=1.0)
     for reorganizer in evit_patch.reorganizers(fast):
-        reorganizer.force = True
+        reorganizer.reduction = Permutation()
     x = images(2, size=80)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-12)

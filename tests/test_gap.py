@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import images, make_vit
 from tracked import (
+    PlainMean,
     check_export,
     check_gradient_checkpointing,
     check_gradients,
@@ -19,9 +20,9 @@ from tracked import (
 )
 
 import evit_patch
-from evit_patch.graph.reorganizer import Score
-from evit_patch.graph.token_state import SizeWeightedTokens, pool_weights
-from evit_patch.reorganize import received_attention_from_qk
+from evit_patch.options import Score
+from evit_patch.scores import received_attention_from_qk
+from evit_patch.token_state import pool_weights
 
 VARIANTS = {
     "gap": dict(class_token=False, global_pool="avg", fc_norm=False),  # vit_*_gap_*: norm, then mean
@@ -75,7 +76,7 @@ def test_fused_token_counts_as_the_tokens_it_stands_for():
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
     with torch.no_grad():
         weighted = fast(x)
-        next(m for m in fast.modules() if isinstance(m, SizeWeightedTokens)).weighted = False
+        fast.norm.evit_pool = PlainMean()
         assert (fast(x) - weighted).abs().max() > 1e-3
 
 

@@ -127,16 +127,26 @@ def test_explain_equals_counted_macs(implementation):
 
 
 def test_call_time_options_are_refused():
+    """Asked in the call or set in the config after patching, output capture is refused at call time
+    (a flipped config flag would otherwise return a truncated, misaligned tuple)."""
     model, x = _small(), images(1, size=64)
     fast = evit_patch.apply(model, layers=[1], keep=0.5)
-    with pytest.raises(evit_patch.UnsupportedInputError, match=r"ViTLayer was patched .*: output_hidden_states cannot"):
+    who = r"ViTForImageClassification was patched by evit_patch: "
+    with pytest.raises(evit_patch.UnsupportedInputError, match=who + "output_hidden_states cannot be honoured"):
         fast(x, output_hidden_states=True)
-    with pytest.raises(evit_patch.UnsupportedInputError, match=r"ViTLayer was patched .*: output_attentions cannot"):
+    with pytest.raises(evit_patch.UnsupportedInputError, match=who + "output_attentions cannot"):
         evit_patch.apply(_small(implementation="eager"), layers=[1], keep=0.5)(x, output_attentions=True)
     torch.testing.assert_close(fast(x, output_hidden_states=False, output_attentions=False).logits, fast(x).logits)
+    fast.config.output_hidden_states = True
+    with pytest.raises(evit_patch.UnsupportedInputError, match=who + r"output_hidden_states .* leave config\."):
+        fast(x)
+    assert fast(x, output_hidden_states=False).hidden_states is None  # an explicit False wins, as in transformers
+    fast.config.output_hidden_states = False
     mask = torch.ones(1, 65)
     mask[0, 5] = 0
-    with pytest.raises(evit_patch.UnsupportedInputError, match=r"vit\.layers\.1 was patched .* attention_mask=None"):
+    with pytest.raises(
+        evit_patch.UnsupportedInputError, match=who + "it cannot honour a caller-supplied attention_mask"
+    ):
         fast(x, attention_mask=mask)
     torch.testing.assert_close(fast(x, attention_mask=torch.ones(1, 65)).logits, fast(x).logits)  # no-op mask
 

@@ -205,7 +205,9 @@ def test_unsupported_configurations_are_refused():
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"configured 48x48 input only \(explain .* img_size=64"):
         evit_patch.apply(model, layers=[1], keep=0.7, img_size=64)
     fast = evit_patch.apply(model, layers=[1], keep=0.5)
-    with pytest.raises(evit_patch.UnsupportedInputError, match=r"Dinov2Layer was patched .*: output_hidden_states"):
+    with pytest.raises(
+        evit_patch.UnsupportedInputError, match=r"^Dinov2Model was patched by evit_patch: output_hidden_states"
+    ):
         fast(x, output_hidden_states=True)
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"attn_implementation='flex_attention'; expected one"):

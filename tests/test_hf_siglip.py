@@ -13,6 +13,7 @@ from conftest import images
 from reference import reference_forward_siglip
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from tracked import NoSizeBias
 
 import evit_patch
 from evit_patch.errors import UnsupportedModelError
@@ -83,7 +84,7 @@ def test_size_awareness_changes_the_embedding():
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
     with torch.no_grad():
         weighted = _pooled(fast, x)
-        fast.head.evit_bias.weighted = False
+        fast.head.evit_bias = NoSizeBias()
         assert (_pooled(fast, x) - weighted).abs().max() > 1e-3
 
 

@@ -24,8 +24,7 @@ from tracked import (
 )
 
 import evit_patch
-from evit_patch.analysis.tracking import mixing, track_tokens
-from evit_patch.reorganize import merge, reorganize
+from evit_patch.analysis.tracking import track_tokens
 
 MERGE = dict(method="merge")
 
@@ -126,34 +125,6 @@ def test_gradient_checkpointing():
 
 def test_original_untouched_and_state_dict_keys_kept():
     check_original_untouched(small_vit())
-
-
-def _random_case(seed=0, batch=3, tokens=1 + 12, channels=5):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, tokens, channels, generator=gen, dtype=torch.float64)
-    scores = torch.rand(batch, tokens - 1, generator=gen, dtype=torch.float64)
-    keys = torch.randn(batch, tokens, 4, generator=gen, dtype=torch.float64)
-    sizes = torch.randint(1, 5, (batch, tokens - 1), generator=gen).to(torch.float64)
-    return x, scores, keys, sizes
-
-
-def test_merged_tokens_are_the_size_weighted_means_of_their_members():
-    """What ``merge`` publishes (kept, dropped, destination) is the rule it applied: the mixing
-    matrix built from it reproduces its tokens."""
-    x, scores, keys, sizes = _random_case()
-    out = merge(x, scores, keys, sizes, 1, 5)
-    weights, members = mixing(out, scores, sizes, fused=False, fuse_mean=False)
-    torch.testing.assert_close(out.tokens[:, 1:], weights @ x[:, 1:], rtol=0, atol=1e-12)
-    assert torch.equal(members.sum(1), torch.ones(3, 12, dtype=torch.long))  # each token in exactly one
-    assert torch.equal(out.tokens[:, :1], x[:, :1])
-
-
-def test_evit_mixing_matches_its_tokens():
-    x, scores, _, _ = _random_case(seed=1)
-    out = reorganize(x, scores, 1, 5, fuse=True)
-    weights, members = mixing(out, scores, None, fused=True, fuse_mean=False)
-    torch.testing.assert_close(out.tokens[:, 1:], weights @ x[:, 1:], rtol=0, atol=1e-12)
-    assert torch.equal(members.sum(1), torch.ones(3, 12, dtype=torch.long))
 
 
 def test_track_tokens_follows_merged_patches():

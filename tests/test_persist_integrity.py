@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import images, make_vit
 from safetensors.torch import save_file
+from test_export_defaults import small_hf
+from test_open_clip import _small as small_open_clip
 from test_torchvision import _small as small_torchvision
 
 import evit_patch
@@ -92,7 +94,7 @@ def test_training_checkpoint_weights_are_verified(tmp_path):
             r"'architecture' 'deit_tiny_patch16_224' with 'model_kwargs' \{.*'no_such_option': 1\} cannot be built "
             r"by timm.create_model \(TypeError: ",
         ),
-        ({"model_kwargs": [4]}, r"'model_kwargs' must be an object of timm.create_model arguments, got \[4\]"),
+        ({"model_kwargs": [4]}, r"'model_kwargs' must be an object of constructor arguments, got \[4\]"),
         ({"evit": {}}, r"'evit' must hold the plan's 'layers' and 'keep', got \{\}"),
         (
             {"evit": {"layers": [1, 2], "keep": [0.7, 0.7], "fuse": "no"}},
@@ -119,12 +121,29 @@ def test_round_trip_still_exact(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
-def test_torchvision_models_are_told_what_works(tmp_path):
-    fast = evit_patch.apply(small_torchvision(), layers=[1], keep=0.7)
+@pytest.mark.parametrize("library", ["torchvision", "transformers"])
+def test_torchvision_and_transformers_models_round_trip(tmp_path, library):
+    """Each family records how its library rebuilds the architecture (a class and its arguments)."""
+    model = small_torchvision() if library == "torchvision" else small_hf(torch.float64)
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.6, method="merge")
+    evit_patch.save_pretrained(fast, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["family"] == evit_patch.families.find_family(model).name
+    loaded = evit_patch.load_pretrained(tmp_path)
+    x = images(2, size=64)
+    with torch.no_grad():
+        got, want = loaded(x), fast(x)
+    if library == "transformers":
+        got, want = got.logits, want.logits
+    assert torch.equal(got, want) and evit_patch.get_config(loaded) == evit_patch.get_config(fast)
+
+
+def test_open_clip_towers_are_told_what_works(tmp_path):
+    fast = evit_patch.apply(small_open_clip(), layers=[1], keep=0.7)
     with pytest.raises(
         CheckpointError,
-        match=r"^save_pretrained: VisionTransformer is not a timm model, and load_pretrained rebuilds with "
-        r"timm.create_model, whose parameter names differ; save the whole model with torch.save\(model, path\)",
+        match=r"^save_pretrained: evit_patch does not know how to rebuild VisionTransformer \(open_clip.VisionTransformer"
+        r"\) from a file; save the whole model with torch.save\(model, path\)",
     ):
         evit_patch.save_pretrained(fast, tmp_path)
     assert not any(tmp_path.iterdir())

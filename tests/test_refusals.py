@@ -12,6 +12,7 @@ from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsB
 
 import evit_patch
 from evit_patch import InvalidPlanError, UnsupportedInputError, UnsupportedModelError
+from evit_patch.reductions.base import Permutation
 
 
 def _tiny(**kwargs):
@@ -145,7 +146,7 @@ def test_constant_attention_mask_is_followed_like_a_position_bias():
     model.blocks[2] = _MaskedBlock(model.blocks[2], from_tokens=False)
     model = model.double()
     fast = evit_patch.apply(model, layers=[1], keep=1.0)
-    evit_patch.reorganizers(fast)[0].force = True
+    evit_patch.reorganizers(fast)[0].reduction = Permutation()
     x = images(2, size=64)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-12)

@@ -12,7 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import evit_patch
-from evit_patch.graph import token_state
+from evit_patch import token_state
+from evit_patch.reductions.base import Permutation
 
 
 def randomise(model: torch.nn.Module) -> torch.nn.Module:
@@ -49,7 +50,7 @@ def check_permutation(model, x, monkeypatch, gather: str):
     in a test: the monkeypatch lasts until the test ends."""
     fast = evit_patch.apply(model, layers=[1, 2], keep=1.0)
     for reorganizer in evit_patch.reorganizers(fast):
-        reorganizer.force = True
+        reorganizer.reduction = Permutation()
     with torch.no_grad():
         original = model(x)
         torch.testing.assert_close(fast(x), original, rtol=0, atol=1e-12)
@@ -166,3 +167,18 @@ def check_gradient_checkpointing(model, x, **options):
     fast(x).square().sum().backward()
     for name, grad in want.items():
         torch.testing.assert_close(dict(fast.named_parameters())[name].grad, grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+class NoSizeBias(torch.nn.Module):
+    """Stand-in for an attention pool's ``evit_bias`` that ignores the sizes: the head then counts
+    every token once (what the size bias is measured against)."""
+
+    def forward(self, sizes, like):
+        return None
+
+
+class PlainMean(torch.nn.Module):
+    """Stand-in for the final norm's ``evit_pool``: a plain mean over the surviving tokens."""
+
+    def forward(self, x, sizes, num_prefix_tokens):
+        return x

@@ -28,7 +28,7 @@ import evit_patch
 from evit_patch.bench.data import load_images
 from evit_patch.bench.quality import compare
 from evit_patch.deploy.weights import create_model, load_state_dict
-from evit_patch.graph.token_state import SizeWeightedTokens
+from evit_patch.token_state import SizeWeightedTokens
 from evit_patch.options import Score
 
 POOLINGS = {  # name: (fuse_mean, size-weighted)

@@ -4,7 +4,7 @@ Each reorganizing block re-orders the image tokens it keeps by score and fuses t
 one token (or merges each into a kept token), which later blocks may keep or fuse again.
 :func:`track_tokens` follows every token back to the image patches it came from without touching
 the patched model: a forward hook on each reorganizer's ``published`` module receives what the
-reorganizer decided (:class:`~evit_patch.reorganize.Reorganized`), and the stages are composed.
+reorganizer's reduction decided (its :class:`~evit_patch.reductions.Mix`), and the stages are composed.
 Nothing here re-derives which tokens survive.
 """
 
@@ -22,7 +22,7 @@ from ..errors import EViTError, UnsupportedInputError
 from ..families import describe, find_family
 from ..graph.reorganizer import TokenReorganizer
 from ..graph.state import _require_patched
-from ..reorganize import Reorganized
+from ..reductions import Mix, mixing
 
 
 class PatchStatus(enum.IntEnum):
@@ -128,25 +128,20 @@ class _Recorder:
         pending, self.pending = self.pending, None
         if pending is None:
             bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-            x = bound["x"]
             scores = module.scores(bound["attn_a"], bound.get("attn_b"), bound.get("bias"))
             batch, num_image = scores.shape
-            kept = torch.arange(num_image, device=x.device).expand(batch, -1)
-            pending = (Reorganized(x, kept), scores, bound.get("sizes"))
-        out, scores, sizes = pending
+            pending = (Mix(torch.arange(num_image, device=scores.device).expand(batch, -1)), scores, None)
+        mix, scores, _ = pending
         batch, num_image = scores.shape
         entering = self._entering(module, batch, num_image, scores.device)
-        kept = out.kept_index
-        fused = out.tokens.shape[1] - module.num_prefix_tokens > kept.shape[1]
-        mix, member = mixing(out, scores, sizes, fused, module.fuse_mean)
+        kept = mix.kept
+        fused = mix.rest is not None
+        mix_weights, member = mixing(mix, num_image)
         members = (member.to(torch.float64) @ entering[1].to(torch.float64)) > 0
-        weights = mix @ entering[3]
-        grew = member[:, : kept.shape[1]].sum(-1) > 1  # merged into; EViT's kept tokens never grow
-        origin = entering[0].gather(1, kept)
-        is_fused = entering[2].gather(1, kept)
-        if out.destination is not None:
-            is_fused = is_fused | grew
-            origin = torch.where(is_fused, -1, origin)
+        weights = mix_weights @ entering[3]
+        grew = member[:, : kept.shape[1]].sum(-1) > 1  # took in moved tokens
+        is_fused = entering[2].gather(1, kept) | grew
+        origin = torch.where(is_fused, -1, entering[0].gather(1, kept))
         if fused:
             origin = torch.cat([origin, origin.new_full((batch, 1), -1)], 1)
             is_fused = torch.cat([is_fused, is_fused.new_ones(batch, 1)], 1)
@@ -168,34 +163,6 @@ class _Recorder:
                 "expected every reorganizer to run once per forward, in layer order"
             )
         return last.origin, last.members, last.is_fused, last.weights
-
-
-def mixing(
-    out: Reorganized, scores: Tensor, sizes: Tensor | None, fused: bool, fuse_mean: bool
-) -> tuple[Tensor, Tensor]:
-    """How a reorganization made its image tokens from the entering ones, as matrices.
-
-    Returns ``(weights, members)``, ``(B, T', M)`` float64 and bool: leaving token ``t`` is
-    ``sum_j weights[t, j] * x_j`` over the entering image tokens ``x_j``, and ``members[t, j]``
-    says token ``j`` went into it.
-    """
-    kept = out.kept_index
-    batch, num_image = scores.shape
-    member = torch.zeros(batch, kept.shape[1], num_image, dtype=torch.float64, device=kept.device)
-    member.scatter_(2, kept.unsqueeze(-1), 1.0)
-    if out.destination is not None:  # merged: size-weighted means of each kept token's members
-        sample = torch.arange(batch, device=kept.device)[:, None].expand_as(out.destination)
-        member[sample, out.destination, out.dropped_index] = 1.0
-        size = torch.ones_like(scores, dtype=torch.float64) if sizes is None else sizes.to(torch.float64)
-        weighted = member * size.unsqueeze(1)
-        return weighted / weighted.sum(-1, keepdim=True), member > 0
-    if not fused:
-        return member, member > 0
-    dropped = 1.0 - member.sum(1)  # EViT's fused token: the dropped tokens by their raw scores
-    weight = scores.to(torch.float64) * dropped
-    if fuse_mean:
-        weight = weight / weight.sum(-1, keepdim=True)
-    return torch.cat([member, weight.unsqueeze(1)], 1), torch.cat([member, dropped.unsqueeze(1)], 1) > 0
 
 
 def patch_grid(model: nn.Module, image_size: Sequence[int], num_patches: int) -> tuple[int, int]:

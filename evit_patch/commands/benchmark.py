@@ -28,6 +28,7 @@ import evit_patch
 from ..bench.memory import peak_memory_bytes
 from ..bench.speed import compare_speed
 from ..families import find_family
+from ..reductions.base import Permutation
 from .common import add_model_arguments, device, keep_arg, load_model, non_negative_int, plan_options, positive_int
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -239,9 +240,9 @@ def run(args: argparse.Namespace) -> dict:
         keep = 1.0 if args.overhead else keep_arg(args)
         fast = evit_patch.apply(model, layers=args.layers, keep=keep, **plan_options(args))
         fast = fast.to(device)
-        if args.overhead:
+        if args.overhead:  # rank and gather every token, drop none
             for module in evit_patch.reorganizers(fast):
-                module.force = True
+                module.reduction = Permutation()
         explanation, rows = _measure(model, fast, args, device, args.batch_size, args.img_size)
         what = "forced reorganization at keep 1.0 (overhead)" if args.overhead else f"keep {keep}"
         print(

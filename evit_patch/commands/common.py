@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..deploy.weights import create_model
+from ..config import PlanOptions
+from ..deploy.weights import check_fits, create_model, load_state_dict
 from ..errors import UsageError
 from ..options import Method, Score
+from ..reductions import list_reductions
 
-SHARED_WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "weights"
+
+def data_dir() -> Path:
+    """Default folder with ``weights/``, ``images/`` and ``labels/`` for the commands that read
+    example material: ``$EVIT_PATCH_DATA``, else ``../shared/data`` from the working directory
+    (where the repository's test data sits beside a checkout)."""
+    return Path(os.environ.get("EVIT_PATCH_DATA", Path("..") / "shared" / "data"))
 
 
 DEFAULT_MODEL = "deit_tiny_patch16_224"
@@ -23,7 +31,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="timm model name, or open_clip:ARCH for an open_clip CLIP's vision tower (default: %(default)s)",
+        help="timm model name; open_clip:ARCH for an open_clip CLIP's vision tower; torchvision:NAME; "
+        "transformers:DIR for a local transformers model folder (default: %(default)s)",
     )
     parser.add_argument("--checkpoint", type=Path, default=None, help="local weights: .safetensors or .pth")
     parser.add_argument("--pretrained", action="store_true", help="download pretrained weights through timm")
@@ -48,13 +57,7 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="rank tokens by [CLS] attention or by attention received (default: cls where there is a class token)",
     )
-    parser.add_argument(
-        "--method",
-        choices=[m.value for m in Method],
-        default=Method.EVIT.value,
-        help="what becomes of the tokens not kept: evit (fused into one token, the paper) or merge "
-        "(averaged into the most similar kept token; best without fine-tuning) (default: %(default)s)",
-    )
+    add_method_argument(parser)
     parser.add_argument(
         "--proportional",
         action=argparse.BooleanOptionalAction,
@@ -63,14 +66,29 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_method_argument(parser: argparse.ArgumentParser) -> None:
+    """``--method``, one of the registered reductions."""
+    parser.add_argument(
+        "--method",
+        choices=list_reductions(),
+        default=Method.EVIT.value,
+        help="what becomes of the tokens not kept: evit (fused into one token, the paper), merge "
+        "(averaged into the most similar kept token; best without fine-tuning), or another registered "
+        "reduction (default: %(default)s)",
+    )
+
+
 def plan_options(args: argparse.Namespace) -> dict:
-    """The plan options other than layers and keep, as ``evit_patch.apply`` takes them."""
-    return {
-        "fuse": not args.no_fuse,
-        "score": args.score,
-        "method": args.method,
-        "proportional": args.proportional,
-    }
+    """The plan options other than layers and keep, validated as one
+    :class:`~evit_patch.options.PlanOptions`, as ``evit_patch.apply`` takes them."""
+    options = PlanOptions.build(
+        method=args.method,
+        fuse=not getattr(args, "no_fuse", False),
+        score=getattr(args, "score", None),
+        proportional=getattr(args, "proportional", None),
+        where=f"--method {args.method}",
+    )
+    return options.as_kwargs()
 
 
 def _int_at_least(text: str, low: int, expected: str) -> int:
@@ -114,14 +132,53 @@ def keep_arg(args: argparse.Namespace) -> float | list[float]:
 
 OPEN_CLIP = "open_clip:"
 """``--model`` prefix naming an open_clip architecture (``open_clip:ViT-B-32``) instead of a timm model."""
+TORCHVISION = "torchvision:"
+"""``--model`` prefix naming a torchvision model (``torchvision:vit_b_16``)."""
+TRANSFORMERS = "transformers:"
+"""``--model`` prefix naming a local transformers model directory (``transformers:./vit-base``)."""
 
 
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The original model in eval mode, from --checkpoint, --pretrained, or random init; for
-    ``open_clip:ARCH``, the CLIP model's vision tower."""
+    ``open_clip:ARCH``, the CLIP model's vision tower; ``torchvision:NAME`` and
+    ``transformers:DIR`` (a ``save_pretrained`` folder, read offline) from those libraries."""
     if args.model.startswith(OPEN_CLIP):
         return load_open_clip(args)[0].visual
+    if args.model.startswith(TORCHVISION):
+        return _load_torchvision(args)
+    if args.model.startswith(TRANSFORMERS):
+        return _load_transformers(args)
     return create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
+
+
+def _load_torchvision(args: argparse.Namespace) -> nn.Module:
+    import torchvision
+
+    name = args.model[len(TORCHVISION) :]
+    if name not in torchvision.models.list_models():
+        raise UsageError(f"torchvision has no model named {name!r}; see torchvision.models.list_models()")
+    model = torchvision.models.get_model(name, weights="DEFAULT" if args.pretrained else None)
+    if args.checkpoint is not None:
+        state = load_state_dict(args.checkpoint)
+        check_fits(model, state, f"{args.checkpoint}: weights do not fit torchvision model {name!r}")
+        model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _load_transformers(args: argparse.Namespace) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise UsageError(f'--model {args.model} needs transformers: pip install "evit_patch[hf]"') from exc
+    path = Path(args.model[len(TRANSFORMERS) :])
+    if args.checkpoint is not None or args.pretrained:
+        raise UsageError(f"--model {args.model}: the folder holds the weights; drop --checkpoint and --pretrained")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--model {args.model}: expected a folder written by transformers' save_pretrained")
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    architecture = (config.architectures or ["AutoModel"])[0]
+    cls = getattr(transformers, architecture, transformers.AutoModel)
+    return cls.from_pretrained(path, local_files_only=True).eval()
 
 
 def load_open_clip(args: argparse.Namespace) -> tuple[nn.Module, object, object]:

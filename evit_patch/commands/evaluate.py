@@ -23,15 +23,13 @@ from ..bench.data import load_images, read_class_names
 from ..bench.quality import compare, compare_embeddings, is_embedding_model, zero_shot_classes
 from .common import (
     OPEN_CLIP,
-    SHARED_WEIGHTS,
     add_model_arguments,
+    data_dir,
     load_model,
     load_open_clip,
     plan_options,
     positive_int,
 )
-
-CLASS_NAMES = SHARED_WEIGHTS.parent / "labels" / "imagenet1k_classes.csv"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--classes",
         type=Path,
-        default=CLASS_NAMES,
+        default=data_dir() / "labels" / "imagenet1k_classes.csv",
         help="index,name CSV of the labels' class names, for zero-shot with an open_clip text tower "
-        "(default: ../shared/data/labels/imagenet1k_classes.csv)",
+        "(default: $EVIT_PATCH_DATA/labels/imagenet1k_classes.csv, EVIT_PATCH_DATA defaulting to ../shared/data)",
     )
     parser.add_argument(
         "--template", default="a photo of a {}.", help="zero-shot prompt per class name (default: %(default)r)"

@@ -23,9 +23,9 @@ import evit_patch
 
 from ..deploy.weights import create_model
 from ..errors import UsageError
-from .common import DEFAULT_MODEL, positive_int
+from .common import DEFAULT_MODEL, add_method_argument, data_dir, positive_int
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED = data_dir()
 
 
 def class_names(path: Path) -> list[str] | None:
@@ -78,10 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9], help="0-indexed blocks (default: 3 6 9)")
     parser.add_argument("--keep", type=float, nargs="+", default=[0.7], help="one rate, or one per layer")
     parser.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
-    parser.add_argument("--method", choices=["evit", "merge"], default="evit", help="as for evit-patch explain")
+    add_method_argument(parser)
     parser.add_argument("--img-size", type=positive_int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--panel", type=positive_int, default=224, help="panel size in pixels")
-    parser.add_argument("--data-dir", type=Path, default=SHARED, help="folder with weights/ and labels/")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=SHARED,
+        help="folder with weights/ and labels/ (default: $EVIT_PATCH_DATA, else ../shared/data)",
+    )
     parser.add_argument(
         "--output", type=Path, default=Path("evit_kept.png"), help="PNG to write (default: %(default)s)"
     )

@@ -59,33 +59,10 @@ def _evaluating(model: nn.Module):
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _no_full_masks():
+        with torch.no_grad():
             yield
     finally:
         model.train(was_training)
-
-
-@contextlib.contextmanager
-def _no_full_masks():
-    """While exporting, let transformers skip the attention mask when the caller gave none, as it does
-    in eager mode. Under ``torch.export`` it builds an all-visible ``(N, N)`` mask instead, which a
-    patched layer would take for a caller's mask and a later layer, seeing fewer tokens, cannot use."""
-    import sys
-
-    masking = sys.modules.get("transformers.masking_utils")
-    original = getattr(masking, "_ignore_bidirectional_mask_sdpa", None)
-    if original is None:
-        yield
-        return
-
-    def ignore(padding_mask, *args, **kwargs):
-        return padding_mask is None or original(padding_mask, *args, **kwargs)
-
-    masking._ignore_bidirectional_mask_sdpa = ignore
-    try:
-        yield
-    finally:
-        masking._ignore_bidirectional_mask_sdpa = original
 
 
 def export_program(

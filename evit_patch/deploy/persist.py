@@ -1,9 +1,10 @@
 """Save a patched model as safetensors + JSON, and load it back with one call, never unpickling.
 
 A directory holds ``model.safetensors`` (the weights, same keys as the unpatched model) and
-``evit_config.json`` (base architecture, its constructor arguments, the EViT plan, the
-evit_patch version). Loading rebuilds the base model with timm, re-applies the plan and loads
-the weights strictly, so the file format does not depend on traced-graph internals.
+``evit_config.json`` (the model family, the base architecture and its constructor arguments as
+the family records them, the EViT plan, the evit_patch version). Loading rebuilds the base model
+with its library (:meth:`Family.rebuild`: timm, torchvision, transformers), re-applies the plan
+and loads the weights strictly, so the file format does not depend on traced-graph internals.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import json
 import os
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
 from ..config import EViTConfig
 from ..errors import CheckpointError, EViTError
-from ..families import describe, find_family
+from ..families import Family, Recipe, describe, family_named, find_family
 from ..graph.state import get_config
+from ..version import __version__
 from .atomic import write_atomically
 from .download import resolve
 
@@ -30,54 +31,22 @@ FORMAT = "evit_patch"
 FORMAT_VERSION = 1
 
 
-def _architecture(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
-    if not arch and not type(model).__module__.startswith("timm."):
-        raise CheckpointError(
-            f"save_pretrained: {describe(model)} is not a timm model, and load_pretrained rebuilds with "
-            "timm.create_model, whose parameter names differ; save the whole model with "
-            "torch.save(model, path) (load it with torch.load(path, weights_only=False)), or save "
-            "model.state_dict() and re-apply the same plan to a fresh model before loading it"
-        )
-    if not arch:
-        raise CheckpointError(
-            f"save_pretrained: {describe(model)} has no pretrained_cfg['architecture']; "
-            "pass architecture='<timm model name>' so the model can be rebuilt"
-        )
-    return arch
-
-
-def _model_kwargs(model: nn.Module) -> dict:
-    """Constructor arguments that fine-tuning or resizing commonly changes from timm's defaults."""
-    kwargs: dict = {}
-    if isinstance(getattr(model, "num_classes", None), int):
-        kwargs["num_classes"] = model.num_classes
-    kwargs["img_size"] = list(find_family(model).input_size(model))
-    if isinstance(getattr(model, "global_pool", None), str):
-        kwargs["global_pool"] = model.global_pool
-    return kwargs
-
-
-def _check_rebuilds(model: nn.Module, architecture: str, kwargs: dict) -> None:
+def _check_rebuilds(model: nn.Module, family: Family, recipe: Recipe) -> None:
     """Refuse to save what ``load_pretrained`` could not rebuild (before anything is written)."""
+    what = f"{recipe.architecture} with {recipe.model_kwargs}"
     try:
         with torch.device("meta"):
-            rebuilt = timm.create_model(architecture, pretrained=False, **kwargs)
-    except Exception as exc:
-        raise CheckpointError(
-            f"save_pretrained: timm.create_model({architecture!r}, **{kwargs}) fails ({exc}); pass "
-            "architecture= and model_kwargs= that rebuild this model"
-        ) from exc
+            rebuilt = family.rebuild(recipe, "save_pretrained")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; pass architecture= and model_kwargs= that rebuild this model") from exc
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
     if want != got:
         differ = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
         shown = ", ".join(f"{k}: {want.get(k)} here vs {got.get(k)} rebuilt" for k in differ[:3])
         raise CheckpointError(
-            f"save_pretrained: timm.create_model({architecture!r}, **{kwargs}) does not rebuild "
-            f"{describe(model)} ({len(differ)} tensors differ; {shown}); pass the constructor "
-            "arguments it was built with as model_kwargs="
+            f"save_pretrained: {what} does not rebuild {describe(model)} ({len(differ)} tensors differ; {shown}); "
+            "pass the constructor arguments it was built with as model_kwargs="
         )
 
 
@@ -93,9 +62,11 @@ def save_pretrained(
     Args:
         model: a model returned by :func:`evit_patch.apply` (possibly fine-tuned).
         directory: where ``model.safetensors`` and ``evit_config.json`` go.
-        architecture: timm model name; default ``model.pretrained_cfg["architecture"]``.
-        model_kwargs: extra ``timm.create_model`` arguments, merged over the detected
-            ``num_classes``, ``img_size`` and ``global_pool``.
+        architecture: what the model's library builds it by: for timm the model name (default
+            ``model.pretrained_cfg["architecture"]``); torchvision and transformers models record
+            their class and constructor arguments themselves.
+        model_kwargs: extra constructor arguments, merged over the detected ones (timm:
+            ``num_classes``, ``img_size`` and ``global_pool``).
 
     Raises:
         CheckpointError: ``timm.create_model(architecture, **model_kwargs)`` would not rebuild
@@ -104,15 +75,16 @@ def save_pretrained(
     from safetensors.torch import save_model
 
     config = get_config(model)
-    architecture = architecture or _architecture(model)
-    kwargs = {**_model_kwargs(model), **(model_kwargs or {})}
-    _check_rebuilds(model, architecture, kwargs)
+    family = find_family(model)
+    recipe = family.recipe(model, architecture, model_kwargs)
+    _check_rebuilds(model, family, recipe)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "evit_patch_version": _version(),
-        "architecture": architecture,
-        "model_kwargs": kwargs,
+        "family": family.name,
+        "architecture": recipe.architecture,
+        "model_kwargs": recipe.model_kwargs,
         "evit": config.to_dict(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
@@ -199,19 +171,13 @@ def load_pretrained(
 
 
 def _rebuild(meta: dict, path: Path, dtype: torch.dtype, apply) -> nn.Module:
-    """The architecture of ``evit_config.json`` at ``path``, patched with its plan; errors name the key."""
+    """The architecture of ``evit_config.json`` at ``path``, patched with its plan; errors name the key.
+    Files without a ``family`` (written before families recorded their own recipes) are timm's."""
     architecture, kwargs, evit = meta["architecture"], meta.get("model_kwargs", {}), meta["evit"]
     if not isinstance(kwargs, dict):
-        raise CheckpointError(
-            f"{path}: 'model_kwargs' must be an object of timm.create_model arguments, got {kwargs!r}"
-        )
-    try:
-        base = timm.create_model(architecture, pretrained=False, **kwargs)
-    except Exception as exc:  # timm raises RuntimeError (unknown name), TypeError/ValueError (arguments)
-        raise CheckpointError(
-            f"{path}: 'architecture' {architecture!r} with 'model_kwargs' {kwargs} cannot be built by "
-            f"timm.create_model ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise CheckpointError(f"{path}: 'model_kwargs' must be an object of constructor arguments, got {kwargs!r}")
+    family = family_named(meta.get("family", "timm.VisionTransformer"), str(path))
+    base = family.rebuild(Recipe(architecture, kwargs), str(path))
     if not isinstance(evit, dict) or not {"layers", "keep"} <= evit.keys():
         raise CheckpointError(f"{path}: 'evit' must hold the plan's 'layers' and 'keep', got {evit!r}")
     try:
@@ -258,6 +224,4 @@ def load_weights_file(model: nn.Module, weights: Path, what: str) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__

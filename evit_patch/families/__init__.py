@@ -13,7 +13,16 @@ from . import (  # noqa: F401  (registration side effects)
     timm_vit,
     torchvision_vit,
 )
-from .base import Family, describe
-from .registry import SupportEntry, find_family, list_supported, register_family
+from .base import Family, Recipe, describe
+from .registry import SupportEntry, family_named, find_family, list_supported, register_family
 
-__all__ = ["Family", "SupportEntry", "describe", "find_family", "list_supported", "register_family"]
+__all__ = [
+    "Family",
+    "Recipe",
+    "SupportEntry",
+    "describe",
+    "family_named",
+    "find_family",
+    "list_supported",
+    "register_family",
+]

@@ -5,14 +5,15 @@ from __future__ import annotations
 import abc
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import UnsupportedModelError
-from ..options import Score
+from ..errors import CheckpointError, UnsupportedModelError
+from ..options import Pool, Score
 
 
 def describe(model: nn.Module) -> str:
@@ -25,6 +26,14 @@ def describe(model: nn.Module) -> str:
 def class_path(model: nn.Module) -> set[str]:
     """Fully qualified names of the model's class and its bases: matching without importing."""
     return {f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What rebuilds an architecture: a name its library resolves and the constructor arguments."""
+
+    architecture: str
+    model_kwargs: dict
 
 
 class Family(abc.ABC):
@@ -103,15 +112,15 @@ class Family(abc.ABC):
         """What ranks the image tokens: the [CLS] row (EViT), or received attention without a class token."""
         return Score.CLS
 
-    def pool(self, model: nn.Module) -> str:
-        """``"token"`` (the head reads prefix tokens), ``"avg"`` (it averages the image tokens, so a
-        fused token must count as the tokens it stands for) or ``"attention"`` (a probe attends
-        over the tokens: a fused token must weigh as the tokens it stands for in its softmax; see
-        :meth:`pool_module`)."""
-        return "token"
+    def pool(self, model: nn.Module) -> Pool:
+        """How the head reads the last block's tokens: :attr:`Pool.TOKEN` (prefix tokens only),
+        :attr:`Pool.AVG` (an average of the image tokens, so a fused token must count as the tokens
+        it stands for) or :attr:`Pool.ATTENTION` (a probe attends over the tokens: a fused token
+        must weigh as the tokens it stands for in its softmax; see :meth:`pool_module`)."""
+        return Pool.TOKEN
 
     def pool_module(self, model: nn.Module) -> str:
-        """``pool == "attention"``: qualified name of the attention-pool module, which is called on
+        """``pool is Pool.ATTENTION``: qualified name of the attention-pool module, which is called on
         the final norm's output (possibly minus the prefix rows, see :meth:`pool_prefix_tokens`)."""
         raise UnsupportedModelError(f"{describe(model)}: evit_patch does not know this family's attention pool")
 
@@ -125,10 +134,17 @@ class Family(abc.ABC):
         count. The head's other MACs belong in :meth:`outside_macs`."""
         return 0
 
-    def strip_state(self, model: nn.Module) -> None:
+    def confine_state(self, model: nn.Module) -> None:
         """Called on the patched copy when the final norm passes the token state on to an attention
-        pool: a family whose model also returns the normed tokens removes the state channels
-        there (e.g. with a forward hook), so users see the library's output width."""
+        pool: a family whose model also returns the normed tokens (``forward_features``,
+        ``last_hidden_state``) removes the state channels there
+        (:func:`~evit_patch.token_state.strip`), so users see the library's output width."""
+        return None
+
+    def install_guards(self, model: nn.Module, first: int) -> None:
+        """Called on the patched copy: shadow library methods that cannot serve a model that
+        reorganizes from block ``first`` on, with instance attributes that refuse with the reason
+        or serve what is sound (the class itself is never changed)."""
         return None
 
     def rotary_args(self, model: nn.Module) -> tuple[str, ...]:
@@ -155,6 +171,20 @@ class Family(abc.ABC):
     def leaf_types(self) -> tuple[type[nn.Module], ...]:
         """Module types the tracer must not enter (mode-dependent helpers)."""
         return ()
+
+    def recipe(self, model: nn.Module, architecture: str | None = None, model_kwargs: dict | None = None) -> Recipe:
+        """How :meth:`rebuild` makes this architecture again, randomly initialised, as JSON data:
+        what ``save_pretrained`` records beside the weights (``architecture``/``model_kwargs``:
+        the caller's overrides). Nothing executable is recorded."""
+        raise CheckpointError(
+            f"save_pretrained: evit_patch does not know how to rebuild {describe(model)} ({self.name}) from a "
+            "file; save the whole model with torch.save(model, path) (load it with torch.load(path, "
+            "weights_only=False)), or save model.state_dict() and re-apply the same plan to a fresh model"
+        )
+
+    def rebuild(self, recipe: Recipe, where: str) -> nn.Module:
+        """The architecture :meth:`recipe` recorded, randomly initialised (``where``: the file, for errors)."""
+        raise CheckpointError(f"{where}: evit_patch cannot rebuild a {self.name} model")
 
 
 def attention_pool_macs(pool: nn.Module, channels: int) -> tuple[int, int]:

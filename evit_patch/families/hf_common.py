@@ -12,6 +12,7 @@ unwrapped one, behind a guard against output capture. transformers is never impo
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import sys
 from collections.abc import Iterable
@@ -22,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import UnsupportedInputError, UnsupportedModelError
-from ..graph.trace import runtime_guard
-from .base import Family, describe
+from ..errors import CheckpointError, UnsupportedInputError, UnsupportedModelError
+from ..opaque import runtime_guard
+from .base import Family, Recipe, describe
 
 IMPLEMENTATIONS = ("sdpa", "eager")
 OUTPUT_OPTIONS = ("output_attentions", "output_hidden_states")
@@ -81,13 +82,50 @@ def require_no_output_capture(kwargs: dict, where: str) -> None:
         )
 
 
+def refuse_at_call(model: nn.Module, args: tuple, kwargs: dict, *, where: str, mask_index: int | None) -> None:
+    """Forward pre-hook on a patched transformers model: what it cannot honour is refused at call
+    time, whether asked in the call or set in ``model.config`` after patching (transformers reads
+    the config then). A padding mask that hides tokens is refused here, so the patched layers can
+    ignore the masks transformers builds itself (all-visible ones, under ``torch.export``)."""
+    config = model.config
+    requested = [name for name in OUTPUT_OPTIONS if kwargs.get(name, getattr(config, name, False))]
+    if requested:
+        raise UnsupportedInputError(
+            f"{where} was patched by evit_patch: {', '.join(requested)} cannot be honoured (patched layers "
+            "are not captured, and later layers see fewer tokens); call without them and leave "
+            f"config.{requested[0]} False"
+        )
+    mask = kwargs.get("attention_mask")
+    if mask is None and mask_index is not None and len(args) > mask_index:
+        mask = args[mask_index]
+    if mask is not None and not bool(mask.all()):
+        raise UnsupportedInputError(
+            f"{where} was patched by evit_patch: it cannot honour a caller-supplied attention_mask that hides "
+            "tokens (EViT reorders and drops tokens); call without one"
+        )
+
+
+def install_call_guard(model: nn.Module) -> None:
+    """Register :func:`refuse_at_call` on a patched model (picklable: a partial of a module function)."""
+    params = [p for p in inspect.signature(type(model).forward).parameters.values() if p.name != "self"]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    mask_index = names.index("attention_mask") if "attention_mask" in names else None
+    hook = functools.partial(refuse_at_call, where=describe(model), mask_index=mask_index)
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def traceable_layer(layer: nn.Module, where: str) -> type[nn.Module]:
-    """A subclass of the layer's class whose ``forward`` is the unwrapped one, behind the guard."""
+    """A subclass of the layer's class whose ``forward`` is the unwrapped one, behind the guard.
+
+    The layer ignores the mask its model hands it: a caller's mask that hides tokens is refused by
+    the model's call guard (:func:`install_call_guard`), so what reaches a layer is all-visible
+    (``None`` in eager mode, a full mask under ``torch.export``), and patched layers see fewer
+    tokens than such a mask was built for."""
     unwrapped = inspect.unwrap(type(layer).forward)
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+    def forward(self, hidden_states: Tensor, *masks, **kwargs) -> Tensor:
         require_no_output_capture(kwargs, where)
-        return unwrapped(self, hidden_states, attention_mask)
+        return unwrapped(self, hidden_states, None)
 
     cls = type(type(layer).__name__, (type(layer),), {"__module__": type(layer).__module__})
     cls.forward = forward  # set after creation: __init_subclass__ would wrap it again
@@ -196,3 +234,32 @@ class TransformersFamily(Family):
     def resized(self, model: nn.Module, img_size) -> nn.Module:
         self._size(model, img_size)
         return model
+
+    def install_guards(self, model: nn.Module, first: int) -> None:
+        install_call_guard(model)
+
+    def recipe(self, model: nn.Module, architecture: str | None = None, model_kwargs: dict | None = None) -> Recipe:
+        """The model's class (a transformers class path), its config as a dict and its attention
+        implementation (the patched layers re-express that one)."""
+        kwargs = {"config": model.config.to_dict(), "attn_implementation": model.config._attn_implementation}
+        return Recipe(architecture or full_name(type(model)), {**kwargs, **(model_kwargs or {})})
+
+    def rebuild(self, recipe: Recipe, where: str) -> nn.Module:
+        """Only classes of the installed transformers package are instantiated (by name, from JSON)."""
+        import importlib
+
+        module, _, name = recipe.architecture.rpartition(".")
+        cls = None
+        if module.startswith("transformers.models."):
+            cls = getattr(importlib.import_module(module), name, None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "config_class")):
+            raise CheckpointError(f"{where}: 'architecture' {recipe.architecture!r} is not a transformers model class")
+        kwargs = dict(recipe.model_kwargs)
+        try:
+            config = cls.config_class.from_dict(kwargs.pop("config"))
+            config._attn_implementation = kwargs.pop("attn_implementation", "sdpa")
+            return cls(config, **kwargs)
+        except Exception as exc:  # transformers raises many types for a config that does not fit
+            raise CheckpointError(
+                f"{where}: {recipe.architecture} cannot be built from 'model_kwargs' ({type(exc).__name__}: {exc})"
+            ) from exc

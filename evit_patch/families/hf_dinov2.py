@@ -14,16 +14,17 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..options import Pool
 from .hf_common import TransformersFamily, check_class, check_encoder, full_name, outside_macs, prepare_layer
 from .registry import register_family
 
 _PLAIN = "transformers.models.dinov2.modeling_dinov2.Dinov2"
 _REGISTERS = "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegisters"
 _HEADS = {
-    f"{_PLAIN}Model": "token",
-    f"{_PLAIN}ForImageClassification": "avg",
-    f"{_REGISTERS}Model": "token",
-    f"{_REGISTERS}ForImageClassification": "avg",
+    f"{_PLAIN}Model": Pool.TOKEN,
+    f"{_PLAIN}ForImageClassification": Pool.AVG,
+    f"{_REGISTERS}Model": Pool.TOKEN,
+    f"{_REGISTERS}ForImageClassification": Pool.AVG,
 }
 """Supported classes and their pools: [CLS] alone, or [CLS] beside the mean of the image tokens."""
 _BASES = {f"{_PLAIN}PreTrainedModel", f"{_REGISTERS}PreTrainedModel"}
@@ -56,7 +57,7 @@ class HFDinov2(TransformersFamily):
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 1 + int(getattr(model.config, "num_register_tokens", 0))
 
-    def pool(self, model: nn.Module) -> str:
+    def pool(self, model: nn.Module) -> Pool:
         return _HEADS[full_name(type(model))]
 
     def final_norm(self, model: nn.Module) -> str:

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..options import Score
+from ..options import Pool, Score
+from ..token_state import strip
 from .base import attention_pool_macs, describe
 from .hf_common import TransformersFamily, check_encoder, full_name, outside_macs, prepare_layer
 from .registry import register_family
@@ -32,8 +33,8 @@ def _strip_state(module: nn.Module, args, output, *, channels: int):
     """Forward hook: ``last_hidden_state`` without the token-state channels the final norm passed
     on to the head (the head has read them), so it keeps transformers' width."""
     if isinstance(output, tuple):
-        return (output[0][..., :channels], *output[1:])
-    output.last_hidden_state = output.last_hidden_state[..., :channels]
+        return (strip(output[0], channels), *output[1:])
+    output.last_hidden_state = strip(output.last_hidden_state, channels)
     return output
 
 
@@ -67,8 +68,8 @@ class HFSiglipVision(TransformersFamily):
     def score(self, model: nn.Module) -> Score:
         return Score.RECEIVED
 
-    def pool(self, model: nn.Module) -> str:
-        return "attention"
+    def pool(self, model: nn.Module) -> Pool:
+        return Pool.ATTENTION
 
     def pool_module(self, model: nn.Module) -> str:
         return "head"
@@ -79,7 +80,7 @@ class HFSiglipVision(TransformersFamily):
     def final_norm(self, model: nn.Module) -> str:
         return "post_layernorm"
 
-    def strip_state(self, model: nn.Module) -> None:
+    def confine_state(self, model: nn.Module) -> None:
         model.register_forward_hook(functools.partial(_strip_state, channels=self.channels(model)))
 
     def outside_macs(self, model: nn.Module, img_size=None) -> int:

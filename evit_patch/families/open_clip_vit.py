@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..options import Pool
 from .base import Family, attention_pool_macs, class_path, describe
 from .mha import check_multihead_attention, with_sdpa_attention
 from .registry import register_family
@@ -100,10 +101,10 @@ class OpenClipVisionTransformer(Family):
                 "expected output_tokens=False"
             )
 
-    def pool(self, model: nn.Module) -> str:
+    def pool(self, model: nn.Module) -> Pool:
         if model.attn_pool is not None:
-            return "attention"
-        return "avg" if model.pool_type == "avg" else "token"
+            return Pool.ATTENTION
+        return Pool.AVG if model.pool_type == "avg" else Pool.TOKEN
 
     def pool_module(self, model: nn.Module) -> str:
         return "attn_pool"

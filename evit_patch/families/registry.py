@@ -51,6 +51,16 @@ def find_family(model: nn.Module) -> Family:
     )
 
 
+def family_named(name: str, where: str) -> Family:
+    """The registered family called ``name`` (as ``save_pretrained`` records it)."""
+    from ..errors import CheckpointError
+
+    for family in _FAMILIES:
+        if family.name == name and family.supported:
+            return family
+    raise CheckpointError(f"{where}: no supported model family is called {name!r} (see evit_patch.list_supported())")
+
+
 def _wrapped(model: nn.Module) -> str | None:
     """What to pass instead when ``model`` wraps one evit_patch knows (DDP, torch.compile, a container)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel

@@ -5,16 +5,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import timm
 import torch
 from timm.layers import AttentionPoolLatent, DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import UnsupportedModelError
-from ..options import Score
-from .base import Family, attention_pool_macs, describe
+from ..errors import CheckpointError, UnsupportedModelError
+from ..options import Pool, Score
+from .base import Family, Recipe, attention_pool_macs, describe
 from .registry import register_family
+from .timm_guards import confine_state, install_guards
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -70,10 +72,10 @@ def score_of(model: nn.Module) -> Score:
     return Score.CLS if getattr(model, "cls_token", None) is not None else Score.RECEIVED
 
 
-def pool_of(model: nn.Module) -> str:
+def pool_of(model: nn.Module) -> Pool:
     if getattr(model, "attn_pool", None) is not None:
-        return "attention"
-    return "avg" if model.global_pool == "avg" else "token"
+        return Pool.ATTENTION
+    return Pool.AVG if model.global_pool == "avg" else Pool.TOKEN
 
 
 @register_family
@@ -98,7 +100,7 @@ class TimmVisionTransformer(Family):
     def score(self, model: nn.Module) -> Score:
         return score_of(model)
 
-    def pool(self, model: nn.Module) -> str:
+    def pool(self, model: nn.Module) -> Pool:
         return pool_of(model)
 
     def pool_module(self, model: nn.Module) -> str:
@@ -176,3 +178,35 @@ class TimmVisionTransformer(Family):
 
     def leaf_types(self) -> tuple[type[nn.Module], ...]:
         return (DropPath,)
+
+    def recipe(self, model: nn.Module, architecture: str | None = None, model_kwargs: dict | None = None) -> Recipe:
+        """timm's model name (``pretrained_cfg["architecture"]``) and the constructor arguments that
+        fine-tuning or resizing commonly changes from its defaults, under the caller's overrides."""
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        architecture = architecture or (cfg.get("architecture") if isinstance(cfg, dict) else None)
+        if not architecture:
+            raise CheckpointError(
+                f"save_pretrained: {describe(model)} has no pretrained_cfg['architecture']; "
+                "pass architecture='<timm model name>' so the model can be rebuilt"
+            )
+        kwargs: dict = {"img_size": list(self.input_size(model))}
+        if isinstance(getattr(model, "num_classes", None), int):
+            kwargs["num_classes"] = model.num_classes
+        if isinstance(getattr(model, "global_pool", None), str):
+            kwargs["global_pool"] = model.global_pool
+        return Recipe(architecture, {**kwargs, **(model_kwargs or {})})
+
+    def rebuild(self, recipe: Recipe, where: str) -> nn.Module:
+        try:
+            return timm.create_model(recipe.architecture, pretrained=False, **recipe.model_kwargs)
+        except Exception as exc:  # timm raises RuntimeError (unknown name), TypeError/ValueError (arguments)
+            raise CheckpointError(
+                f"{where}: 'architecture' {recipe.architecture!r} with 'model_kwargs' {recipe.model_kwargs} cannot "
+                f"be built by timm.create_model ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def install_guards(self, model: nn.Module, first: int) -> None:
+        install_guards(model, first)
+
+    def confine_state(self, model: nn.Module) -> None:
+        confine_state(model, self.channels(model), self.num_tokens(model))

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import UnsupportedModelError
-from .base import Family, describe
+from ..errors import CheckpointError, UnsupportedModelError
+from .base import Family, Recipe, describe
 from .mha import check_multihead_attention, with_sdpa_attention
 from .registry import register_family
 
@@ -45,6 +45,36 @@ class TorchvisionVisionTransformer(Family):
 
     def final_norm(self, model: nn.Module) -> str:
         return "encoder.ln"
+
+    def recipe(self, model: nn.Module, architecture: str | None = None, model_kwargs: dict | None = None) -> Recipe:
+        """``torchvision.models.VisionTransformer``'s constructor arguments, read off the model
+        (``vit_b_16`` and its siblings are that class with these arguments)."""
+        layers = model.encoder.layers
+        kwargs = {
+            "image_size": int(model.image_size),
+            "patch_size": int(model.patch_size),
+            "num_layers": len(layers),
+            "num_heads": int(layers[0].self_attention.num_heads),
+            "hidden_dim": int(model.hidden_dim),
+            "mlp_dim": int(model.mlp_dim),
+            "dropout": float(model.dropout),
+            "attention_dropout": float(model.attention_dropout),
+            "num_classes": int(model.num_classes),
+            "representation_size": model.representation_size,
+        }
+        return Recipe(architecture or _CLASS, {**kwargs, **(model_kwargs or {})})
+
+    def rebuild(self, recipe: Recipe, where: str) -> nn.Module:
+        from torchvision.models import VisionTransformer
+
+        if recipe.architecture != _CLASS:
+            raise CheckpointError(f"{where}: expected architecture {_CLASS!r}, got {recipe.architecture!r}")
+        try:
+            return VisionTransformer(**recipe.model_kwargs)
+        except TypeError as exc:
+            raise CheckpointError(
+                f"{where}: {_CLASS} cannot take 'model_kwargs' {recipe.model_kwargs} ({exc})"
+            ) from exc
 
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         return int(model.image_size), int(model.image_size)

@@ -1,4 +1,5 @@
-"""Find, in a traced block, where EViT's reorganization goes. Matching only: no graph edits.
+"""Find, in a traced block, where EViT's reorganization goes. Matching only: no graph edits, no
+counting (``cost.py`` counts what the match names).
 
 The questions are structural, so harmless variants (Identity norms, LayerScale, drop-path,
 fused or manual attention, post-norm blocks) need no special cases:
@@ -14,7 +15,6 @@ fused or manual attention, post-norm blocks) need no special cases:
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .cost import BlockCost
 from .reorganizer import ScoreSource
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
@@ -51,16 +50,20 @@ class BlockSite:
     """A position bias the attention adds to its logits (indexed by original token position)."""
     bias_user: fx.Node | None
     """The node that reads ``bias`` (the SDPA call, or the add before the softmax)."""
-    pre_macs_per_token: int
-    """Projection MACs per token before the residual add (they see every token)."""
-    post_macs_per_token: int
-    """Projection MACs per token after it (they see the reorganized tokens)."""
-    table_projections: tuple[fx.Node, ...] = ()
+    before: tuple[fx.Node, ...]
+    """Projections on the tokens before the residual add (they see every token)."""
+    after: tuple[fx.Node, ...]
+    """Projections after it (they see the reorganized tokens)."""
+    tables: tuple[fx.Node, ...] = ()
     """Projections that never see the tokens (a relative-position MLP): a fixed cost per call."""
     keys: fx.Node | None = None
     """The attention's keys, ``(B, H, N, D)``; for manual attention the ``k^T`` operand of
     ``q @ k^T``, ``(B, H, D, N)`` (``keys_transposed``). Token merging compares them."""
     keys_transposed: bool = False
+    logits: fx.Node | None = None
+    """Manual attention: ``q @ k^T``, the last matmul before the softmax."""
+    mixes: fx.Node | None = None
+    """Manual attention: ``probs @ v``, the first matmul after the softmax."""
 
 
 def _is_call(node: fx.Node, functions: set, methods: set[str]) -> bool:
@@ -137,22 +140,44 @@ def tokens_input(graph: fx.Graph) -> fx.Node:
     return next(n for n in graph.nodes if n.op == "placeholder")
 
 
-def _position_bias(source: ScoreSource, op: fx.Node, where: str) -> tuple[fx.Node | None, fx.Node | None]:
+@dataclass(frozen=True)
+class _Neighbourhood:
+    """The attention op's surroundings, searched once: what feeds it, what it feeds, and (manual
+    attention) its ``q @ k^T`` and ``probs @ v`` matmuls."""
+
+    feeding: frozenset[fx.Node]
+    fed: frozenset[fx.Node]
+    logits: fx.Node | None
+    mixes: fx.Node | None
+
+    @classmethod
+    def of(cls, op: fx.Node, source: ScoreSource) -> _Neighbourhood:
+        feeding, fed = frozenset(_ancestors(op)), frozenset(_descendants(op))
+        logits = mixes = None
+        if source is ScoreSource.PROBABILITIES:
+            matmuls = [n for n in op.graph.nodes if _is_call(n, _MATMUL_FUNCTIONS, _MATMUL_METHODS)]
+            logits = next((n for n in reversed(matmuls) if n in feeding), None)
+            mixes = next((n for n in matmuls if n in fed), None)
+        return cls(feeding, fed, logits, mixes)
+
+
+def _position_bias(
+    source: ScoreSource, op: fx.Node, around: _Neighbourhood, where: str
+) -> tuple[fx.Node | None, fx.Node | None]:
     """``(bias, user)``: the attention's additive term that does not depend on the tokens."""
     tokens = tokens_input(op.graph)
     if source is ScoreSource.QUERY_KEY:
         mask = _arg(op, 3, "attn_mask")
         candidates = [(mask, op)] if mask is not None else []
     else:
-        feeding = _ancestors(op) | {op}
-        matmuls = [n for n in op.graph.nodes if n in feeding and _is_call(n, _MATMUL_FUNCTIONS, _MATMUL_METHODS)]
-        after_logits = _descendants(matmuls[-1]) if matmuls else set()
+        feeding = around.feeding | {op}
+        after_logits = _descendants(around.logits) if around.logits is not None else set()
         candidates = [
             (term, node)
             for node in op.graph.nodes
             if node in feeding and node in after_logits and _is_call(node, _ADD_FUNCTIONS, {"add", "__add__"})
             for term in node.args[:2]
-            if isinstance(term, fx.Node) and term not in after_logits and term is not matmuls[-1]
+            if isinstance(term, fx.Node) and term not in after_logits and term is not around.logits
         ]
     if not candidates:
         return None, None
@@ -166,15 +191,14 @@ def _position_bias(source: ScoreSource, op: fx.Node, where: str) -> tuple[fx.Nod
     return bias, user
 
 
-def _residual_add(op: fx.Node, where: str) -> fx.Node:
-    downstream = _descendants(op) | {op}
-    feeds_attention = _ancestors(op)
+def _residual_add(op: fx.Node, around: _Neighbourhood, where: str) -> fx.Node:
+    downstream = around.fed | {op}
     for node in op.graph.nodes:
         if node not in downstream or not _is_call(node, _ADD_FUNCTIONS, {"add", "__add__"}):
             continue
         operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
         branch = [a for a in operands if a in downstream]
-        skip = [a for a in operands if a not in downstream and (a in feeds_attention)]
+        skip = [a for a in operands if a not in downstream and (a in around.feeding)]
         if len(branch) == 1 and len(skip) == 1:
             return node
     raise UnsupportedModelError(
@@ -182,140 +206,85 @@ def _residual_add(op: fx.Node, where: str) -> fx.Node:
     )
 
 
-def _linear_macs(node: fx.Node, modules: dict[str, nn.Module]) -> int:
-    """Multiply-accumulates per token of a projection node, 0 for anything else."""
+def is_projection(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An ``nn.Linear`` call or an ``F.linear`` with a stored weight: what the cost model counts."""
     if node.op == "call_module":
-        module = modules[node.target]
-        if isinstance(module, nn.Linear):
-            return module.in_features * module.out_features
+        return isinstance(modules.get(node.target), nn.Linear)
     if node.op == "call_function" and node.target is F.linear:
         weight = _arg(node, 1, "weight")
-        if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            return fx.graph_module._get_attr(node.graph.owning_module, weight.target).numel()
-    return 0
+        return isinstance(weight, fx.Node) and weight.op == "get_attr"
+    return False
 
 
-def _in_features(node: fx.Node, modules: dict[str, nn.Module]) -> int:
-    if node.op == "call_module":
-        return modules[node.target].in_features
-    weight = _arg(node, 1, "weight")
-    return fx.graph_module._get_attr(node.graph.owning_module, weight.target).shape[1]
-
-
-def _value_path(op: fx.Node) -> set[fx.Node]:
-    """Manual attention: what feeds ``probs @ v`` (a separate value projection is no ancestor of the softmax)."""
-    downstream = _descendants(op)
-    mixes = [n for n in op.graph.nodes if n in downstream and _is_call(n, _MATMUL_FUNCTIONS, _MATMUL_METHODS)]
-    return _ancestors(mixes[0]) if mixes else set()
-
-
-def _check_point_between(
-    gm: fx.GraphModule, op: fx.Node, add: fx.Node, where: str
-) -> tuple[int, int, tuple[fx.Node, ...]]:
-    """Linear MACs per token before and after the add, and the projections that never see the
-    tokens (a position-bias MLP, counted per call); refuse parallel blocks."""
+def _projections(
+    gm: fx.GraphModule, op: fx.Node, add: fx.Node, around: _Neighbourhood, where: str
+) -> tuple[tuple[fx.Node, ...], tuple[fx.Node, ...], tuple[fx.Node, ...]]:
+    """``(before, after, tables)``: projections on the tokens before and after the add, and those
+    that never see the tokens (a position-bias MLP); refuse parallel blocks."""
     modules = dict(gm.named_modules())
     before, after = _ancestors(add), _descendants(add)
-    attention_path = _ancestors(op) | _descendants(op) | _value_path(op)
+    value_path = _ancestors(around.mixes) if around.mixes is not None else set()
+    attention_path = around.feeding | around.fed | value_path
     on_tokens = _descendants(tokens_input(gm.graph))
-    pre = post = 0
-    tables = []
+    found: dict[str, list[fx.Node]] = {"before": [], "after": [], "tables": []}
     for node in gm.graph.nodes:
-        macs = _linear_macs(node, modules)
-        if not macs:
+        if not is_projection(node, modules):
             continue
         if node not in on_tokens:
-            tables.append(node)
+            found["tables"].append(node)
         elif node in after:
-            post += macs
+            found["after"].append(node)
         elif node in before and node in attention_path:
-            pre += macs
+            found["before"].append(node)
         else:
             raise UnsupportedModelError(
                 f"{where}: expected the MLP to run after the attention residual add, but "
                 f"{node.target} runs beside the attention (a parallel block has no point "
                 "between attention and MLP)"
             )
-    if post == 0:
+    if not found["after"]:
         raise UnsupportedModelError(
             f"{where}: expected an MLP after the attention residual add, found none "
             "(no point between attention and MLP)"
         )
-    return pre, post, tuple(tables)
-
-
-def _attention_widths(source: ScoreSource, op: fx.Node, where: str) -> tuple[int, int, int]:
-    """``(heads * qk_dim, heads * v_dim, heads)`` read from shape-propagated metadata."""
-
-    def shape(n):
-        meta = n.meta.get("val") if isinstance(n, fx.Node) else None
-        if not isinstance(meta, torch.Tensor):
-            raise UnsupportedModelError(f"{where}: could not infer the shape of {n}")
-        return meta.shape
-
-    if source is ScoreSource.QUERY_KEY:
-        q, v = shape(_arg(op, 0, "query")), shape(_arg(op, 2, "value"))
-    else:
-        before, after = _ancestors(op), _descendants(op)
-        matmuls = [n for n in op.graph.nodes if _is_call(n, _MATMUL_FUNCTIONS, _MATMUL_METHODS)]
-        logits = [n for n in matmuls if n in before]  # q @ k^T, the last one before the softmax
-        mixes = [n for n in matmuls if n in after]  # probs @ v, the first one after it
-        if not logits or not mixes:
-            raise UnsupportedModelError(
-                f"{where}: expected q @ k^T before the attention softmax and probs @ v after it"
-            )
-        q, v = shape(logits[-1].args[0]), shape(mixes[0].args[1])
-    if len(q) != 4 or len(v) != 4:
-        raise UnsupportedModelError(f"{where}: expected (batch, heads, tokens, dim) attention inputs, found {tuple(q)}")
-    return q[1] * q[3], v[1] * v[3], q[1]
+    return tuple(found["before"]), tuple(found["after"]), tuple(found["tables"])
 
 
 def locate(gm: fx.GraphModule, *, where: str) -> BlockSite:
-    """Locate the attention op and its residual add in a traced block (structure only)."""
+    """Locate the attention op, its residual add and the block's projections in a traced block."""
     source, op = _attention_op(gm.graph, where)
     if source is ScoreSource.QUERY_KEY:
         score_inputs, scale = _check_fused_call(op, where)
     else:
         _check_softmax(op, where)
         score_inputs, scale = (op,), None
-    bias, bias_user = _position_bias(source, op, where)
-    add = _residual_add(op, where)
-    pre, post, tables = _check_point_between(gm, op, add, where)
-    keys, transposed = (score_inputs[1], False) if source is ScoreSource.QUERY_KEY else (_logits_keys(op), True)
-    return BlockSite(where, source, op, score_inputs, scale, add, bias, bias_user, pre, post, tables, keys, transposed)
-
-
-def _logits_keys(op: fx.Node) -> fx.Node | None:
-    """Manual attention: the second operand of ``q @ k^T``, the last matmul before the softmax."""
-    before = _ancestors(op)
-    logits = [n for n in op.graph.nodes if n in before and _is_call(n, _MATMUL_FUNCTIONS, _MATMUL_METHODS)]
-    if not logits:
-        return None
-    operand = _arg(logits[-1], 1, "other") if logits[-1].op == "call_function" else logits[-1].args[1]
-    return operand if isinstance(operand, fx.Node) else None
-
-
-def block_cost(site: BlockSite, *, channels: int, num_prefix_tokens: int) -> BlockCost:
-    """The block's analytic cost; needs shapes on the graph (``node.meta["val"]``, see ``profile.py``)."""
-    qk_width, v_width, heads = _attention_widths(site.source, site.attention, site.where)
-    modules = dict(site.attention.graph.owning_module.named_modules())
-    table_macs = 0
-    for node in site.table_projections:
-        meta = node.all_input_nodes[0].meta.get("val")
-        if not isinstance(meta, torch.Tensor):
-            raise UnsupportedModelError(f"{site.where}: could not infer the shape of {node}")
-        rows = math.prod(meta.shape) // _in_features(node, modules)
-        table_macs += rows * _linear_macs(node, modules)
-    return BlockCost(
-        pre_macs_per_token=site.pre_macs_per_token,
-        post_macs_per_token=site.post_macs_per_token,
-        qk_width=qk_width,
-        v_width=v_width,
-        channels=channels,
-        num_prefix_tokens=num_prefix_tokens,
-        recomputes_cls_row=site.source is ScoreSource.QUERY_KEY,
-        fixed_macs=table_macs,
-        key_dim=qk_width // heads,
+    around = _Neighbourhood.of(op, source)
+    if source is ScoreSource.PROBABILITIES and (around.logits is None or around.mixes is None):
+        raise UnsupportedModelError(f"{where}: expected q @ k^T before the attention softmax and probs @ v after it")
+    bias, bias_user = _position_bias(source, op, around, where)
+    add = _residual_add(op, around, where)
+    before, after, tables = _projections(gm, op, add, around, where)
+    if source is ScoreSource.QUERY_KEY:
+        keys, transposed = score_inputs[1], False
+    else:
+        operand = _arg(around.logits, 1, "other") if around.logits.op == "call_function" else around.logits.args[1]
+        keys, transposed = (operand if isinstance(operand, fx.Node) else None), True
+    return BlockSite(
+        where,
+        source,
+        op,
+        score_inputs,
+        scale,
+        add,
+        bias,
+        bias_user,
+        before,
+        after,
+        tables,
+        keys,
+        transposed,
+        around.logits,
+        around.mixes,
     )
 
 
@@ -360,7 +329,7 @@ def locate_pool(gm: fx.GraphModule, *, where: str) -> PoolSite:
     else:
         _check_softmax(op, where)
         like = _arg(op, 0, "input")
-    bias, _ = _position_bias(source, op, where)
+    bias, _ = _position_bias(source, op, _Neighbourhood.of(op, source), where)
     if bias is not None:
         raise UnsupportedModelError(f"{where}: expected a pooling attention without a mask, found {bias}")
     return PoolSite(where, op, like)

@@ -13,9 +13,9 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import UnsupportedModelError
 from ..families import Family, describe, find_family
-from ..options import Score
-from .cost import BlockCost
-from .locate import BlockSite, block_cost, locate
+from ..options import Pool, Score
+from .cost import BlockCost, block_cost
+from .locate import BlockSite, locate
 from .trace import trace_block
 
 PROFILE_ATTR = "evit_profile"
@@ -47,6 +47,9 @@ class ModelProfile:
     """MACs an attention-pool head spends per token it reads (0 for other heads)."""
     pool_prefix_tokens: int = 0
     """Prefix tokens the attention pool reads besides the image tokens."""
+    pool: Pool = Pool.TOKEN
+    """How the head reads the last block's tokens (it configures the reduction, e.g. EViT's fused
+    token on the tokens' scale for pooling heads)."""
 
     def pool_macs(self, tokens: int) -> int:
         """The head's token-dependent MACs when ``tokens`` (prefix included) leave the last block."""
@@ -116,6 +119,7 @@ def profile_of(traced: list[TracedBlock], model: nn.Module, family: Family) -> M
         score=family.score(model),
         pool_macs_per_token=family.pool_macs_per_token(model),
         pool_prefix_tokens=family.pool_prefix_tokens(model),
+        pool=Pool(family.pool(model)),
     )
 
 

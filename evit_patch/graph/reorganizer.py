@@ -1,9 +1,10 @@
-"""The module the graph pass inserts into each chosen block.
+"""The module the graph pass inserts into each chosen block: it scores the image tokens and hands
+them to the model's :class:`~evit_patch.reductions.Reduction`.
 
 It is a leaf of the patched block's graph, so its keep rate is a plain attribute that can be
-changed after patching (keep-rate warm-up) without re-tracing. What it decides is published to
-:attr:`TokenReorganizer.published` (a no-op module that hooks can watch), so nothing else has to
-re-derive which tokens survived.
+changed after patching (keep-rate warm-up) without re-tracing. What the reduction decided (its
+:class:`~evit_patch.reductions.Mix`) is published to :attr:`TokenReorganizer.published` (a no-op
+module that hooks can watch), so nothing else has to re-derive which tokens survived.
 """
 
 from __future__ import annotations
@@ -12,17 +13,13 @@ import enum
 
 from torch import Tensor, nn
 
-from ..options import Method, Score
-from ..reorganize import (
-    Reorganized,
+from ..options import Score
+from ..reductions import Mix, Reduction, follow, num_kept
+from ..scores import (
     cls_attention_from_probs,
     cls_attention_from_qk,
-    follow,
-    merge,
-    num_kept,
     received_attention_from_probs,
     received_attention_from_qk,
-    reorganize,
 )
 
 
@@ -39,51 +36,45 @@ class Published(nn.Module):
     """Does nothing; a forward hook on it sees each reorganization as it happens
     (:func:`~evit_patch.track_tokens` listens here)."""
 
-    def forward(self, out: Reorganized, scores: Tensor, sizes: Tensor | None) -> None:
+    def forward(self, mix: Mix, scores: Tensor, sizes: Tensor | None) -> None:
         return None
 
 
 class TokenReorganizer(nn.Module):
-    """EViT reorganization at one block: keep the attentive tokens, fuse or merge the rest.
+    """Token reduction at one block: score the image tokens, let the reduction keep, merge or fuse them.
 
     Called as ``reorg(x, q, k, bias=...)`` (query/key source) or ``reorg(x, probs, keys=...)``
     (probabilities), where ``x`` is the residual stream right after the attention residual add,
     ``bias`` the attention's additive mask and ``keys`` (``(B, H, N, D)``, or ``(B, H, D, N)`` when
-    ``keys_transposed``) what :attr:`Method.MERGE` compares. A ``stateful`` reorganizer also takes
-    and returns the tokens' positions and sizes (see :mod:`evit_patch.graph.token_state`).
-    ``keep >= 1``, or a keep rate that keeps every token, returns its input: an exact no-op.
+    ``keys_transposed``) what a reduction that :attr:`~Reduction.needs_keys` compares. A ``stateful``
+    reorganizer also takes and returns the tokens' positions and sizes (see
+    :mod:`evit_patch.token_state`). A keep rate that keeps every token returns its input: an
+    exact no-op.
     """
 
     def __init__(
         self,
         keep: float,
         *,
+        reduction: Reduction,
         num_prefix_tokens: int,
         source: ScoreSource,
-        method: Method = Method.EVIT,
-        fuse: bool = True,
         scale: float | None = None,
         layer: int = -1,
         score: Score = Score.CLS,
         stateful: bool = False,
-        fuse_mean: bool = False,
         keys_transposed: bool = False,
     ) -> None:
         super().__init__()
         self.keep = float(keep)
-        self.method = method
-        self.fuse = bool(fuse)
+        self.reduction = reduction
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.source = source
         self.scale = scale
         self.layer = int(layer)
         self.score = score
         self.stateful = bool(stateful)
-        self.fuse_mean = bool(fuse_mean)
-        """Fuse with normalised weights (average-pooled heads); EViT's raw weights otherwise."""
         self.keys_transposed = bool(keys_transposed)
-        self.force = False
-        """Benchmarks only: reorganize (score, sort, gather) even when every token is kept."""
         self.published = Published()
 
     def scores(self, attn_a: Tensor, attn_b: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
@@ -107,20 +98,18 @@ class TokenReorganizer(nn.Module):
         sizes: Tensor | None = None,
     ):
         num_image = x.shape[1] - self.num_prefix_tokens
-        keep = min(num_kept(num_image, self.keep), num_image)
-        dropped = keep < num_image
-        if not dropped and not self.force:
+        if not self.reduction.drops(num_image, self.keep):
             return (x, positions, sizes) if self.stateful else x
         scores = self.scores(attn_a, attn_b, bias)
-        fused = self.method is Method.EVIT and self.fuse and dropped
-        if self.method is Method.MERGE and dropped:
-            out = merge(x, scores, self._keys(attn_b if keys is None else keys), sizes, self.num_prefix_tokens, keep)
-        else:
-            out = reorganize(x, scores, self.num_prefix_tokens, keep, fused, self.fuse_mean)
-        self.published(out, scores, sizes)
+        metric = self._keys(attn_b if keys is None else keys) if self.reduction.needs_keys else None
+        num_keep = min(num_kept(num_image, self.keep), num_image)
+        tokens, mix = self.reduction(
+            x, scores, keys=metric, sizes=sizes, num_prefix=self.num_prefix_tokens, num_keep=num_keep
+        )
+        self.published(mix, scores, sizes)
         if not self.stateful:
-            return out.tokens
-        return (out.tokens, *follow(positions, sizes, out, num_image, fused))
+            return tokens
+        return (tokens, *follow(positions, sizes, mix, num_image))
 
     def _keys(self, keys: Tensor) -> Tensor:
         """``(B, N, D)`` keys averaged over heads."""
@@ -128,6 +117,6 @@ class TokenReorganizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"layer={self.layer}, keep={self.keep}, method={self.method.value}, fuse={self.fuse}, "
+            f"layer={self.layer}, keep={self.keep}, reduction={self.reduction!r}, "
             f"num_prefix_tokens={self.num_prefix_tokens}, source={self.source.value}, score={self.score.value}"
         )

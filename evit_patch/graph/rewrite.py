@@ -1,42 +1,49 @@
-"""Insert EViT's modules at located sites: the only place graphs are edited."""
+"""Insert EViT's modules at located sites, as :mod:`.wiring` decided: the only place graphs are edited."""
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from functools import partial
 
 import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..families import Family, describe
+from ..opaque import runtime_guard
+from ..options import Pool
+from ..token_state import AttentionBias, Pack, PoolSizeBias, RopeGather, SizeWeightedTokens, Unpack
 from .locate import BlockSite, locate_pool, tokens_input
-from .reorganizer import ScoreSource, TokenReorganizer
-from .token_state import AttentionBias, Pack, PoolSizeBias, RopeGather, SizeWeightedTokens, Unpack
-from .trace import BlockTracer, runtime_guard, trace_block
+from .profile import TracedBlock
+from .reorganizer import ScoreSource
+from .trace import BlockTracer, trace_block
+from .wiring import BlockEdit, Wiring
 
 REORGANIZER_NAME = "evit"
 """Submodule name of the inserted module inside a patched block (``blocks.3.evit``)."""
 
 
-@dataclass(frozen=True)
-class BlockEdit:
-    """What one block needs: a reorganizer, and whether token state flows in and out of it."""
-
-    reorganizer: TokenReorganizer | None
-    state_in: bool
-    """Tokens may arrive reorganized, with positions and sizes packed in (see ``token_state``)."""
-    state_out: bool
-    """The block packs positions and sizes into its output."""
-    channels: int
-    num_prefix_tokens: int
-    rotary_args: tuple[str, ...] = ()
-    proportional: bool = False
-    """Add ``log(size)`` to the attention logits."""
-
-    @property
-    def changes_graph(self) -> bool:
-        return self.reorganizer is not None or self.state_in or self.state_out
+def insert(patched: nn.Module, family: Family, traced: list[TracedBlock], wiring: Wiring) -> None:
+    """Edit ``patched`` (a copy) as ``wiring`` says: its blocks, its final norm, its attention pool."""
+    for block, edit in zip(traced, wiring.blocks):
+        if edit.changes_graph:
+            rewrite_block(block.graph_module, block.site, edit)
+        if edit.changes_graph or edit.sees_reduced:
+            patched.set_submodule(block.name, block.graph_module)
+    attention_pool = wiring.pool_module is not None
+    if wiring.final_norm is not None:
+        where = f"{describe(patched)}.{wiring.final_norm}"
+        norm = patched.get_submodule(wiring.final_norm)
+        wrapped = wrap_final_norm(
+            norm, wiring.final_edit, wiring.pool is Pool.AVG, where=where, pass_state=attention_pool
+        )
+        patched.set_submodule(wiring.final_norm, wrapped)
+    if attention_pool:
+        where = f"{describe(patched)}.{wiring.pool_module}"
+        pool = patched.get_submodule(wiring.pool_module)
+        wrapped = wrap_attention_pool(pool, wiring.pool_edit, where=where, leaf_types=family.leaf_types())
+        patched.set_submodule(wiring.pool_module, wrapped)
+        family.confine_state(patched)
 
 
 def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.GraphModule:

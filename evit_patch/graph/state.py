@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..checks import check_rates
 from ..config import EViTConfig, _check_keep
-from ..errors import InvalidPlanError
+from ..errors import InvalidPlanError, UnsupportedInputError
 from ..families import describe
+from ..token_state import unpack
 from .profile import PROFILE_ATTR, ModelProfile
 from .reorganizer import TokenReorganizer
 
@@ -75,3 +76,16 @@ def set_keep(model: nn.Module, keep: float | Iterable[float]) -> None:
     checked = [_check_keep(k, f"set_keep, layer {m.layer}") for m, k in zip(mods, keeps)]
     for m, k in zip(mods, checked):
         m.keep = k
+
+
+def split_state(hidden: Tensor, model: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(tokens, positions, sizes)`` of a hidden state seen inside a patched model, e.g. by a forward
+    hook on a block: the tokens with the library's width, the original image-token index of each
+    image token (``-1``: EViT's fused token) and the patches each stands for, ``(B, M')`` each; both
+    ``None`` while no token has moved. ``model`` is the patched model the hidden state comes from."""
+    profile = getattr(model, PROFILE_ATTR, None)
+    if profile is None:
+        raise UnsupportedInputError(
+            f"split_state: {describe(model)} is not an evit_patch model; pass the patched model"
+        )
+    return unpack(hidden, profile.costs[0].channels, profile.num_prefix_tokens)

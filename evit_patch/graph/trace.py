@@ -17,18 +17,9 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedInputError, UnsupportedModelError
+from ..opaque import RUNTIME_GUARDS, runtime_guard
+from ..token_state import STATE_MODULES
 from .reorganizer import TokenReorganizer
-from .token_state import STATE_MODULES
-
-RUNTIME_GUARDS: list = []
-"""Functions a traced block calls as opaque graph nodes (registered with :func:`runtime_guard`)."""
-
-
-def runtime_guard(fn):
-    """Let every :class:`BlockTracer` keep ``fn`` opaque, also when pickle re-traces a patched block's
-    generated code, where ``fx.wrap`` (per defining module, still needed for the first trace) does not reach."""
-    RUNTIME_GUARDS.append(fn)
-    return fn
 
 
 @runtime_guard

@@ -12,19 +12,17 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from ..config import EViTConfig
+from ..config import EViTConfig, PlanOptions
 from ..errors import InvalidPlanError
 from ..families import describe, find_family
-from ..options import Method, parse_option
+from ..options import Method
 from .explain import CostModel
 
 
-def default_layers(num_blocks: int, method: Method = Method.EVIT) -> tuple[int, ...]:
-    """EViT's placement scaled to depth: blocks 3, 6, 9 of 12 -> D/4, D/2, 3D/4. Merging loses
-    least in many gentle steps: every block from D/4 on (3-11 of 12; docs/benchmarks.md)."""
-    if method is Method.MERGE:
-        return tuple(range(max(1, round(num_blocks / 4)), num_blocks))
-    return tuple(sorted({max(1, round(num_blocks * f)) for f in (0.25, 0.5, 0.75)}))
+def default_layers(num_blocks: int, options: PlanOptions | None = None, *, budget: bool = False) -> tuple[int, ...]:
+    """The method's reorganizing blocks when none are given (EViT: D/4, D/2, 3D/4, i.e. 3, 6, 9 of 12;
+    merging under a budget: every block from D/4 on)."""
+    return (options or PlanOptions()).reduction_class.default_layers(num_blocks, budget)
 
 
 def target_fraction(flops: float | None, speedup: float | None) -> float:
@@ -70,17 +68,13 @@ def plan_for_budget(
     *,
     target_macs: float,
     layers: Sequence[int] | None = None,
-    fuse: bool = True,
+    options: PlanOptions | None = None,
     where: str = "model",
-    score: str | None = None,
-    method: str | Method = Method.EVIT,
-    proportional: bool | None = None,
 ) -> EViTConfig:
     """One keep rate for every layer in ``layers``, as large as ``target_macs`` allows."""
-    method = parse_option(Method, method, where)
-    layers = tuple(layers) if layers is not None else default_layers(cost.num_blocks, method)
-    options = dict(num_blocks=cost.num_blocks, where=where, score=score, method=method, proportional=proportional)
-    base = EViTConfig.build(layers, 1.0, fuse, **options)  # validates
+    options = options or PlanOptions()
+    layers = tuple(layers) if layers is not None else default_layers(cost.num_blocks, options, budget=True)
+    base = EViTConfig.build(layers, 1.0, options, num_blocks=cost.num_blocks, where=where)  # validates
     layers = base.layers
 
     def uniform(k: float) -> EViTConfig:
@@ -94,8 +88,7 @@ def plan_for_budget(
             f"{original / 1e9:.3f}) is infeasible at layers {list(layers)}: keeping a single token there "
             f"still costs {lowest / 1e9:.3f} GMACs ({lowest / original:.3f}x); reorganize at earlier or more layers"
         )
-    keep = _largest_keep(lambda k: cost.macs(uniform(k)), target_macs)
-    return EViTConfig.build(layers, keep, fuse, **options)
+    return uniform(_largest_keep(lambda k: cost.macs(uniform(k)), target_macs))
 
 
 def plan(
@@ -127,23 +120,11 @@ def plan(
         InvalidPlanError: the budget is malformed or infeasible at these layers (the message
             gives the least cost the layers allow).
     """
+    where = describe(model)
+    options = PlanOptions.build(method=method, fuse=fuse, score=score, proportional=proportional, where=where)
     fraction = target_fraction(flops, speedup)
     native = CostModel.of(model)
-    cost = native if img_size is None else CostModel.of(_resized(model, img_size), img_size)
-    reference = native.macs_original
+    cost = native if img_size is None else CostModel.of(find_family(model).resized(model, img_size), img_size)
     return plan_for_budget(
-        cost,
-        target_macs=fraction * reference,
-        layers=layers,
-        fuse=fuse,
-        where=describe(model),
-        score=score,
-        method=method,
-        proportional=proportional,
+        cost, target_macs=fraction * native.macs_original, layers=layers, options=options, where=where
     )
-
-
-def _resized(model: nn.Module, img_size) -> nn.Module:
-    """A model that accepts ``img_size`` (a resized copy when the family needs one)."""
-    family = find_family(model)
-    return family.resized(model, img_size)

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import EViTConfig
+from ..config import EViTConfig, PlanOptions
 from ..families import describe, find_family
 from ..graph.state import set_keep
 from ..options import Method, Score
-from ..pipeline import patch_with
 from .budget import max_keep_within, plan_for_budget, target_fraction
 from .explain import CostModel
 
@@ -42,6 +41,8 @@ class _Objective:
     """KL to the original on fixed images, for any per-block keep vector, memoised."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, batch_size: int, every: EViTConfig) -> None:
+        from ..pipeline import patch_with  # the one upward import: calibration patches candidate models
+
         self.depth = len(every.layers)
         self.patched = patch_with(model, every)
         self.batches = images.split(batch_size)
@@ -129,13 +130,14 @@ def calibrate(
         max_evaluations: cap on distinct plans evaluated.
     """
     # One trace: a copy patched at every block (keep 1.0) serves the cost model and the search.
+    where = describe(model)
+    options = PlanOptions.build(method=method, fuse=fuse, score=score, proportional=proportional, where=where)
     depth = len(find_family(model).blocks(model))
-    options = dict(fuse=fuse, score=score, method=method, proportional=proportional)
-    every = EViTConfig.build(range(depth), 1.0, num_blocks=depth, where=describe(model), **options)
+    every = EViTConfig.build(range(depth), 1.0, options, num_blocks=depth, where=where)
     objective = _Objective(model, images, batch_size, every)
     cost = CostModel.of(objective.patched)
     target = target_fraction(flops, speedup) * cost.macs_original
-    start = plan_for_budget(cost, target_macs=target, layers=layers, where=describe(model), **options)
+    start = plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)
     state = (start.layers, start.keep)
     best = objective(*state)
     baseline = best

@@ -35,8 +35,8 @@ class Explanation:
     outside_macs: int
     score: Score = Score.CLS
     """What ranks the tokens."""
-    method: Method = Method.EVIT
-    """What becomes of the tokens not kept."""
+    method: Method | str = Method.EVIT
+    """What becomes of the tokens not kept (the reduction method)."""
     proportional: bool = False
     pool_macs_original: int = 0
     """An attention-pool head's token-dependent MACs (keys and values of every token it reads)."""
@@ -59,7 +59,7 @@ class Explanation:
     def __str__(self) -> str:
         size = f" at {self.img_size[0]}x{self.img_size[1]}" if self.img_size else ""
         lines = [
-            f"EViT plan for {self.model}{size} (method={self.method.value}, fuse={self.fuse}, "
+            f"EViT plan for {self.model}{size} (method={getattr(self.method, 'value', self.method)}, fuse={self.fuse}, "
             f"score={self.score.value}, proportional attention={'on' if self.proportional else 'off'})",
             f"{'block':>5} {'keep':>5} {'tokens in':>9} {'MLP tokens':>10} {'GMACs orig':>10} {'GMACs EViT':>10}",
         ]
@@ -109,9 +109,10 @@ class CostModel:
         tokens, rows = self.tokens, []
         score = config.score or self.profile.score
         received = score is Score.RECEIVED
+        reduction = config.plan_options.reduction(self.profile.pool)
         for index, (name, cost) in enumerate(zip(self.profile.block_names, self.profile.costs)):
             keep = config.keep_at(index)
-            out = cost.tokens_out(tokens, keep, config.fuse, config.method)
+            out = cost.tokens_out(tokens, keep, reduction)
             rows.append(
                 BlockRow(
                     index,
@@ -120,7 +121,7 @@ class CostModel:
                     tokens,
                     out,
                     macs_original=cost.macs(self.tokens),
-                    macs_patched=cost.macs(tokens, keep, config.fuse, received, config.method),
+                    macs_patched=cost.macs(tokens, keep, reduction, received),
                 )
             )
             tokens = out

@@ -27,7 +27,6 @@ from ..deploy.atomic import write_atomically
 from ..deploy.persist import save_pretrained
 from ..families import find_family
 from ..graph.state import get_config, reorganizers, set_keep
-from ..reorganize import num_kept
 from . import checkpoint
 from .distributed import Context, barrier, gather, mean
 from .loss import finetune_loss
@@ -109,7 +108,7 @@ def keeps_every_token(student: nn.Module) -> bool:
     """
     family = find_family(student)
     tokens = family.num_tokens(student) - family.num_prefix_tokens(student)
-    return all(num_kept(tokens, m.keep) >= tokens for m in reorganizers(student))
+    return not any(m.reduction.drops(tokens, m.keep) for m in reorganizers(student))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -12,6 +12,12 @@ tokens) nothing is appended, so the model computes exactly what the original doe
 
 A position of ``-1`` marks a token without one (EViT's fused token): tables give it their
 neutral last row (no bias, no rotation).
+
+This module is the one place that knows the layout. What a user receives never carries it:
+families remove it from every output they return per token (:meth:`Family.confine_state`, with
+:func:`strip`); a forward hook on a block sees it, and :func:`evit_patch.split_state` decodes it there.
+Capacity: two base-256 digits hold values up to 65,535 exactly in every floating dtype from
+bfloat16 up, so a model with more image tokens is refused at patch time (:func:`check_capacity`).
 """
 
 from __future__ import annotations
@@ -20,13 +26,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import UnsupportedInputError, UnsupportedModelError
+
 STATE_CHANNELS = 4
 """Appended channels: position and size, each as two base-256 digits, exact even in bfloat16."""
 _BASE = 256
+MAX_IMAGE_TOKENS = _BASE * _BASE - 1
+"""Most image tokens whose positions (stored plus one) and sizes fit two base-256 digits."""
+_CARRIERS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Dtypes that hold every digit 0..255 exactly (fp8 does not)."""
+
+
+def check_capacity(num_image_tokens: int, where: str) -> None:
+    """Refuse, at patch time, a model whose token state would not round-trip exactly."""
+    if num_image_tokens > MAX_IMAGE_TOKENS:
+        raise UnsupportedModelError(
+            f"{where}: {num_image_tokens} image tokens; evit_patch tracks token positions and sizes exactly "
+            f"for at most {MAX_IMAGE_TOKENS} (two base-256 digits each)"
+        )
 
 
 def pack(x: Tensor, positions: Tensor, sizes: Tensor, num_prefix: int) -> Tensor:
-    """``(B, N, C + 4)``: ``x`` with each image token's position and size appended (prefix rows: 0)."""
+    """``(B, N, C + 4)``: ``x`` with each image token's position and size appended (prefix rows: 0).
+
+    Sizes are whole numbers by construction (sums of whole numbers, see ``reductions.follow``)."""
+    if x.dtype not in _CARRIERS:
+        raise UnsupportedInputError(
+            f"evit_patch: a reorganized model carries token positions and sizes in its activations, which "
+            f"needs float16, bfloat16, float32 or float64; got {x.dtype} (run the blocks in one of those, "
+            "e.g. quantize weights only)"
+        )
     digits = []
     for value in (positions + 1, sizes.round().long()):
         digits += [value // _BASE, value % _BASE]
@@ -44,6 +73,11 @@ def unpack(x: Tensor, channels: int, num_prefix: int) -> tuple[Tensor, Tensor | 
     positions = state[..., 0] * _BASE + state[..., 1] - 1
     sizes = (state[..., 2] * _BASE + state[..., 3]).to(torch.promote_types(x.dtype, torch.float32))
     return x[..., :channels], positions, sizes
+
+
+def strip(x: Tensor, channels: int) -> Tensor:
+    """``x`` without the state channels (unchanged if it has none): what a family returns to users."""
+    return x if x.shape[-1] == channels else x[..., :channels]
 
 
 def token_index(positions: Tensor, num_prefix: int) -> Tensor:
@@ -172,14 +206,10 @@ class AttentionBias(nn.Module):
 
 class SizeWeightedTokens(nn.Module):
     """After the final norm: scale image tokens so the model's own mean pool weights each token by
-    how many patches it stands for (``weighted=False``: a plain mean, for studies)."""
-
-    def __init__(self, weighted: bool = True) -> None:
-        super().__init__()
-        self.weighted = bool(weighted)
+    how many patches it stands for."""
 
     def forward(self, x: Tensor, sizes: Tensor | None, num_prefix_tokens: int) -> Tensor:
-        if sizes is None or not self.weighted:
+        if sizes is None:
             return x
         return x * pool_weights(sizes, num_prefix_tokens).to(x.dtype)
 
@@ -188,20 +218,20 @@ class PoolSizeBias(nn.Module):
     """The key bias of an attention-pool head (a probe attends over the tokens): ``log(size)`` per
     key, so a fused or merged token that stands for ``s`` patches weighs as ``s`` tokens in the
     probe's softmax, as proportional attention does in the blocks. ``None`` while no token has
-    moved (the head computes what it always did), or with ``weighted=False`` (for studies).
+    moved (the head computes what it always did).
 
     ``num_heads=None``: a mask that broadcasts, ``(B, 1, 1, P + M)``, for SDPA's ``attn_mask`` or
     the logits before a softmax; an int: ``nn.MultiheadAttention``'s float ``attn_mask`` layout,
     ``(B * heads, L, P + M)`` for ``L`` queries (``query``: its batch-first query).
     """
 
-    def __init__(self, num_prefix_tokens: int, num_heads: int | None = None, weighted: bool = True) -> None:
+    def __init__(self, num_prefix_tokens: int, num_heads: int | None = None) -> None:
         super().__init__()
-        self.num_prefix_tokens, self.weighted = int(num_prefix_tokens), bool(weighted)
+        self.num_prefix_tokens = int(num_prefix_tokens)
         self.num_heads = None if num_heads is None else int(num_heads)
 
     def forward(self, sizes: Tensor | None, like: Tensor) -> Tensor | None:
-        if sizes is None or not self.weighted:
+        if sizes is None:
             return None
         logs = size_bias(sizes, self.num_prefix_tokens, like.dtype)
         if self.num_heads is None:
@@ -210,7 +240,7 @@ class PoolSizeBias(nn.Module):
         return logs.expand(batch, self.num_heads, queries, keys).reshape(batch * self.num_heads, queries, keys)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, weighted={self.weighted}"
+        return f"num_heads={self.num_heads}"
 
 
 STATE_MODULES = (Unpack, Pack, RopeGather, AttentionBias, SizeWeightedTokens, PoolSizeBias)

@@ -1,0 +1,23 @@
+"""Token reduction methods: one file each, registered by name (``method="evit"``, ``"merge"``)."""
+
+from .base import Mix, Reduction, drops, follow, mix_tokens, mixing, num_kept
+from .evit import EViT, Reorganized, reorganize
+from .merge import Merge
+from .registry import list_reductions, reduction_class, register_reduction
+
+__all__ = [
+    "EViT",
+    "Merge",
+    "Mix",
+    "Reduction",
+    "Reorganized",
+    "drops",
+    "follow",
+    "list_reductions",
+    "mix_tokens",
+    "mixing",
+    "num_kept",
+    "reduction_class",
+    "register_reduction",
+    "reorganize",
+]

@@ -1,0 +1,41 @@
+"""Token merging onto EViT's choice: every token not kept joins the kept token it resembles most."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .base import Mix, Reduction, rows
+from .registry import register_reduction
+
+
+@register_reduction
+class Merge(Reduction):
+    """Keep the top-``k`` image tokens by score, as EViT chooses them; average every other token into
+    the kept token whose key it resembles most (cosine of the keys averaged over heads), each weighted
+    by the patches it stands for, so a token that already stands for many weighs as many. Later
+    attention adds ``log(size)`` (proportional attention). The best training-free method measured here
+    (docs/training-free.md)."""
+
+    name = "merge"
+    needs_keys = True
+    weighs_sizes = True
+    proportional = True
+
+    @classmethod
+    def default_layers(cls, num_blocks: int, budget: bool) -> tuple[int, ...]:
+        """Merging loses least in many gentle steps: under a budget, every block from D/4 on (3-11 of 12)."""
+        if budget:
+            return tuple(range(max(1, round(num_blocks / 4)), num_blocks))
+        return super().default_layers(num_blocks, budget)
+
+    def macs(self, num_image: int, kept: int, *, channels: int, key_dim: int) -> int:
+        return (num_image - kept) * kept * key_dim  # the (M - k) x k key similarities
+
+    def select(self, x, scores, *, keys, sizes, num_prefix, num_keep) -> Mix:
+        num_image = scores.shape[1]
+        order = scores.topk(num_image, dim=1, largest=True, sorted=True).indices
+        kept, moved = order[:, :num_keep], order[:, num_keep:]
+        features = F.normalize(keys[:, num_prefix:], dim=-1)
+        into = (rows(features, moved) @ rows(features, kept).transpose(1, 2)).argmax(dim=-1)
+        sizes = x.new_ones(scores.shape) if sizes is None else sizes.to(x.dtype)
+        return Mix(kept, sizes.gather(1, kept), moved, into, sizes.gather(1, moved), mean=True)
