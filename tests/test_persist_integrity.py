@@ -9,11 +9,10 @@ import re
 
 import pytest
 import torch
+from cases import small_open_clip, small_torchvision
 from conftest import images, make_vit
 from safetensors.torch import save_file
 from test_export_defaults import small_hf
-from test_open_clip import _small as small_open_clip
-from test_torchvision import _small as small_torchvision
 
 import evit_patch
 from evit_patch import CheckpointError
@@ -142,8 +141,8 @@ def test_open_clip_towers_are_told_what_works(tmp_path):
     fast = evit_patch.apply(small_open_clip(), layers=[1], keep=0.7)
     with pytest.raises(
         CheckpointError,
-        match=r"^save_pretrained: evit_patch does not know how to rebuild VisionTransformer \(open_clip.VisionTransformer"
-        r"\) from a file; save the whole model with torch.save\(model, path\)",
+        match=r"^save_pretrained: evit_patch does not know how to rebuild VisionTransformer "
+        r"\(open_clip.VisionTransformer\) from a file; save the whole model with torch.save\(model, path\)",
     ):
         evit_patch.save_pretrained(fast, tmp_path)
     assert not any(tmp_path.iterdir())
