@@ -23,6 +23,14 @@ def describe(model: nn.Module) -> str:
     return f"{type(model).__name__} ({arch})" if arch else type(model).__name__
 
 
+def class_path_of(model: nn.Module) -> str:
+    """``"timm.models.resnet.ResNet (resnet18)"``: the full class path, and the architecture if known."""
+    cls = type(model)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    described = describe(model)
+    return name + described[len(cls.__name__) :]
+
+
 def class_path(model: nn.Module) -> set[str]:
     """Fully qualified names of the model's class and its bases: matching without importing."""
     return {f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__}
@@ -99,6 +107,12 @@ class Family(abc.ABC):
     def resized(self, model: nn.Module, img_size: int | tuple[int, int]) -> nn.Module:
         """A copy of ``model`` that takes ``img_size`` inputs (position embeddings resampled)."""
         raise UnsupportedModelError(f"{describe(model)}: evit_patch cannot change this family's input size")
+
+    def prepare_copy(self, model: nn.Module) -> None:
+        """Called once on the copy being patched, before its blocks are traced: a family whose blocks
+        are not modules of their own (residual adds in the module that runs them) makes them so
+        here, keeping every parameter under its name. Must compute exactly what it did before."""
+        return None
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
         """The block as the tracer should see it; a family re-expresses opaque modules here.

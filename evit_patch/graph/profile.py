@@ -30,6 +30,8 @@ class TracedBlock:
     graph_module: fx.GraphModule
     site: BlockSite
     cost: BlockCost
+    reexpressed: bool = False
+    """The family traced a re-expression of the block (``prepare_block``): equal up to rounding only."""
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,14 @@ class ModelProfile:
 
 
 def trace_blocks(model: nn.Module, family: Family, mode: FakeTensorMode | None = None) -> list[TracedBlock]:
-    """Trace every block of ``model`` (pass a copy: its blocks become graph roots).
+    """Trace every block of ``model`` (pass a copy: its blocks become graph roots, and the family
+    may restructure it first, see :meth:`Family.prepare_copy`).
 
     ``mode``: the fake-tensor mode to propagate shapes in; sharing one with :mod:`.verify` fakes
     each parameter once per ``apply`` (faking them dominates the cost of both steps).
     """
     mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
+    family.prepare_copy(model)
     who = describe(model)
     prefix = family.num_prefix_tokens(model)
     channels = family.channels(model)
@@ -71,12 +75,13 @@ def trace_blocks(model: nn.Module, family: Family, mode: FakeTensorMode | None =
     traced = []
     for index, (name, block) in enumerate(family.blocks(model)):
         where = f"{who}.{name}"
-        gm = trace_block(family.prepare_block(block), where=where, leaf_types=family.leaf_types(), live=live)
+        prepared = family.prepare_block(block)
+        gm = trace_block(prepared, where=where, leaf_types=family.leaf_types(), live=live)
         site = locate(gm, where=where)
         inputs = [family.block_inputs(model, index)[arg] for arg in live]
         _propagate_shapes(gm, block, inputs, mode, where=where, tokens=tokens, channels=channels)
         cost = block_cost(site, channels=channels, num_prefix_tokens=prefix)
-        traced.append(TracedBlock(name, gm, site, cost))
+        traced.append(TracedBlock(name, gm, site, cost, reexpressed=prepared is not block))
     return traced
 
 
