@@ -31,6 +31,20 @@ def class_path_of(model: nn.Module) -> str:
     return name + described[len(cls.__name__) :]
 
 
+def foreign_override(model: nn.Module, base: type, methods: tuple[str, ...], package: str) -> str | None:
+    """The first of ``methods`` that a class between ``type(model)`` and ``base``, from outside
+    ``package``, defines anew (``"models_vit.VisionTransformer.forward_features"``), else ``None``: a
+    family knows its library's code, not a subclass's own forward (discovery reads that one)."""
+    for cls in type(model).__mro__:
+        if cls is base:
+            return None
+        if not cls.__module__.startswith(package):
+            for method in methods:
+                if method in vars(cls):
+                    return f"{cls.__module__}.{cls.__qualname__}.{method}"
+    return None
+
+
 def class_path(model: nn.Module) -> set[str]:
     """Fully qualified names of the model's class and its bases: matching without importing."""
     return {f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__}

@@ -53,7 +53,8 @@ class Structure:
     input_size: tuple[int, int]
     pool: Pool
     class_token: bool
-    """The output reads the first prefix token: it is a class token, whose attention ranks the tokens."""
+    """There are prefix tokens: the first is taken for a class token, whose attention ranks the image
+    tokens (as EViT does; a head that averages the image tokens may ignore it)."""
     final_norm: str | None
     outside_macs: int
     leaf_types: tuple[type[nn.Module], ...]
@@ -215,7 +216,7 @@ def _read(model: nn.Module, probed: nn.Module, stack: Stack, probe: Probe, who: 
         in_chans=size[0],
         input_size=(size[1], size[2]),
         pool=readout.pool,
-        class_token=prefix > 0 and 0 in readout.rows,
+        class_token=prefix > 0,
         final_norm=chain[0].name if chain else None,
         outside_macs=(probe.total_flops - inside) // 4,  # FLOPs -> MACs, two images
         leaf_types=_mode_dependent(model, stack.units),

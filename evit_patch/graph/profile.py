@@ -13,6 +13,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import UnsupportedModelError
 from ..families import Family, describe, find_family
+from ..families.discovered import DiscoveredFamily
 from ..options import Pool, Score
 from .cost import BlockCost, block_cost
 from .locate import BlockSite, locate
@@ -52,6 +53,8 @@ class ModelProfile:
     pool: Pool = Pool.TOKEN
     """How the head reads the last block's tokens (it configures the reduction, e.g. EViT's fused
     token on the tokens' scale for pooling heads)."""
+    discovered: str = ""
+    """What structural discovery found, when no registered family claims the model."""
 
     def pool_macs(self, tokens: int) -> int:
         """The head's token-dependent MACs when ``tokens`` (prefix included) leave the last block."""
@@ -125,6 +128,7 @@ def profile_of(traced: list[TracedBlock], model: nn.Module, family: Family) -> M
         pool_macs_per_token=family.pool_macs_per_token(model),
         pool_prefix_tokens=family.pool_prefix_tokens(model),
         pool=Pool(family.pool(model)),
+        discovered=family.structure.summary() if isinstance(family, DiscoveredFamily) else "",
     )
 
 
