@@ -169,6 +169,13 @@ class Family(abc.ABC):
         (:func:`~evit_patch.token_state.strip`), so users see the library's output width."""
         return None
 
+    def token_outputs(self, model: nn.Module) -> tuple[str, ...]:
+        """Outputs that return the final tokens by design, as pytree key paths of the model's output
+        (``"['last_hidden_state']"``): their token count follows the plan, while their batch and
+        channel sizes must stay the original's. Every other output must keep its shape exactly
+        (the output check refuses a patched model otherwise)."""
+        return ()
+
     def install_guards(self, model: nn.Module, first: int) -> None:
         """Called on the patched copy: shadow library methods that cannot serve a model that
         reorganizes from block ``first`` on, with instance attributes that refuse with the reason
