@@ -248,3 +248,16 @@ def test_a_discovered_model_is_patched_at_its_own_size_only():
         "HandViT: evit_patch patches a discovered model at the 32x32 input it was discovered at only; got "
         f"img_size=64 (a family can resize it, see {GUIDE})"
     )
+
+
+@pytest.mark.parametrize("pool", ["token", "avg", "map"])
+def test_forward_features_never_carries_the_token_state(pool):
+    """Merging moves positions and sizes through the blocks; what forward_features returns has the model's width."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2, global_pool=pool
+    ).eval()
+    fast = evit_patch.apply(model, layers=[0, 1], keep=0.7, method="merge")
+    with torch.no_grad():
+        features = fast.forward_features(torch.randn(2, 3, 32, 32))
+    assert features.shape == (2, 10, 32)  # [CLS] + 9 tokens after two merges (16 -> 12 -> 9), 32 channels
