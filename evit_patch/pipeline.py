@@ -1,4 +1,4 @@
-"""``apply``: the one verb. Copy, trace and locate, profile, plan, rewrite, verify.
+"""``apply``: the one verb. Copy, trace and locate, profile, plan, rewrite, verify (token counts and outputs).
 
 The caller's model is never touched: every step works on the copy, and a refusal at any step
 leaves nothing half-patched.
@@ -15,6 +15,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .config import EViTConfig, PlanOptions
 from .errors import InvalidPlanError
 from .families import describe, find_family
+from .families.discovered import ATTRIBUTE as DISCOVERED_ATTR
+from .families.discovered import DiscoveredFamily
+from .graph.outputs import verify_outputs
 from .graph.profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
 from .graph.rewrite import insert
 from .graph.state import CONFIG_ATTR, check_not_patched
@@ -83,7 +86,7 @@ def apply(
     if budget and keep is not None:
         raise InvalidPlanError(f"{where}: give keep or a budget (flops/speedup), not both")
     # One pipeline, one trace: copy -> trace and locate -> profile -> plan -> rewrite -> verify.
-    patched, traced, fake = _traced_copy(model, family, img_size)
+    patched, traced, fake, reference = _traced_copy(model, family, img_size)
     if budget:
         size = None if img_size is None else ((img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
         profile = profile_of(traced, patched, family)
@@ -98,35 +101,42 @@ def apply(
         layers = default_layers(num_blocks, options) if layers is None else layers
         keep = DEFAULT_KEEP if keep is None else keep
         config = EViTConfig.build(layers, keep, options, num_blocks=num_blocks, where=where)
-    return _rewrite(model, patched, traced, config, family, fake)
+    return _rewrite(reference, patched, traced, config, family, fake)
 
 
 def patch_with(model: nn.Module, config: EViTConfig, family=None, *, img_size=None) -> nn.Module:
     """Patch a copy of ``model`` with a validated ``config`` (``apply`` after planning)."""
     family = family or find_family(model)
-    patched, traced, fake = _traced_copy(model, family, img_size)
-    return _rewrite(model, patched, traced, config, family, fake)
+    patched, traced, fake, reference = _traced_copy(model, family, img_size)
+    return _rewrite(reference, patched, traced, config, family, fake)
 
 
-def _traced_copy(model: nn.Module, family, img_size) -> tuple[nn.Module, list[TracedBlock], FakeTensorMode]:
-    """The copy to patch (resized if asked), its traced, located blocks, and the fake-tensor mode
-    their shapes were propagated in (verify reuses it: each parameter is faked once)."""
+def _traced_copy(model: nn.Module, family, img_size) -> tuple[nn.Module, list[TracedBlock], FakeTensorMode, nn.Module]:
+    """The copy to patch (resized if asked), its traced, located blocks, the fake-tensor mode
+    their shapes were propagated in (verify reuses it: each parameter is faked once), and the
+    unpatched model at the copy's size (the original, or another resized copy) that the patched
+    copy's outputs are checked against."""
     source = model if img_size is None else family.resized(model, img_size)
-    patched = copy.deepcopy(source) if source is model else source
+    patched = copy.deepcopy(source)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    return patched, trace_blocks(patched, family, fake), fake
+    return patched, trace_blocks(patched, family, fake), fake, source
 
 
 def _rewrite(
     model: nn.Module, patched: nn.Module, traced: list[TracedBlock], config: EViTConfig, family, fake: FakeTensorMode
 ) -> nn.Module:
-    """Wire (decide), insert (edit the copy's graphs), verify, and label the patched copy."""
+    """Wire (decide), insert (edit the copy's graphs), verify, and label the patched copy.
+
+    ``model``: the unpatched model at the copy's input size (the output check's reference)."""
     score = _score(model, family, config.score)
     profile = profile_of(traced, patched, family)  # before the head is wrapped: its costs are the original's
     wiring = wire(patched, family, traced, config, score)
     insert(patched, family, traced, wiring)
     rows = CostModel(profile, family.num_tokens(patched), outside_macs=0).explain(config).rows
-    verify_token_counts(patched, family, [row.tokens_in for row in rows], mode=fake)
+    fake_output = verify_token_counts(patched, family, [row.tokens_in for row in rows], mode=fake)
+    verify_outputs(model, patched, family, fake_output, exact=not any(t.reexpressed for t in traced))
+    if isinstance(family, DiscoveredFamily):
+        setattr(patched, DISCOVERED_ATTR, family)
     setattr(patched, PROFILE_ATTR, profile)
     setattr(patched, CONFIG_ATTR, config.replace(score=None if score is family.score(model) else score))
     family.install_guards(patched, min(config.layers))

@@ -58,7 +58,7 @@ def test_explain_prints_the_plan(capsys, tmp_path):
     assert [b["tokens_in"] for b in saved["blocks"]][3:11:3] == [197, 140, 100]
     assert out.splitlines()[0] == (
         "EViT plan for VisionTransformer (deit_tiny_patch16_224) "
-        "(method=evit, fuse=True, score=cls, proportional attention=off)"
+        "(family=timm.VisionTransformer, method=evit, fuse=True, score=cls, proportional attention=off)"
     )
     assert "      1.254      0.821   (0.655x MACs, ideal speedup 1.53x)" in out
 

@@ -238,6 +238,10 @@ class TransformersFamily(Family):
     def install_guards(self, model: nn.Module, first: int) -> None:
         install_call_guard(model)
 
+    def token_outputs(self, model: nn.Module) -> tuple[str, ...]:
+        """``last_hidden_state``: the tokens leaving the last layer, as many as the plan keeps."""
+        return ("['last_hidden_state']",)
+
     def recipe(self, model: nn.Module, architecture: str | None = None, model_kwargs: dict | None = None) -> Recipe:
         """The model's class (a transformers class path), its config as a dict and its attention
         implementation (the patched layers re-express that one)."""

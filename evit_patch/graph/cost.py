@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..reductions import Reduction
-from .locate import BlockSite
+from .locate import BlockSite, linear_core
 from .reorganizer import ScoreSource
 
 
@@ -72,7 +72,7 @@ class BlockCost:
 def _weight_shape(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, int]:
     """``(out_features, in_features)`` of a projection node (``nn.Linear``, or ``F.linear`` with a stored weight)."""
     if node.op == "call_module":
-        module = modules[node.target]
+        module = linear_core(modules[node.target])
         return module.out_features, module.in_features
     weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
     out_features, in_features = operator.attrgetter(weight.target)(node.graph.owning_module).shape
@@ -80,7 +80,9 @@ def _weight_shape(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, in
 
 
 def _projection_macs(node: fx.Node, modules: dict[str, nn.Module]) -> int:
-    """Multiply-accumulates per row of a projection node."""
+    """Multiply-accumulates per row of a projection node (an adapter's low-rank Linears included)."""
+    if node.op == "call_module":
+        return sum(m.in_features * m.out_features for m in modules[node.target].modules() if isinstance(m, nn.Linear))
     return math.prod(_weight_shape(node, modules))
 
 
@@ -98,7 +100,7 @@ def _attention_widths(site: BlockSite) -> tuple[int, int, int]:
         q = _shape(op.args[0] if op.args else op.kwargs["query"], site.where)
         v = _shape(op.args[2] if len(op.args) > 2 else op.kwargs["value"], site.where)
     else:
-        q, v = _shape(site.logits.args[0], site.where), _shape(site.mixes.args[1], site.where)
+        q, v = _shape(site.queries, site.where), _shape(site.values, site.where)
     if len(q) != 4 or len(v) != 4:
         raise UnsupportedModelError(
             f"{site.where}: expected (batch, heads, tokens, dim) attention inputs, found {tuple(q)}"

@@ -52,7 +52,8 @@ def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.Gr
     Requires: ``site`` was located in ``gm``. Ensures: with ``state_in``, the tokens' state is split
     off the input and the position bias, rotary tables and (``proportional``) size bias follow it;
     every former user of the attention residual add (the MLP's norm, the second residual add)
-    reads the reorganized tokens; with ``state_out``, the output carries the new state.
+    reads the reorganized tokens; with ``weigh_out``, the output's image tokens are scaled by their
+    sizes for the mean the head takes; with ``state_out``, the output carries the new state.
     """
     graph = gm.graph
     positions = sizes = None
@@ -74,6 +75,12 @@ def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.Gr
             with graph.inserting_after(node):
                 tokens, positions, sizes = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
         site.residual_add.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not node)
+    if edit.weigh_out:
+        gm.add_submodule("evit_pool", SizeWeightedTokens())
+        output = next(n for n in graph.nodes if n.op == "output")
+        with graph.inserting_before(output):
+            weighed = graph.call_module("evit_pool", (output.args[0], sizes, edit.num_prefix_tokens))
+        output.args = (weighed,)
     if edit.state_out:
         gm.add_submodule("evit_pack", Pack(edit.num_prefix_tokens))
         output = next(n for n in graph.nodes if n.op == "output")

@@ -42,6 +42,10 @@ class Explanation:
     """An attention-pool head's token-dependent MACs (keys and values of every token it reads)."""
     pool_macs_patched: int = 0
     """The same for the tokens leaving the patched model's last block."""
+    family: str = ""
+    """The family that described the model (``"discovered"``: structural discovery, see :attr:`discovered`)."""
+    discovered: str = ""
+    """What structural discovery found (empty for a registered family)."""
 
     @property
     def macs_original(self) -> int:
@@ -58,9 +62,12 @@ class Explanation:
 
     def __str__(self) -> str:
         size = f" at {self.img_size[0]}x{self.img_size[1]}" if self.img_size else ""
+        family = f"family={self.family}, " if self.family else ""
+        proportional = "on" if self.proportional else "off"
         lines = [
-            f"EViT plan for {self.model}{size} (method={getattr(self.method, 'value', self.method)}, fuse={self.fuse}, "
-            f"score={self.score.value}, proportional attention={'on' if self.proportional else 'off'})",
+            f"EViT plan for {self.model}{size} ({family}method={getattr(self.method, 'value', self.method)}, "
+            f"fuse={self.fuse}, score={self.score.value}, proportional attention={proportional})",
+            *([f"found by structural discovery: {self.discovered}"] if self.discovered else []),
             f"{'block':>5} {'keep':>5} {'tokens in':>9} {'MLP tokens':>10} {'GMACs orig':>10} {'GMACs EViT':>10}",
         ]
         for r in self.rows:
@@ -136,6 +143,8 @@ class CostModel:
             config.proportional_attention,
             self.profile.pool_macs(self.tokens),
             self.profile.pool_macs(tokens),
+            self.profile.family,
+            self.profile.discovered,
         )
 
     def macs(self, config: EViTConfig) -> int:
