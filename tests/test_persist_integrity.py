@@ -142,8 +142,8 @@ def test_open_clip_towers_are_told_what_works(tmp_path):
     fast = evit_patch.apply(small_open_clip(), layers=[1], keep=0.7)
     with pytest.raises(
         CheckpointError,
-        match=r"^save_pretrained: evit_patch does not know how to rebuild VisionTransformer \(open_clip.VisionTransformer"
-        r"\) from a file; save the whole model with torch.save\(model, path\)",
+        match=r"^save_pretrained: evit_patch does not know how to rebuild VisionTransformer "
+        r"\(open_clip.VisionTransformer\) from a file; save the whole model with torch.save\(model, path\)",
     ):
         evit_patch.save_pretrained(fast, tmp_path)
     assert not any(tmp_path.iterdir())

@@ -28,8 +28,8 @@ import evit_patch
 from evit_patch.bench.data import load_images
 from evit_patch.bench.quality import compare
 from evit_patch.deploy.weights import create_model, load_state_dict
-from evit_patch.token_state import SizeWeightedTokens
 from evit_patch.options import Score
+from evit_patch.token_state import SizeWeightedTokens
 
 POOLINGS = {  # name: (fuse_mean, size-weighted)
     "fused mean, size-weighted (shipped)": (True, True),
