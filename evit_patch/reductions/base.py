@@ -75,16 +75,10 @@ class Mix(NamedTuple):
 def rows(x: Tensor, index: Tensor) -> Tensor:
     """``x[b, index[b]]`` for ``(B, M, C)`` ``x`` and ``(B, k)`` ``index``, by one row copy (an
     index_select on the flattened batch is a memcpy per row, far faster on CPU than a gather with
-    an index expanded over channels).
-
-    The rows are viewed as ``(B, -1, C)``, not ``(*index.shape, C)``: inductor's max-autotune (torch 2.14,
-    CPU) specialises a batched matmul on a view sized by the index's shape to the batch size it was
-    compiled at, so a dynamic-batch graph failed at any other batch (issue 23)."""
+    an index expanded over channels)."""
     batch, count, channels = x.shape
-    if index.shape[1] == 0:
-        return x.new_empty(batch, 0, channels)
     flat = index + torch.arange(batch, device=x.device).unsqueeze(1) * count
-    return x.reshape(batch * count, channels).index_select(0, flat.flatten()).view(batch, -1, channels)
+    return x.reshape(batch * count, channels).index_select(0, flat.flatten()).view(*index.shape, channels)
 
 
 def mix_tokens(x: Tensor, mix: Mix, num_prefix: int) -> Tensor:
