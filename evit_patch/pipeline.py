@@ -85,6 +85,7 @@ def apply(
     budget = flops is not None or speedup is not None
     if budget and keep is not None:
         raise InvalidPlanError(f"{where}: give keep or a budget (flops/speedup), not both")
+    fraction = target_fraction(flops, speedup, resized=img_size is not None) if budget else None
     # One pipeline, one trace: copy -> trace and locate -> profile -> plan -> rewrite -> verify.
     patched, traced, fake, reference = _traced_copy(model, family, img_size)
     if budget:
@@ -94,7 +95,7 @@ def apply(
         # The original's cost at its own size: the same blocks (a resize changes no block's
         # structure), so the same profile at the native token count; no second trace.
         native = cost if img_size is None else CostModel(profile, family.num_tokens(model), family.outside_macs(model))
-        target = target_fraction(flops, speedup) * native.macs_original
+        target = fraction * native.macs_original
         config = plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)
     else:
         num_blocks = len(traced)

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import EViTConfig, PlanOptions
+from ..errors import UnsupportedInputError
 from ..families import describe, find_family
 from ..graph.state import set_keep
 from ..options import Method, Score
@@ -26,6 +27,8 @@ from .explain import CostModel
 
 @dataclass(frozen=True)
 class CalibrationResult:
+    """The plan :func:`calibrate` found; apply it with ``evit_patch.apply(model, **result.apply_kwargs())``."""
+
     config: EViTConfig
     kl: float
     """Mean KL(original || patched) on the calibration images, in nats."""
@@ -35,6 +38,11 @@ class CalibrationResult:
     baseline_kl: float
     baseline_agreement: float
     evaluations: int
+
+    def apply_kwargs(self) -> dict:
+        """The calibrated plan as keyword arguments of :func:`evit_patch.apply`: ``layers``, ``keep`` and
+        the plan options (method, fuse, score, proportional)."""
+        return {"layers": self.config.layers, "keep": self.config.keep, **self.config.options()}
 
 
 class _Objective:
@@ -97,6 +105,25 @@ def _moves(state, cost: CostModel, target: float, base: EViTConfig, step: float)
                     yield layers, tuple(new_keeps)
 
 
+def check_images(images: object, model: nn.Module, where: str) -> None:
+    """Refuse what the model cannot take as preprocessed images, naming what was found and what is expected."""
+    param = next(model.parameters())
+    preprocessing = (
+        "preprocess them as the model expects, e.g. timm.data.create_transform(**timm.data.resolve_data_config("
+        "{}, model=model)): float, scaled to [0, 1] and normalized by the model's mean and std"
+    )
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        found = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise UnsupportedInputError(
+            f"calibrate: {where} needs a (N, C, H, W) batch of images, got {found}; {preprocessing}"
+        )
+    if not images.is_floating_point():
+        raise UnsupportedInputError(
+            f"calibrate: images are {images.dtype}; {where} takes {param.dtype} images: {preprocessing}, "
+            f"then .to({param.dtype})"
+        )
+
+
 def calibrate(
     model: nn.Module,
     images: torch.Tensor,
@@ -118,7 +145,7 @@ def calibrate(
 
     Args:
         model: the original model (left untouched).
-        images: a few unlabelled, preprocessed images, e.g. 64-256.
+        images: a few unlabelled images, preprocessed as for the model (float, normalized), e.g. 64-256.
         flops: the budget as a fraction of the original MACs, as in :func:`evit_patch.plan`.
         speedup: or as a FLOP-ideal speedup.
         layers: the starting layer set (default as for :func:`~evit_patch.plan`); the search may move them.
@@ -128,9 +155,14 @@ def calibrate(
         proportional: as for :func:`~evit_patch.apply`.
         step: the first keep-rate step; halved when no move helps, down to ``min_step``.
         max_evaluations: cap on distinct plans evaluated.
+
+    Raises:
+        UnsupportedInputError: ``images`` are not a float ``(N, C, H, W)`` batch (raw ``uint8`` pixels, say).
+        InvalidPlanError: the budget is malformed or infeasible, as for :func:`~evit_patch.plan`.
     """
     # One trace: a copy patched at every block (keep 1.0) serves the cost model and the search.
     where = describe(model)
+    check_images(images, model, where)
     options = PlanOptions.build(method=method, fuse=fuse, score=score, proportional=proportional, where=where)
     depth = len(find_family(model).blocks(model))
     every = EViTConfig.build(range(depth), 1.0, options, num_blocks=depth, where=where)
