@@ -26,6 +26,7 @@ from .graph.wiring import wire
 from .options import Method, Score
 from .planning.budget import default_layers, plan_for_budget, target_fraction
 from .planning.explain import CostModel
+from .planning.schedule import plan_searched
 
 DEFAULT_KEEP = 0.7
 
@@ -42,6 +43,7 @@ def apply(
     score: str | Score | None = None,
     method: str | Method = Method.EVIT,
     proportional: bool | None = None,
+    cls_only: bool | None = None,
 ) -> nn.Module:
     """Return an EViT copy of ``model`` that reorganizes tokens after attention at ``layers``.
 
@@ -66,12 +68,18 @@ def apply(
             ``"received"``, the attention each token receives from every query (the only choice
             without a class token; it costs one ``N x N`` map at each reorganizing block). ``None``:
             ``"cls"`` where the model has a class token. See docs/how-it-works.md for measurements.
-        method: ``"evit"`` (default: the paper's EViT, exactly) or ``"merge"``: each token not kept
-            is averaged into its most similar kept token, and later blocks use proportional
-            attention. Without fine-tuning, ``"merge"`` keeps far closer to the original at the
-            same MACs (docs/benchmarks.md): ``apply(model, flops=0.65, method="merge")``.
+        method: ``"evit"`` (default: the paper's EViT, exactly), ``"merge"`` (each token not kept is
+            averaged into its most similar kept token; later blocks use proportional attention), or
+            ``"dam"``: keep the tokens both attended and unlike any other, merge the rest; under a
+            budget its schedule (where reduction starts, how fast it ramps in) is searched on
+            synthetic images. Without fine-tuning, ``apply(model, flops=0.5, method="dam")`` stays
+            closest to the original at the same MACs (docs/training-free.md).
         proportional: add ``log(size)`` to later attention logits, so a token standing for many
-            patches draws their attention; ``None``: on for ``"merge"``, off for ``"evit"``.
+            patches draws their attention; ``None``: the method's default (on for ``"merge"`` and
+            ``"dam"``, off for ``"evit"``).
+        cls_only: run the last block's MLP on the class token(s) alone: exact, up to float rounding,
+            for a head that reads only them, and it saves most of that block. ``None``: on for budgets
+            planned by ``method="dam"`` where it is exact, off otherwise.
 
     Raises:
         UnsupportedModelError: the model or a block cannot be patched soundly (nothing changed).
@@ -81,7 +89,9 @@ def apply(
     family = find_family(model)
     family.check(model)
     where = describe(model)
-    options = PlanOptions.build(method=method, fuse=fuse, score=score, proportional=proportional, where=where)
+    options = PlanOptions.build(
+        method=method, fuse=fuse, score=score, proportional=proportional, cls_only=cls_only, where=where
+    )
     budget = flops is not None or speedup is not None
     if budget and keep is not None:
         raise InvalidPlanError(f"{where}: give keep or a budget (flops/speedup), not both")
@@ -96,7 +106,10 @@ def apply(
         # structure), so the same profile at the native token count; no second trace.
         native = cost if img_size is None else CostModel(profile, family.num_tokens(model), family.outside_macs(model))
         target = fraction * native.macs_original
-        config = plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)
+        if layers is None and options.reduction_class.searches_schedule:
+            config, _ = plan_searched(reference, family, cost, target, options, where=where)
+        else:
+            config = plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)
     else:
         num_blocks = len(traced)
         layers = default_layers(num_blocks, options) if layers is None else layers
@@ -135,7 +148,8 @@ def _rewrite(
     insert(patched, family, traced, wiring)
     rows = CostModel(profile, family.num_tokens(patched), outside_macs=0).explain(config).rows
     fake_output = verify_token_counts(patched, family, [row.tokens_in for row in rows], mode=fake)
-    verify_outputs(model, patched, family, fake_output, exact=not any(t.reexpressed for t in traced))
+    exact = not config.cls_only and not any(t.reexpressed for t in traced)  # cls_only: one-row MLP, other rounding
+    verify_outputs(model, patched, family, fake_output, exact=exact)
     if isinstance(family, DiscoveredFamily):
         setattr(patched, DISCOVERED_ATTR, family)
     setattr(patched, PROFILE_ATTR, profile)

@@ -243,5 +243,25 @@ class PoolSizeBias(nn.Module):
         return f"num_heads={self.num_heads}"
 
 
-STATE_MODULES = (Unpack, Pack, RopeGather, AttentionBias, SizeWeightedTokens, PoolSizeBias)
+class PrefixTokens(nn.Module):
+    """A class-token head's last block: only the prefix tokens go on to its MLP, the rest is dropped
+    (exact for a head that reads only them; the block's attention still reads every token)."""
+
+    def __init__(self, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def forward(
+        self, x: Tensor, positions: Tensor | None, sizes: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        def none(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[:, :0]
+
+        return x[:, : self.num_prefix_tokens], none(positions), none(sizes)
+
+    def extra_repr(self) -> str:
+        return f"num_prefix_tokens={self.num_prefix_tokens}"
+
+
+STATE_MODULES = (PrefixTokens, Unpack, Pack, RopeGather, AttentionBias, SizeWeightedTokens, PoolSizeBias)
 """Modules the pass inserts: leaves for every tracer, also when pickle re-traces a patched block."""

@@ -45,18 +45,26 @@ class BlockCost:
     key_dim: int = 0
     """Width of one head's key: merging compares keys averaged over heads."""
 
-    def tokens_out(self, tokens_in: int, keep: float | None, reduction: Reduction) -> int:
-        """Tokens the MLP sees when the block reorganizes at ``keep`` (``None``: not patched)."""
+    def tokens_out(self, tokens_in: int, keep: float | None, reduction: Reduction, prefix_only: bool = False) -> int:
+        """Tokens the MLP sees when the block reorganizes at ``keep`` (``None``: not patched);
+        ``prefix_only``: the block's MLP runs on the prefix tokens alone (a class-token head's last block)."""
         prefix = self.num_prefix_tokens
-        return prefix + reduction.tokens_after(tokens_in - prefix, keep)
+        return prefix if prefix_only else prefix + reduction.tokens_after(tokens_in - prefix, keep)
 
     def macs(
-        self, tokens_in: int, keep: float | None = None, reduction: Reduction | None = None, received: bool = False
+        self,
+        tokens_in: int,
+        keep: float | None = None,
+        reduction: Reduction | None = None,
+        received: bool = False,
+        prefix_only: bool = False,
     ) -> int:
         """MACs of one sample through the block, reorganizing at ``keep`` (``None``: not patched);
         ``received``: the score is the attention every token receives, whose recomputation costs
-        the whole ``N x N`` map, not one row."""
-        tokens_out = tokens_in if reduction is None else self.tokens_out(tokens_in, keep, reduction)
+        the whole ``N x N`` map, not one row; ``prefix_only``: see :meth:`tokens_out`."""
+        tokens_out = tokens_in
+        if reduction is not None:
+            tokens_out = self.tokens_out(tokens_in, keep, reduction, prefix_only)
         total = self.fixed_macs + tokens_in * self.pre_macs_per_token
         total += tokens_in * tokens_in * (self.qk_width + self.v_width)
         total += tokens_out * self.post_macs_per_token
@@ -64,7 +72,7 @@ class BlockCost:
         if reduction is not None and keep is not None and reduction.drops(num_image, keep):
             if self.recomputes_cls_row:
                 total += tokens_in * self.qk_width * (tokens_in if received else 1)
-            kept = tokens_out - self.num_prefix_tokens - reduction.extra_tokens
+            kept = self.tokens_out(tokens_in, keep, reduction) - self.num_prefix_tokens - reduction.extra_tokens
             total += reduction.macs(num_image, kept, channels=self.channels, key_dim=self.key_dim)
         return total
 

@@ -12,7 +12,7 @@ from ..errors import UnsupportedModelError
 from ..families import Family, describe
 from ..opaque import runtime_guard
 from ..options import Pool
-from ..token_state import AttentionBias, Pack, PoolSizeBias, RopeGather, SizeWeightedTokens, Unpack
+from ..token_state import AttentionBias, Pack, PoolSizeBias, PrefixTokens, RopeGather, SizeWeightedTokens, Unpack
 from .locate import BlockSite, locate_pool, tokens_input
 from .profile import TracedBlock
 from .reorganizer import ScoreSource
@@ -75,6 +75,8 @@ def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.Gr
             with graph.inserting_after(node):
                 tokens, positions, sizes = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
         site.residual_add.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not node)
+    if edit.prefix_only:
+        positions, sizes = _prefix_only(gm, site, edit, positions, sizes)
     if edit.weigh_out:
         gm.add_submodule("evit_pool", SizeWeightedTokens())
         output = next(n for n in graph.nodes if n.op == "output")
@@ -90,6 +92,25 @@ def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.Gr
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _prefix_only(
+    gm: fx.GraphModule, site: BlockSite, edit: BlockEdit, positions: fx.Node | None, sizes: fx.Node | None
+) -> tuple[fx.Node, fx.Node]:
+    """After attention (and any reorganization), only the prefix tokens go on to the MLP."""
+    graph = gm.graph
+    reorganizer = next((n for n in graph.nodes if n.op == "call_module" and n.target == REORGANIZER_NAME), None)
+    tokens = site.residual_add
+    if reorganizer is not None:
+        tokens = next((u for u in reorganizer.users if u.target is operator.getitem and u.args[1] == 0), reorganizer)
+    gm.add_submodule("evit_prefix", PrefixTokens(edit.num_prefix_tokens))
+    with graph.inserting_after(tokens):
+        node = graph.call_module("evit_prefix", (tokens, positions, sizes))
+    with graph.inserting_after(node):
+        kept, positions, sizes = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
+    keep = {node, reorganizer}
+    tokens.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in keep and user is not kept)
+    return positions, sizes
 
 
 def _unpack_input(gm: fx.GraphModule, edit: BlockEdit) -> tuple[fx.Node, fx.Node]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import EViTConfig
-from ..errors import UnsupportedModelError
+from ..errors import InvalidPlanError, UnsupportedModelError
 from ..families import Family, describe
 from ..options import Pool, Score
 from ..reductions import Reduction
@@ -44,9 +44,12 @@ class BlockEdit:
     """The last block of a model whose head averages its output directly (no per-token module in
     between): it scales the image tokens by their sizes, as the final norm does elsewhere."""
 
+    prefix_only: bool = False
+    """The last block of a model whose head reads only the prefix tokens: its MLP runs on them alone."""
+
     @property
     def changes_graph(self) -> bool:
-        return self.reorganizer is not None or self.state_in or self.state_out or self.weigh_out
+        return self.reorganizer is not None or self.state_in or self.state_out or self.weigh_out or self.prefix_only
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,14 @@ def wire(patched: nn.Module, family: Family, traced: list[TracedBlock], config: 
     weigh_last = stateful and final is None and pool is Pool.AVG
     first, last = min(config.layers), len(traced) - 1
     attention_pool = pool is Pool.ATTENTION
+    if config.cls_only and (pool is not Pool.TOKEN or family.token_outputs(patched)):
+        reads = (
+            f"its head pools the image tokens ({pool.value})" if pool is not Pool.TOKEN else "it returns every token"
+        )
+        raise InvalidPlanError(
+            f"{describe(patched)}: cls_only=True runs the last block's MLP on the class token(s) alone, exact "
+            f"only for a head that reads nothing else, but {reads}; leave cls_only unset"
+        )
     edits = []
     for index, block in enumerate(traced):
         reorganizer = None
@@ -122,6 +133,7 @@ def wire(patched: nn.Module, family: Family, traced: list[TracedBlock], config: 
             proportional=options.proportional_attention,
             sees_reduced=index >= first,
             weigh_out=weigh_last and index == last,
+            prefix_only=config.cls_only and index == last,
         )
         edits.append(edit)
     state_edit = BlockEdit(None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=prefix)

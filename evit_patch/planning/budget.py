@@ -7,6 +7,7 @@ and with no forward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -45,7 +46,7 @@ def target_fraction(flops: float | None, speedup: float | None, *, resized: bool
     return fraction
 
 
-def _largest_keep(macs: Callable[[float], int], target_macs: float) -> float | None:
+def largest_keep(macs: Callable[[float], int], target_macs: float) -> float | None:
     """Largest keep in (0, 1] with ``macs(keep) <= target_macs`` (``macs`` non-decreasing), or ``None``."""
     if macs(1.0) <= target_macs:
         return 1.0
@@ -70,7 +71,7 @@ def max_keep_within(
         trial[index] = k
         return cost.macs(base.replace(keep=tuple(trial)))
 
-    return _largest_keep(macs, target_macs)
+    return largest_keep(macs, target_macs)
 
 
 def plan_for_budget(
@@ -83,6 +84,8 @@ def plan_for_budget(
 ) -> EViTConfig:
     """One keep rate for every layer in ``layers``, as large as ``target_macs`` allows."""
     options = options or PlanOptions()
+    if options.cls_only is None:
+        options = dataclasses.replace(options, cls_only=False)
     layers = tuple(layers) if layers is not None else default_layers(cost.num_blocks, options, budget=True)
     base = EViTConfig.build(layers, 1.0, options, num_blocks=cost.num_blocks, where=where)  # validates
     layers = base.layers
@@ -98,7 +101,7 @@ def plan_for_budget(
             f"{original / 1e9:.3f}) is infeasible at layers {list(layers)}: keeping a single token there "
             f"still costs {lowest / 1e9:.3f} GMACs ({lowest / original:.3f}x); reorganize at earlier or more layers"
         )
-    config = uniform(_largest_keep(lambda k: cost.macs(uniform(k)), target_macs))
+    config = uniform(largest_keep(lambda k: cost.macs(uniform(k)), target_macs))
     warn_if_few_tokens(cost, config, where)
     return config
 
@@ -115,6 +118,7 @@ def fewest_kept(cost: CostModel, config: EViTConfig) -> tuple[int, int]:
     not counted), and the first block keeping that few."""
     prefix, extra = cost.profile.num_prefix_tokens, config.plan_options.reduction(cost.profile.pool).extra_tokens
     rows = cost.explain(config).rows
+    rows = rows[:-1] if config.cls_only else rows  # a class-token head's last block keeps none by design
     kept = [(row.tokens_out - prefix - (extra if row.tokens_out < row.tokens_in else 0), row.index) for row in rows]
     return min(kept, key=lambda pair: pair[0])
 
@@ -145,6 +149,7 @@ def plan(
     score: str | None = None,
     method: str | Method = Method.EVIT,
     proportional: bool | None = None,
+    cls_only: bool | None = None,
 ) -> EViTConfig:
     """The EViT configuration that meets a budget relative to ``model`` at its own input size.
 
@@ -158,16 +163,24 @@ def plan(
         score: as for :func:`~evit_patch.apply`; the received-attention score costs more MACs.
         method: as for :func:`~evit_patch.apply`; ``"merge"`` defaults to every block from D/4 on.
         proportional: as for :func:`~evit_patch.apply`.
+        cls_only: as for :func:`~evit_patch.apply`.
 
     Raises:
         InvalidPlanError: the budget is malformed or infeasible at these layers (the message
             gives the least cost the layers allow).
     """
     where = describe(model)
-    options = PlanOptions.build(method=method, fuse=fuse, score=score, proportional=proportional, where=where)
+    options = PlanOptions.build(
+        method=method, fuse=fuse, score=score, proportional=proportional, cls_only=cls_only, where=where
+    )
     fraction = target_fraction(flops, speedup, resized=img_size is not None)
     native = CostModel.of(model)
-    cost = native if img_size is None else CostModel.of(find_family(model).resized(model, img_size), img_size)
-    return plan_for_budget(
-        cost, target_macs=fraction * native.macs_original, layers=layers, options=options, where=where
-    )
+    family = find_family(model)
+    resized = model if img_size is None else family.resized(model, img_size)
+    cost = native if img_size is None else CostModel.of(resized, img_size)
+    target = fraction * native.macs_original
+    if layers is None and options.reduction_class.searches_schedule:
+        from .schedule import plan_searched  # the search patches candidate models (schedule -> pipeline)
+
+        return plan_searched(resized, family, cost, target, options, where=where)[0]
+    return plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)

@@ -19,10 +19,11 @@ from tqdm import tqdm
 from ..config import EViTConfig, PlanOptions
 from ..errors import UnsupportedInputError
 from ..families import describe, find_family
-from ..graph.state import set_keep
 from ..options import Method, Score
 from .budget import max_keep_within, plan_for_budget, target_fraction
 from .explain import CostModel
+from .objective import Objective
+from .schedule import plan_searched
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class CalibrationResult:
 
     config: EViTConfig
     kl: float
-    """Mean KL(original || patched) on the calibration images, in nats."""
+    """Mean KL(original || patched) on the calibration images, in nats (embedding models: 1 - cosine)."""
     agreement: float
     baseline: EViTConfig
     """The analytic plan the search started from (uniform keep at the default layers)."""
@@ -43,35 +44,6 @@ class CalibrationResult:
         """The calibrated plan as keyword arguments of :func:`evit_patch.apply`: ``layers``, ``keep`` and
         the plan options (method, fuse, score, proportional)."""
         return {"layers": self.config.layers, "keep": self.config.keep, **self.config.options()}
-
-
-class _Objective:
-    """KL to the original on fixed images, for any per-block keep vector, memoised."""
-
-    def __init__(self, model: nn.Module, images: torch.Tensor, batch_size: int, every: EViTConfig) -> None:
-        from ..pipeline import patch_with  # the one upward import: calibration patches candidate models
-
-        self.depth = len(every.layers)
-        self.patched = patch_with(model, every)
-        self.batches = images.split(batch_size)
-        with torch.inference_mode():
-            self.reference = [model(x).float().log_softmax(-1) for x in self.batches]
-        self.cache: dict[tuple, tuple[float, float]] = {}
-
-    def __call__(self, layers: tuple[int, ...], keeps: tuple[float, ...]) -> tuple[float, float]:
-        key = (layers, keeps)
-        if key not in self.cache:
-            per_block = dict(zip(layers, keeps))
-            set_keep(self.patched, [per_block.get(i, 1.0) for i in range(self.depth)])
-            kl = agree = 0.0
-            with torch.inference_mode():
-                for x, ref in zip(self.batches, self.reference):
-                    out = self.patched(x).float().log_softmax(-1)
-                    kl += torch.nn.functional.kl_div(out, ref, log_target=True, reduction="sum").item()
-                    agree += (out.argmax(-1) == ref.argmax(-1)).sum().item()
-            count = sum(len(x) for x in self.batches)
-            self.cache[key] = (kl / count, agree / count)
-        return self.cache[key]
 
 
 def _moves(state, cost: CostModel, target: float, base: EViTConfig, step: float):
@@ -135,6 +107,7 @@ def calibrate(
     score: str | Score | None = None,
     method: str | Method = Method.EVIT,
     proportional: bool | None = None,
+    cls_only: bool | None = None,
     batch_size: int = 64,
     step: float = 0.1,
     min_step: float = 0.025,
@@ -153,6 +126,7 @@ def calibrate(
         score: as for :func:`~evit_patch.apply`.
         method: as for :func:`~evit_patch.apply`.
         proportional: as for :func:`~evit_patch.apply`.
+        cls_only: as for :func:`~evit_patch.apply`.
         step: the first keep-rate step; halved when no move helps, down to ``min_step``.
         max_evaluations: cap on distinct plans evaluated.
 
@@ -163,13 +137,25 @@ def calibrate(
     # One trace: a copy patched at every block (keep 1.0) serves the cost model and the search.
     where = describe(model)
     check_images(images, model, where)
-    options = PlanOptions.build(method=method, fuse=fuse, score=score, proportional=proportional, where=where)
-    depth = len(find_family(model).blocks(model))
-    every = EViTConfig.build(range(depth), 1.0, options, num_blocks=depth, where=where)
-    objective = _Objective(model, images, batch_size, every)
-    cost = CostModel.of(objective.patched)
-    target = target_fraction(flops, speedup) * cost.macs_original
-    start = plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)
+    options = PlanOptions.build(
+        method=method, fuse=fuse, score=score, proportional=proportional, cls_only=cls_only, where=where
+    )
+    family = find_family(model)
+    fraction = target_fraction(flops, speedup)
+    if layers is None and options.reduction_class.searches_schedule:
+        # The searched schedule, chosen on these images rather than synthetic ones, is where the climb starts.
+        cost = CostModel.of(model)
+        target = fraction * cost.macs_original
+        start, objective = plan_searched(
+            model, family, cost, target, options, images=images, where=where, batch_size=batch_size, progress=progress
+        )
+    else:
+        depth = len(family.blocks(model))
+        every = EViTConfig.build(range(depth), 1.0, options, num_blocks=depth, where=where)
+        objective = Objective(model, images, batch_size, every)
+        cost = CostModel.of(objective.patched)
+        target = fraction * cost.macs_original
+        start = plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)
     state = (start.layers, start.keep)
     best = objective(*state)
     baseline = best

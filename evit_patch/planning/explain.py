@@ -46,6 +46,8 @@ class Explanation:
     """The family that described the model (``"discovered"``: structural discovery, see :attr:`discovered`)."""
     discovered: str = ""
     """What structural discovery found (empty for a registered family)."""
+    cls_only: bool = False
+    """The last block runs its MLP on the prefix (class) tokens only."""
 
     @property
     def macs_original(self) -> int:
@@ -68,6 +70,7 @@ class Explanation:
             f"EViT plan for {self.model}{size} ({family}method={getattr(self.method, 'value', self.method)}, "
             f"fuse={self.fuse}, score={self.score.value}, proportional attention={proportional})",
             *([f"found by structural discovery: {self.discovered}"] if self.discovered else []),
+            *(["last block: its MLP runs on the class token(s) only (cls_only)"] if self.cls_only else []),
             f"{'block':>5} {'keep':>5} {'tokens in':>9} {'MLP tokens':>10} {'GMACs orig':>10} {'GMACs EViT':>10}",
         ]
         for r in self.rows:
@@ -117,9 +120,11 @@ class CostModel:
         score = config.score or self.profile.score
         received = score is Score.RECEIVED
         reduction = config.plan_options.reduction(self.profile.pool)
+        last = len(self.profile.costs) - 1
         for index, (name, cost) in enumerate(zip(self.profile.block_names, self.profile.costs)):
             keep = config.keep_at(index)
-            out = cost.tokens_out(tokens, keep, reduction)
+            prefix_only = config.cls_only and index == last
+            out = cost.tokens_out(tokens, keep, reduction, prefix_only)
             rows.append(
                 BlockRow(
                     index,
@@ -128,7 +133,7 @@ class CostModel:
                     tokens,
                     out,
                     macs_original=cost.macs(self.tokens),
-                    macs_patched=cost.macs(tokens, keep, reduction, received),
+                    macs_patched=cost.macs(tokens, keep, reduction, received, prefix_only),
                 )
             )
             tokens = out
@@ -145,6 +150,7 @@ class CostModel:
             self.profile.pool_macs(tokens),
             self.profile.family,
             self.profile.discovered,
+            config.cls_only,
         )
 
     def macs(self, config: EViTConfig) -> int:
