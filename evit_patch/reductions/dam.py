@@ -47,8 +47,8 @@ class DAM(Reduction):
     def select(self, x, scores, *, keys, sizes, num_prefix, num_keep) -> Mix:
         num_image, half = scores.shape[1], scores.shape[1] // 2
         unit = F.normalize(x[:, num_prefix:], dim=-1)
-        # einsum, not matmul: inductor keeps matmul's broadcast batch static (see merge.py)
-        similar = torch.einsum("bmc,bnc->bmn", unit[:, ::2], unit[:, 1::2])
+        # bmm, not matmul: inductor keeps matmul's broadcast batch static (see merge.py)
+        similar = torch.bmm(unit[:, ::2], unit[:, 1::2].transpose(1, 2))
         even, odd = similar.amax(dim=-1), similar.amax(dim=-2)  # each token's nearest on the other side
         nearest = torch.stack([even[:, :half], odd], dim=-1).flatten(1)  # back to positions 0, 1, 2, ...
         if num_image % 2:
@@ -56,6 +56,6 @@ class DAM(Reduction):
         cost = (scores * num_image).clamp_min(1e-9) * (1 - nearest.to(scores.dtype)).clamp_min(1e-6)
         order = cost.topk(num_image, dim=1, largest=True, sorted=True).indices
         kept, moved = order[:, :num_keep], order[:, num_keep:]
-        into = torch.einsum("bmc,bkc->bmk", rows(unit, moved), rows(unit, kept)).argmax(dim=-1)
+        into = torch.bmm(rows(unit, moved), rows(unit, kept).transpose(1, 2)).argmax(dim=-1)
         sizes = x.new_ones(scores.shape) if sizes is None else sizes.to(x.dtype)
         return Mix(kept, sizes.gather(1, kept), moved, into, sizes.gather(1, moved), mean=True)
