@@ -12,7 +12,7 @@ from torch import nn
 from vit_zoo import HandViT
 
 import evit_patch
-from evit_patch import UnsupportedModelError
+from evit_patch import UnsupportedModelError, token_state
 from evit_patch.families import registry
 from evit_patch.families.base import Family
 
@@ -202,7 +202,8 @@ def test_a_family_whose_model_returns_hidden_states_is_refused_before_they_carry
     register(_Family(HiddenStates))
     assert _refusal(_seeded(HiddenStates), method="merge") == (
         "HiddenStates (test.HiddenStates): with tokens reorganized the patched model's output[1][0] has shape "
-        "(1, 13, 36), the original's (1, 17, 32): that output reads the tokens EViT drops and fuses (a per-token "
+        f"(1, 13, {32 + token_state.RAW_CHANNELS}), the original's (1, 17, 32): that output reads the tokens EViT "
+        "drops and fuses (a per-token "
         "output or hidden state); expected every output to keep its shape"
     )
 

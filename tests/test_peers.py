@@ -23,7 +23,7 @@ from ppt_baseline import apply_ppt  # noqa: E402
 from tome_baseline import apply_tome, schedule  # noqa: E402
 
 _path = list(sys.path)
-from side_by_side import parse_reducer, pick, split_rows  # noqa: E402
+from side_by_side import BudgetRow, budget_markdown, budget_speeds, parse_reducer, pick, split_rows  # noqa: E402
 
 sys.path[:] = _path  # side_by_side puts tools/ first; its names (evaluate, benchmark, ...) must shadow nothing
 
@@ -234,3 +234,20 @@ def test_pick_takes_the_most_macs_at_or_below_the_budget():
     assert pick(list(capped), 0.5, capped.get) == ("r=3", True)
     bumpy = {"a": 1.0, "b": 0.84, "c": 0.86, "d": 0.7}  # not strictly falling: the neighbours are looked at
     assert pick(list(bumpy), 0.9, bumpy.get) == ("c", False)
+
+
+def test_budget_speeds_time_every_chosen_spec_at_each_batch_size_and_the_table_shows_them():
+    model = tiny()
+    rows = [
+        BudgetRow(1.0, "original", "original", 1.0, False, 100.0, 0.0, 50.0),
+        BudgetRow(0.5, "EViT", "evit:layers=1:keep=0.5", 0.6, False, 90.0, 0.1, 40.0),
+        BudgetRow(0.5, "ToMe", "tome:r=4", 0.55, False, 91.0, 0.09, 41.0),
+    ]
+    speeds = budget_speeds(model, rows, batch_sizes=(1, 2), rounds=1, img_size=64)
+    assert set(speeds) == {(0.5, "EViT"), (0.5, "ToMe")}
+    assert all(set(timed) == {1, 2} and all(v > 0 for v in timed.values()) for timed in speeds.values())
+    table = budget_markdown(rows, speeds).splitlines()
+    assert "batch-1 speedup (of ideal)" in table[0] and "batch-2 speedup (of ideal)" in table[0]
+    evit = speeds[(0.5, "EViT")][2]
+    assert f"{evit:.2f}x ({evit * 0.6:.2f})" in table[3]  # the fraction of the FLOP ideal: speedup x MACs ratio
+    assert table[2].count("|") == table[0].count("|")  # the original's row keeps the columns, empty

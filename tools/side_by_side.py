@@ -20,6 +20,8 @@ original's predictions, mean KL(original || reduced) in nats, and top-1 against 
 labels. ``--speed`` adds measured CPU speedups on a random-init DeiT-S beside the FLOP ideal (``--cpu-time``:
 one thread, thread CPU time, steadier on a shared machine);
 ``--plot`` draws the Pareto fronts (needs matplotlib).
+With ``--budgets``, ``--speed`` times each chosen spec at batch 1 and 16 on the same DeiT-Tiny (one
+thread, thread CPU time) and adds the speedups beside the fraction of the FLOP ideal they reach.
 
 ``--budgets`` compares the methods of :data:`BUDGET_METHODS` at matched counted MACs instead: for each
 budget (a fraction of the original's MACs), each method's parameters are chosen to land as close as
@@ -29,7 +31,7 @@ on the HELD-OUT split (:func:`load_split`). A method with several candidate fami
 Logits are cached on disk per spec, split and code version.
 
     python tools/side_by_side.py original tome:r=13 evit:layers=3,6,9:keep=0.7 --speed --plot pareto.png
-    python tools/side_by_side.py --budgets 0.9 0.8 0.65 0.5 0.45 0.4 0.35 --threads 1
+    python tools/side_by_side.py --budgets 0.9 0.8 0.65 0.5 0.45 0.4 0.35 --threads 1 --speed
 """
 
 from __future__ import annotations
@@ -546,16 +548,51 @@ def budget_rows(
     return rows, tried
 
 
-def budget_markdown(rows: list[BudgetRow]) -> str:
+def budget_speeds(
+    model: nn.Module,
+    rows: list[BudgetRow],
+    batch_sizes: tuple[int, ...] = (1, 16),
+    rounds: int = 5,
+    img_size: int = 224,
+) -> dict[tuple[float, str], dict[int, float]]:
+    """Speedup over the original of each row's chosen spec, per batch size: one thread, thread CPU
+    time, the original and one budget's methods interleaved in each round (``time_interleaved``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    measured: dict[tuple[float, str], dict[int, float]] = {}
+    try:
+        for budget in sorted({r.budget for r in rows if r.method != "original"}, reverse=True):
+            chosen = [r for r in rows if r.budget == budget and r.method != "original"]
+            reduced = {r.method: parse_reducer(r.spec)(model) for r in chosen}
+            for batch_size in batch_sizes:
+                x = torch.randn(batch_size, 3, img_size, img_size, dtype=next(model.parameters()).dtype)
+                with torch.inference_mode():
+                    runners = {n: functools.partial(m, x) for n, m in {"original": model, **reduced}.items()}
+                    seconds = time_interleaved(runners, rounds=rounds, warmup=1, settle=0, clock=time.thread_time)
+                for r in chosen:
+                    measured.setdefault((budget, r.method), {})[batch_size] = seconds["original"] / seconds[r.method]
+            print(f"budget {budget}: timed", file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return measured
+
+
+def budget_markdown(rows: list[BudgetRow], speeds: dict[tuple[float, str], dict[int, float]] | None = None) -> str:
+    batches = sorted({b for timed in (speeds or {}).values() for b in timed})
+    timing = "".join(f" batch-{b} speedup (of ideal) |" for b in batches)
     lines = [
-        "| budget | method | spec | MACs ratio | agreement % | mean KL | top-1 % | TUNE: agreement % / KL / top-1 % |",
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| budget | method | spec | MACs ratio | agreement % | mean KL | top-1 % |"
+        + timing
+        + " TUNE: agreement % / KL / top-1 % |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(batches) + " --- |",
     ]
     for r in rows:
         ratio = f"{r.macs_ratio:.3f}x" + (" (over)" if r.over_budget else "")
         tune = "" if r.tune is None else f"{r.tune[0]:.1f} / {r.tune[1]:.3f} / {r.tune[2]:.1f}"
         measured = f"{r.agreement:.1f} | {r.kl:.3f} | {r.top1:.1f}"
-        lines.append(f"| {r.budget:g} | {r.method} | `{r.spec}` | {ratio} | {measured} | {tune} |")
+        timed = (speeds or {}).get((r.budget, r.method), {})
+        cells = "".join(f" {timed[b]:.2f}x ({timed[b] * r.macs_ratio:.2f}) |" if b in timed else " |" for b in batches)
+        lines.append(f"| {r.budget:g} | {r.method} | `{r.spec}` | {ratio} | {measured} |{cells} {tune} |")
     return "\n".join(lines)
 
 
@@ -582,9 +619,17 @@ def main() -> None:
         from evit_patch.bench.data import default_cache_dir
 
         cache = None if args.no_cache else default_cache_dir() / "side_by_side"
-        rows, tried = budget_rows(load_model(), tuple(args.budgets) or BUDGETS, cache=cache)
-        print("DeiT-Tiny (genuine weights), HELD-OUT split (450 images: odd rows of imagenet_sample + imagenet_val)\n")
-        print(budget_markdown(rows))
+        model = load_model()
+        rows, tried = budget_rows(model, tuple(args.budgets) or BUDGETS, cache=cache)
+        speeds = None if args.speed is None else budget_speeds(model, rows, rounds=args.rounds)
+        print("DeiT-Tiny (genuine weights), HELD-OUT split (450 images: odd rows of imagenet_sample + imagenet_val)")
+        if speeds is not None:
+            print(
+                f"Speed: the same model, random inputs, one thread, thread CPU time, {args.rounds} interleaved rounds; "
+                "(of ideal): measured speedup x MACs ratio, 1.00 = the FLOP count's promise"
+            )
+        print()
+        print(budget_markdown(rows, speeds))
         if tried:
             print("\nTuned candidates on TUNE (375 images: even rows of imagenet_sample)\n")
             print("| budget | method | spec | MACs ratio | agreement % | mean KL | top-1 % |")
