@@ -22,7 +22,7 @@ from .errors import EViTError
 COMMANDS = ("explain", "export", "benchmark", "evaluate", "plan", "visualize", "finetune")
 """Subcommands in --help order, each a module of evit_patch.commands; register one (finetune) by adding its name."""
 
-USER_ERRORS = (EViTError, FileNotFoundError, ImportError)
+USER_ERRORS = (EViTError, FileNotFoundError, FileExistsError, ImportError)
 """Errors reported as one line (``evit-patch CMD: error: ...``, exit 2) rather than a traceback."""
 
 

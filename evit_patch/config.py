@@ -40,6 +40,10 @@ class PlanOptions:
     """``None``: the family's default (the [CLS] row where there is a class token)."""
     proportional: bool | None = None
     """Proportional attention; ``None``: the method's default."""
+    cls_only: bool | None = None
+    """The last block runs its MLP on the prefix (class) tokens only: exact, up to float rounding, for
+    a head that reads only them. ``None``: on for budgets planned by a method that searches its
+    schedule (``"dam"``) on such heads, off otherwise."""
 
     @classmethod
     def build(
@@ -49,6 +53,7 @@ class PlanOptions:
         fuse: object = True,
         score: object = None,
         proportional: object = None,
+        cls_only: object = None,
         where: str = "evit_patch",
     ) -> PlanOptions:
         """Validate user input; refuse an option the method does not honour (it would be ignored)."""
@@ -57,6 +62,7 @@ class PlanOptions:
             check_flag(fuse, "fuse", where),
             parse_option(Score, score, where, optional=True),
             None if proportional is None else check_flag(proportional, "proportional", where),
+            None if cls_only is None else check_flag(cls_only, "cls_only", where),
         )
         if not options.fuse and "fuse" not in options.reduction_class.accepts:
             raise InvalidPlanError(
@@ -84,7 +90,8 @@ class PlanOptions:
 
     def as_kwargs(self) -> dict:
         """As keyword arguments of :func:`~evit_patch.apply`."""
-        return {"fuse": self.fuse, "score": self.score, "method": self.method, "proportional": self.proportional}
+        kwargs = {"fuse": self.fuse, "score": self.score, "method": self.method, "proportional": self.proportional}
+        return kwargs | ({} if self.cls_only is None else {"cls_only": self.cls_only})
 
     def to_dict(self) -> dict:
         return {
@@ -92,6 +99,7 @@ class PlanOptions:
             "score": None if self.score is None else self.score.value,
             "method": self.method_name,
             "proportional": self.proportional,
+            "cls_only": bool(self.cls_only),
         }
 
 
@@ -117,11 +125,13 @@ class EViTConfig:
     proportional: bool | None = None
     """Proportional attention (``log(size)`` added to later attention logits); ``None``: the
     method's default (on for merging, off for EViT, the paper's form)."""
+    cls_only: bool = False
+    """The last block runs its MLP on the prefix (class) tokens only (see :class:`PlanOptions`)."""
 
     @property
     def plan_options(self) -> PlanOptions:
         """The plan's options as one object."""
-        return PlanOptions(self.method, self.fuse, self.score, self.proportional)
+        return PlanOptions(self.method, self.fuse, self.score, self.proportional, self.cls_only)
 
     @property
     def proportional_attention(self) -> bool:
@@ -176,7 +186,12 @@ class EViTConfig:
     def with_options(self, options: PlanOptions) -> EViTConfig:
         """A copy with every option taken from ``options``."""
         return dataclasses.replace(
-            self, fuse=options.fuse, score=options.score, method=options.method, proportional=options.proportional
+            self,
+            fuse=options.fuse,
+            score=options.score,
+            method=options.method,
+            proportional=options.proportional,
+            cls_only=bool(options.cls_only),
         )
 
     def options(self) -> dict:
@@ -202,6 +217,7 @@ class EViTConfig:
             fuse=data.get("fuse", True),
             score=data.get("score"),
             proportional=data.get("proportional"),
+            cls_only=data.get("cls_only", False),
             where="EViTConfig",
         )
         return cls(layers, keep).with_options(options)

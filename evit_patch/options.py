@@ -31,7 +31,11 @@ class Method(str, enum.Enum):
     MERGE = "merge"
     """Each is averaged into the kept token whose key it resembles most (cosine of head-averaged
     keys), weighted by how many patches each stands for; later blocks add ``log(size)`` to the
-    attention logits (proportional attention). The best training-free choice measured here."""
+    attention logits (proportional attention)."""
+    DAM = "dam"
+    """Distinctive-attended merging: keep the tokens both attended and unlike any other, merge the rest
+    into their most similar kept token; under a budget its schedule is searched on synthetic images.
+    The best training-free choice measured here (docs/training-free.md)."""
 
 
 class Pool(str, enum.Enum):

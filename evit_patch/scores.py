@@ -17,13 +17,18 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype`` (no operation when it already is: each costs microseconds at batch 1)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _masked(logits: Tensor, bias: Tensor | None) -> Tensor:
     """Apply SDPA's ``attn_mask`` semantics: a boolean mask keeps ``True``, a float one is added."""
     if bias is None:
         return logits
     if bias.dtype == torch.bool:
         return logits.masked_fill(~bias, float("-inf"))
-    return logits + bias.to(logits.dtype)
+    return logits + _as(bias, logits.dtype)
 
 
 def cls_attention_from_qk(
@@ -46,7 +51,7 @@ def cls_attention_from_qk(
     """
     dtype = _score_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q[:, :, :1].to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
+    logits = (_as(q[:, :, :1], dtype) @ _as(k, dtype).transpose(-2, -1)) * scale
     logits = _masked(logits, None if bias is None else bias[..., :1, :])
     return logits.softmax(dim=-1)[:, :, 0, num_prefix:].mean(dim=1)
 

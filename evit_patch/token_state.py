@@ -29,12 +29,17 @@ from torch import Tensor, nn
 from .errors import UnsupportedInputError, UnsupportedModelError
 
 STATE_CHANNELS = 4
-"""Appended channels: position and size, each as two base-256 digits, exact even in bfloat16."""
+"""Appended channels in 16-bit activations: position and size, each as two base-256 digits (exact in
+bfloat16, whose mantissa holds integers up to 256). float32 and float64 hold both values exactly as
+they are: 2 channels (:data:`RAW_CHANNELS`), half the operations per block."""
+RAW_CHANNELS = 2
 _BASE = 256
 MAX_IMAGE_TOKENS = _BASE * _BASE - 1
 """Most image tokens whose positions (stored plus one) and sizes fit two base-256 digits."""
 _CARRIERS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """Dtypes that hold every digit 0..255 exactly (fp8 does not)."""
+_RAW = (torch.float32, torch.float64)
+"""Dtypes that hold every position and size up to :data:`MAX_IMAGE_TOKENS` exactly as one value."""
 
 
 def check_capacity(num_image_tokens: int, where: str) -> None:
@@ -47,7 +52,8 @@ def check_capacity(num_image_tokens: int, where: str) -> None:
 
 
 def pack(x: Tensor, positions: Tensor, sizes: Tensor, num_prefix: int) -> Tensor:
-    """``(B, N, C + 4)``: ``x`` with each image token's position and size appended (prefix rows: 0).
+    """``(B, N, C + 2)`` (float32, float64) or ``(B, N, C + 4)`` (16-bit): ``x`` with each image token's
+    position (plus one) and size appended, as values or as base-256 digits; prefix rows: 0.
 
     Sizes are whole numbers by construction (sums of whole numbers, see ``reductions.follow``)."""
     if x.dtype not in _CARRIERS:
@@ -56,6 +62,9 @@ def pack(x: Tensor, positions: Tensor, sizes: Tensor, num_prefix: int) -> Tensor
             f"needs float16, bfloat16, float32 or float64; got {x.dtype} (run the blocks in one of those, "
             "e.g. quantize weights only)"
         )
+    if x.dtype in _RAW:
+        state = torch.stack((positions.to(x.dtype) + 1, sizes.to(x.dtype)), dim=-1)
+        return torch.cat([x, F.pad(state, (0, 0, num_prefix, 0))], dim=-1)
     digits = []
     for value in (positions + 1, sizes.round().long()):
         digits += [value // _BASE, value % _BASE]
@@ -66,9 +75,17 @@ def pack(x: Tensor, positions: Tensor, sizes: Tensor, num_prefix: int) -> Tensor
 
 def unpack(x: Tensor, channels: int, num_prefix: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(tokens, positions, sizes)`` from a packed tensor; ``(x, None, None)`` if ``x`` has only
-    ``channels`` channels (no token has moved yet)."""
+    ``channels`` channels (no token has moved yet). The layout is read off the width: ``channels + 2``
+    values, or ``channels + 4`` digits."""
     if x.shape[-1] == channels:
         return x, None, None
+    if x.shape[-1] == channels + RAW_CHANNELS:
+        state = x[:, num_prefix:, channels:]
+        return (
+            x[..., :channels],
+            state[..., 0].long() - 1,
+            state[..., 1].to(torch.promote_types(x.dtype, torch.float32)),
+        )
     state = x[:, num_prefix:, channels:].round().long()
     positions = state[..., 0] * _BASE + state[..., 1] - 1
     sizes = (state[..., 2] * _BASE + state[..., 3]).to(torch.promote_types(x.dtype, torch.float32))
@@ -243,5 +260,25 @@ class PoolSizeBias(nn.Module):
         return f"num_heads={self.num_heads}"
 
 
-STATE_MODULES = (Unpack, Pack, RopeGather, AttentionBias, SizeWeightedTokens, PoolSizeBias)
+class PrefixTokens(nn.Module):
+    """A class-token head's last block: only the prefix tokens go on to its MLP, the rest is dropped
+    (exact for a head that reads only them; the block's attention still reads every token)."""
+
+    def __init__(self, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def forward(
+        self, x: Tensor, positions: Tensor | None, sizes: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        def none(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[:, :0]
+
+        return x[:, : self.num_prefix_tokens], none(positions), none(sizes)
+
+    def extra_repr(self) -> str:
+        return f"num_prefix_tokens={self.num_prefix_tokens}"
+
+
+STATE_MODULES = (PrefixTokens, Unpack, Pack, RopeGather, AttentionBias, SizeWeightedTokens, PoolSizeBias)
 """Modules the pass inserts: leaves for every tracer, also when pickle re-traces a patched block."""

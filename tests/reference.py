@@ -273,7 +273,35 @@ def _merge_sample(x, keys, pos, size, prefix, kept, dropped):
     return torch.cat(rows)[None], new_pos, new_size
 
 
-def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls, mean, keys=None):
+def _dam_sample(x, scores, pos, size, prefix, n_keep):
+    """Distinctive-attended merging on one sample, by the definition: cost_j = (M a_j)(1 - max cosine
+    to a token on the other side of the even/odd split); the top-cost tokens stay, every other joins
+    the kept token of highest cosine (first of equals), size-weighted."""
+    n_image = x.shape[1] - prefix
+    tokens = [x[0, prefix + i] for i in range(n_image)]
+
+    def cosine(i, j):
+        return (tokens[i] @ tokens[j] / (tokens[i].norm() * tokens[j].norm())).item()
+
+    def nearest(i):
+        return max(cosine(i, j) for j in range(n_image) if j % 2 != i % 2)
+
+    cost = [max(n_image * scores[i].item(), 1e-9) * max(1 - nearest(i), 1e-6) for i in range(n_image)]
+    order = sorted(range(n_image), key=lambda i: -cost[i])
+    kept, moved = order[:n_keep], order[n_keep:]
+    groups = {j: [j] for j in kept}
+    for m in moved:
+        groups[max(kept, key=lambda j: cosine(m, j))].append(m)
+    rows = [x[0, :prefix]]
+    for j in kept:
+        weights = [size[prefix + m] for m in groups[j]]
+        rows.append((sum(w * tokens[m] for w, m in zip(weights, groups[j])) / sum(weights))[None])
+    new_pos = pos[:prefix] + [pos[prefix + j] for j in kept]
+    new_size = size[:prefix] + [sum(size[prefix + m] for m in groups[j]) for j in kept]
+    return torch.cat(rows)[None], new_pos, new_size
+
+
+def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls, mean, keys=None, dam=False):
     """EViT on one sample, moving ``pos`` and ``size`` along with the tokens; ``mean``: the fused
     token is the score-weighted mean of the dropped tokens (average-pooled heads); ``keys``: merge
     the dropped tokens into kept ones instead (method="merge")."""
@@ -283,6 +311,8 @@ def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls, mean, keys=
         return x, pos, size
     scores = probs[0, :, 0, prefix:].mean(dim=0) if cls else probs[0, :, :, prefix:].mean(dim=(0, 1))
     order = sorted(range(n_image), key=lambda i: -scores[i].item())
+    if dam:
+        return _dam_sample(x, scores, pos, size, prefix, n_keep)
     kept, dropped = order[:n_keep], order[n_keep:]
     if keys is not None:
         return _merge_sample(x, keys, pos, size, prefix, kept, dropped)
@@ -299,16 +329,17 @@ def _reorganize_sample(x, probs, pos, size, prefix, keep, fuse, cls, mean, keys=
 
 
 def reference_forward_tracked(
-    kind, model, images, layers, keep, fuse: bool = True, score=None, method="evit", proportional=None
+    kind, model, images, layers, keep, fuse: bool = True, score=None, method="evit", proportional=None, cls_only=False
 ):
     """EViT forward of a timm ViT ("vit"), ``Beit``, ``Eva`` or ``VisionTransformerRelPos``
     ("relpos") with pre-norm blocks, or an open_clip ``VisionTransformer`` ("open_clip"), sample by sample:
     position bias and rotary rows looked up by each token's original position, [CLS] or
     received-attention scores, a size-weighted average or attention pool; ``method="merge"``: token merging
-    with proportional attention (unless ``proportional=False``)."""
+    with proportional attention (unless ``proportional=False``); ``"dam"``: distinctive-attended merging;
+    ``cls_only``: the last block's MLP on the prefix tokens alone."""
     if kind == "open_clip":
         return reference_forward_open_clip(model, images, layers, keep, fuse, method, proportional)
-    merging = method == "merge"
+    merging = method in ("merge", "dam")
     proportional = merging if proportional is None else proportional
     keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
     prefix = model.num_prefix_tokens
@@ -332,8 +363,11 @@ def reference_forward_tracked(
             x = x + ls1(out)
             if index in keeps:
                 mean = model.global_pool in ("avg", "map")  # pools that weigh the fused token by its size
-                keys = keys if merging else None
-                x, pos, size = _reorganize_sample(x, probs, pos, size, prefix, keeps[index], fuse, cls, mean, keys)
+                keys = keys if method == "merge" else None
+                dam = method == "dam"
+                x, pos, size = _reorganize_sample(x, probs, pos, size, prefix, keeps[index], fuse, cls, mean, keys, dam)
+            if cls_only and index == len(model.blocks) - 1:
+                x, pos, size = x[:, :prefix], pos[:prefix], size[:prefix]
             x = x + ls2(block.mlp(block.norm2(x)))
         x = model.norm(x)
         if getattr(model, "attn_pool", None) is not None:  # global_pool="map"; prefix sliced off

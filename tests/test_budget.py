@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import images, make_vit
@@ -10,6 +12,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 import evit_patch
 from evit_patch import EViTConfig, InvalidPlanError
+from evit_patch.config import PlanOptions
+from evit_patch.planning.budget import fewest_kept, plan_for_budget
+from evit_patch.planning.explain import CostModel
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +63,38 @@ def test_budget_errors_explain_why(tiny):
         evit_patch.apply(tiny, keep=0.5, flops=0.5)
 
 
+def test_budget_above_the_original_is_refused_unless_resized(tiny):
+    """flops > 1 (speedup < 1) would plan keep 1.0 everywhere: overhead and no saving. At another input size
+    the budget is relative to the native one and may exceed it."""
+    for budget, bound in (
+        (dict(flops=1.5), "flops budget must be at most 1"),
+        (dict(speedup=0.5), "speedup .* least 1"),
+    ):
+        with pytest.raises(InvalidPlanError, match=rf"^{bound} at the model's own input size, got .*: a plan costs"):
+            evit_patch.plan(tiny, **budget)
+    with pytest.raises(InvalidPlanError, match="flops budget must be at most 1"):
+        evit_patch.apply(tiny, flops=1.5)  # refused before anything is traced
+    assert evit_patch.plan(tiny, flops=1.2, img_size=272).keep[0] < 1.0
+
+
+def test_plan_keeping_fewer_than_a_handful_of_image_tokens_warns_once(tiny):
+    """speedup=3 on DeiT-Tiny plans down to one image token (0/8 agreement on real images, issue 23)."""
+    message = (
+        r"^VisionTransformer \(deit_tiny_patch16_224\): the plan for this budget \(0\.332x MACs, keep 0\.0969 at "
+        r"layers \[3, 6, 9\]\) keeps 1 image token\(s\) from block 9 on, of 196: with fewer than 4 the predictions"
+    )
+    with pytest.warns(UserWarning, match=message) as caught:
+        evit_patch.plan(tiny, speedup=3)
+    assert len(caught) == 1
+    cost = CostModel.of(tiny)
+    target = 0.4 * cost.macs_original  # speedup 2.5
+    with pytest.warns(UserWarning, match=r"keep 0\.5561 .* keeps 2 image token\(s\) from block 11 on"):
+        plan_for_budget(cost, target_macs=target, options=PlanOptions.build(method="merge"), where="VisionTransformer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fewest_kept(cost, plan_for_budget(cost, target_macs=target)) == (6, 9)  # EViT (and its fused token)
+
+
 def test_same_cost_higher_resolution(tiny):
     """EViT's second result: 272 px at the cost of the original at 224 px."""
     fast = evit_patch.apply(tiny, flops=1.0, img_size=272)
@@ -85,3 +122,16 @@ def test_calibration_stays_within_budget_improves_and_is_deterministic():
         ref, out = model(x).log_softmax(-1), fast(x).log_softmax(-1)
     kl = torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean").item()
     assert kl == pytest.approx(result.kl, rel=1e-4)
+
+
+def test_calibrate_names_raw_pixels_and_its_plan_applies_in_one_line(tiny):
+    """uint8 pixels would fail in the patch embedding's convolution; a result applies with apply_kwargs()."""
+    with pytest.raises(
+        evit_patch.UnsupportedInputError,
+        match=r"^calibrate: images are torch\.uint8; VisionTransformer \(deit_tiny_patch16_224\) takes torch\.float32 "
+        r"images: preprocess them as the model expects, e\.g\. timm\.data\.create_transform\(.*\.to\(torch\.float32\)$",
+    ):
+        evit_patch.calibrate(tiny, torch.zeros(2, 3, 224, 224, dtype=torch.uint8), flops=0.7)
+    config = EViTConfig((3, 7), (0.6, 0.9)).with_options(PlanOptions.build(method="merge"))
+    result = evit_patch.CalibrationResult(config, 0.1, 0.9, config, 0.2, 0.8, 3)
+    assert evit_patch.get_config(evit_patch.apply(tiny, **result.apply_kwargs())) == config

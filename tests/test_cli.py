@@ -58,9 +58,28 @@ def test_explain_prints_the_plan(capsys, tmp_path):
     assert [b["tokens_in"] for b in saved["blocks"]][3:11:3] == [197, 140, 100]
     assert out.splitlines()[0] == (
         "EViT plan for VisionTransformer (deit_tiny_patch16_224) "
-        "(method=evit, fuse=True, score=cls, proportional attention=off)"
+        "(family=timm.VisionTransformer, method=evit, fuse=True, score=cls, proportional attention=off)"
     )
     assert "      1.254      0.821   (0.655x MACs, ideal speedup 1.53x)" in out
+
+
+def test_a_budget_plans_for_every_command_that_patches(tmp_path, capsys):
+    """--flops/--speedup, as `plan` takes them, for explain, export, benchmark and evaluate (finetune:
+    test_finetune_at_a_budget); with --method merge the planner picks the layers too."""
+    assert cli.main(["explain", "--model", "test_vit", "--flops", "0.7", "--method", "merge"]) == 0
+    out = capsys.readouterr().out
+    assert "    1     -       101        101" in out and "    2  0.66       101         67" in out
+    assert "    5  0.66        31         21" in out and "(0.699x MACs" in out
+    output = tmp_path / "saved"
+    argv = ["--model", "test_vit", "--speedup", "1.25", "--format", "safetensors", "--output", str(output)]
+    assert cli.main(["export", *argv]) == 0
+    assert evit_patch.get_config(evit_patch.load_pretrained(output)) == evit_patch.plan(
+        timm.create_model("test_vit"), speedup=1.25
+    )
+    argv = ["--model", "test_vit", "--flops", "0.7", "--batch-size", "1", "--rounds", "1", "--warmup", "0"]
+    result = cli.main(["benchmark", *argv, "--json", str(tmp_path / "b.json")])
+    assert result == 0 and "flops 0.7: keep" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b.json").read_text())["flops"] == 0.7
 
 
 def test_errors_are_one_line_with_exit_code_2(capsys):
@@ -92,6 +111,9 @@ def test_export_of_a_saved_model_and_a_failed_verification(tmp_path, capsys):
     assert cli.main([*args, "--tolerance", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"evit-patch export: error: export verification failed: {tmp_path / 'copy'} differs")
+    assert err.endswith("(tolerance -1.0); removed it\n")
+    assert not (tmp_path / "copy").exists()  # an unverified model is not left to be deployed
+    assert cli.main(args) == 0
     assert evit_patch.get_config(evit_patch.load_pretrained(tmp_path / "copy")) == evit_patch.get_config(model)
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():

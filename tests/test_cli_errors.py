@@ -107,6 +107,40 @@ CASES = [
         ["--load", "{root}/saved", "--format", "safetensors", "--output", "{root}/saved"],
         r"--output {root}/saved exists \(a non-empty folder\); pass --overwrite",
     ),
+    # issue 23, item 10: a directory as --checkpoint, --model given at its default beside --load, --resume of nothing
+    (
+        "explain",
+        ["--checkpoint", "{root}"],
+        r"checkpoint {root} is a directory; expected a .safetensors or .pth weights file \(a folder written by "
+        r"save_pretrained loads with evit_patch.load_pretrained, or the CLI's --load\)",
+    ),
+    ("explain", ["--load", "{root}/saved", *TINY], r"--load {root}/saved brings its own .*; --model would be ignored"),
+    (
+        "export",
+        ["--load", "{root}/saved", "--output", "{root}/o.pt2", "--format", "pt2", "--flops", "0.5"],
+        r"--load {root}/saved brings its own .*; --flops would be ignored",
+    ),
+    (
+        "finetune",
+        ["--resume", "{root}/nope"],
+        r"--resume {root}/nope does not exist: expected the --output directory of an earlier finetune run",
+    ),
+    # item 12: a budget instead of --keep, never both
+    ("explain", ["--keep", "0.5", "--flops", "0.5"], r"argument --flops: not allowed with argument --keep"),
+    ("explain", ["--speedup", "0.5"], r"speedup budget must be at least 1 at the model's own input size, got 0.5"),
+    ("benchmark", ["--flops", "0.5", "--sweep"], r"--sweep sets its own keep rates; drop it, or drop --flops/--speed"),
+    (
+        "evaluate",
+        ["--flops", "0.5", "--sweep", "--data", "{root}/wnids"],
+        r"--sweep evaluates each --keep value; with --flops/--speedup there is one plan: drop --sweep",
+    ),
+    # item 9: no image left to check the calibrated plan on
+    (
+        "plan",
+        ["--model", "test_vit", "--flops", "0.8", "--data", "{root}/wnids", "--calibration-images", "8"],
+        r"--data holds 8 images and --calibration-images is 8: no image would be left to check the plans on; give "
+        r"more images, or fewer calibration images \(e.g. --calibration-images 4\)",
+    ),
     (
         "visualize",
         [*TINY, "--image", "{root}/notes.png", "--output", "{root}/v.png"],

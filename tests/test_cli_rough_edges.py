@@ -9,9 +9,11 @@ import json
 import warnings
 
 import pytest
+import timm
 import torch
 from test_train import write_images
 
+import evit_patch
 from evit_patch import cli
 from evit_patch.commands.common import DEFAULT_MODEL
 
@@ -72,6 +74,20 @@ def test_finetune_resume_takes_the_runs_flags(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["identity"]["keep"] == [0.5, 0.5] and summary["identity"]["layers"] == [1, 2]
     assert summary["step"] == 2
+
+
+def test_finetune_at_a_budget(tmp_path):
+    """--flops as `plan` takes it: with --method merge the planner picks the layers and the keep rate."""
+    write_images(tmp_path / "data", classes=("n01440764", "n01443537"), per_class=4, size=72)
+    argv = ["finetune", "--img-size", "64", "--data-dir", tmp_path / "data", "--output", tmp_path / "run"]
+    argv += ["--batch-size", "4", "--workers", "0", "--flops", "0.8", "--method", "merge", "--max-steps", "1"]
+    assert cli.main([str(a) for a in argv]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    teacher = timm.create_model(DEFAULT_MODEL, img_size=64)  # the plan depends on the architecture alone
+    config = evit_patch.plan(teacher, flops=0.8, method="merge")
+    assert summary["identity"]["layers"] == list(config.layers) == list(range(3, 12))
+    assert summary["identity"]["keep"] == list(config.keep)
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["flops"] == 0.8
 
 
 def test_finetune_without_data_dir_says_so(capsys):

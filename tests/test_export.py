@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import images, make_vit
@@ -74,3 +76,32 @@ def test_onnx_weights_can_go_to_a_side_file(tmp_path):
         want = fast(x)
     got = torch.from_numpy(onnx_session(path).run(None, {INPUT_NAME: x.numpy()})[0])
     assert torch.equal(got.argmax(-1), want.argmax(-1)) and got.shape == want.shape
+
+
+def test_onnx_export_refuses_an_existing_file_unless_overwrite(fast, tmp_path):
+    """The CLI's --overwrite rule, refused before anything is exported."""
+    pytest.importorskip("onnxscript", reason='needs the onnx extra: pip install "evit_patch[onnx]"')
+    (tmp_path / "m.onnx").write_bytes(b"old")
+    with pytest.raises(
+        FileExistsError, match=rf"^{tmp_path / 'm.onnx'} exists \(a file\); pass overwrite=True to replace it"
+    ):
+        evit_patch.export_onnx(fast, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == b"old"
+    with pytest.raises(IsADirectoryError, match=rf"^{tmp_path} is a folder; export_onnx writes a file"):
+        evit_patch.export_onnx(fast, tmp_path, overwrite=True)
+
+
+def test_onnx_attribute_noise_is_dropped_only_while_exporting(caplog):
+    """onnx_ir logs "Attribute type is ambiguous" once per index_put (merging's index_add) the exporter lowers;
+    export_onnx drops that one message while it runs (tracked.check_onnx asserts none reach the log)."""
+    from evit_patch.deploy.export import AMBIGUOUS_ATTRIBUTE, quiet_onnx_attribute_warnings
+
+    logger = logging.getLogger("onnx_ir._convenience")
+    noise = f"{AMBIGUOUS_ATTRIBUTE}. Please create an Attr with an explicit type. Defaulted to INTS"
+    with caplog.at_level(logging.WARNING, logger="onnx_ir"):
+        with quiet_onnx_attribute_warnings():
+            logger.warning(noise)
+            logger.warning("something else")
+        logger.warning(noise)
+    assert [r.getMessage() for r in caplog.records] == ["something else", noise]
+    assert logger.filters == []

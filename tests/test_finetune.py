@@ -253,6 +253,9 @@ def test_resume_refuses_another_model_or_plan(images, tmp_path):
     other[other.index("deit_tiny_patch16_224")] = "vit_small_patch16_224"
     with pytest.raises(CheckpointError, match=r"model: checkpoint 'deit_tiny_patch16_224', this run 'vit_small_patch"):
         finetune.run(parse(other))
+    with pytest.raises(FileNotFoundError, match=r"fresh does not exist: expected the --output directory of an earlier"):
+        finetune.run(parse(small_run(images, tmp_path / "fresh", "--resume", tmp_path / "fresh")))
+    (tmp_path / "fresh").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         finetune.run(parse(small_run(images, tmp_path / "fresh", "--resume", tmp_path / "fresh")))
 

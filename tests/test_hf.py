@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from cases import small_hf
@@ -119,6 +121,30 @@ def test_call_time_options_are_refused():
     ):
         fast(x, attention_mask=mask)
     torch.testing.assert_close(fast(x, attention_mask=torch.ones(1, 65)).logits, fast(x).logits)  # no-op mask
+
+
+def test_gradient_checkpointing_warns_once_that_patched_layers_are_not_checkpointed():
+    """transformers checkpoints its own layer classes (HF Trainer(gradient_checkpointing=True) turns it on):
+    the patched layers are traced graphs it does not reach, which a training run is told once per model."""
+    fast, x = evit_patch.apply(_small(), layers=[1, 2], keep=0.5), images(2, size=64)
+    want = torch.autograd.grad(fast(x).logits.square().sum(), list(fast.parameters()))
+    fast.activation_checkpointing_enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast(x)  # eval mode: nothing to checkpoint, nothing said
+        fast.train()
+        with torch.no_grad():
+            fast(x)  # no backward, nothing said
+    message = (
+        r"^ViTForImageClassification was patched by evit_patch: gradient checkpointing is on, but only layers "
+        r"before 1 are checkpointed; the patched layers 1-3 are traced graphs that transformers does not checkpoint"
+    )
+    with pytest.warns(UserWarning, match=message) as caught:
+        got = torch.autograd.grad(fast(x).logits.square().sum(), list(fast.parameters()))
+        fast(x)
+    assert len([w for w in caught if "gradient checkpointing" in str(w.message)]) == 1  # once per model
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)  # dropout is 0 in _small: same gradients
 
 
 def test_unsupported_configurations_are_refused():

@@ -113,3 +113,18 @@ def test_unsupported_configurations_are_refused():
         match=r"^CLIPVisionModelWithProjection was patched by evit_patch: output_attentions",
     ):
         fast(x, output_attentions=True)
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+@pytest.mark.parametrize("option", ["output_hidden_states", "output_attentions"])
+def test_config_flag_set_after_patching_is_refused_at_call_time(option, cls_name):
+    """A flag flipped in the config after patching would return a truncated, misaligned tuple (transformers
+    itself refuses output_attentions with sdpa)."""
+    implementation = "eager" if option == "output_attentions" else "sdpa"
+    fast = evit_patch.apply(_small(cls_name, implementation), layers=[1, 2], keep=0.5)
+    setattr(fast.config, option, True)
+    with pytest.raises(
+        evit_patch.UnsupportedInputError,
+        match=rf"^{cls_name} was patched by evit_patch: {option} cannot be honoured .* leave config\.{option} False$",
+    ):
+        fast(_x(1))

@@ -131,6 +131,12 @@ def test_unsupported_configurations_are_refused():
         evit_patch.UnsupportedInputError, match=r"^Dinov2Model was patched by evit_patch: output_hidden_states"
     ):
         fast(x, output_hidden_states=True)
+    fast.config.output_hidden_states = True
+    with pytest.raises(
+        evit_patch.UnsupportedInputError, match=r"^Dinov2Model was patched by evit_patch: output_hidden_states .* leave"
+    ):
+        fast(x)
+    fast.config.output_hidden_states = False
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"attn_implementation='flex_attention'; expected one"):
         evit_patch.apply(model, layers=[1], keep=0.7)

@@ -77,6 +77,12 @@ def test_output_capture_is_refused_at_call_time():
     fast = evit_patch.apply(small_hf_siglip(), layers=[1, 2], keep=0.5)
     with pytest.raises(evit_patch.UnsupportedInputError, match="output_hidden_states cannot be honoured"):
         fast(images(1, size=64), output_hidden_states=True)
+    fast.config.output_hidden_states = True  # set after patching: refused when called, not served truncated
+    with pytest.raises(
+        evit_patch.UnsupportedInputError,
+        match=r"^SiglipVisionModel was patched by evit_patch: output_hidden_states .* leave config\.output_hidden",
+    ):
+        fast(images(1, size=64))
 
 
 def test_headless_tower_is_refused():

@@ -220,3 +220,35 @@ def test_sequence_first_attention_is_refused_by_block():
 def test_other_image_size_is_refused():
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"only accepts 32x32 images .* img_size=64"):
         evit_patch.apply(small_open_clip(), layers=[1], keep=0.7, img_size=64)
+
+
+def test_pooling_attributes_set_after_patching_are_refused_at_call_time():
+    """``output_tokens = True`` after patching would return the surviving tokens as if they were the grid's."""
+    model, x = small_open_clip("avg"), open_clip_images(1)
+    fast = evit_patch.apply(model, layers=[1], keep=0.5, method="merge")
+    with torch.no_grad():
+        want = fast(x)
+        fast.output_tokens = True
+        message = (
+            r"^VisionTransformer was patched by evit_patch with pool_type='avg', final_ln_after_pool=False, "
+            r"output_tokens=False: output_tokens=True cannot be honoured \(the patched blocks return fewer"
+        )
+        with pytest.raises(evit_patch.UnsupportedInputError, match=message):
+            fast(x)
+        fast.output_tokens, fast.pool_type = False, "tok"
+        with pytest.raises(evit_patch.UnsupportedInputError, match=r"output_tokens=False: pool_type='tok' cannot be"):
+            fast(x)
+        fast.pool_type = "avg"
+        torch.testing.assert_close(fast(x), want, rtol=0, atol=0)
+        model.output_tokens = True  # the original is untouched by the guard: it returns every token
+        assert model(x)[1].shape == (1, 16, 32)
+
+
+def test_attentional_pooler_serves_output_tokens_after_patching():
+    """CoCa's tower returns its pooler's query outputs, a fixed number whatever the blocks keep."""
+    model, x = small_open_clip("tok", attentional_pool=True, attn_pooler_queries=4), open_clip_images(1)
+    fast = evit_patch.apply(model, layers=[1], keep=0.5)
+    fast.output_tokens = model.output_tokens = True
+    with torch.no_grad():
+        pooled, tokens = fast(x)
+    assert tokens.shape == model(x)[1].shape

@@ -56,6 +56,7 @@ def test_config_records_plan_and_architecture(tmp_path):
         "score": None,
         "method": "evit",
         "proportional": None,
+        "cls_only": False,
     }
     assert meta["model_kwargs"] == {"num_classes": 10, "img_size": [224, 224], "global_pool": "token"}
     assert meta["evit_patch_version"] == evit_patch.__version__
@@ -109,7 +110,7 @@ def test_failed_write_leaves_previous_save_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr("safetensors.torch.save_model", boom)
     with pytest.raises(OSError, match="disk full"):
-        evit_patch.save_pretrained(_finetuned_like(seed=1), tmp_path)
+        evit_patch.save_pretrained(_finetuned_like(seed=1), tmp_path, overwrite=True)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
 
@@ -136,3 +137,48 @@ def test_average_pooled_beit_round_trips(tmp_path):
     x = images(2, size=64)
     with torch.no_grad():
         assert torch.equal(loaded(x), fast(x))
+
+
+class _PackedWeight(torch.Tensor):
+    """Stands for a quantization library's weight tensor (torchao's ``Int8Tensor`` is one such subclass)."""
+
+
+def test_quantized_weights_are_refused_by_name_before_writing(tmp_path):
+    model = _finetuned_like()
+    qkv = model.blocks[0].attn.qkv
+    qkv.weight = torch.nn.Parameter(qkv.weight.detach().as_subclass(_PackedWeight), requires_grad=False)
+    message = (
+        r"^save_pretrained: VisionTransformer \(deit_tiny_patch16_224\) holds quantized weights \(blocks\.0\.attn\.qkv"
+        r"\.weight is a test_persist\._PackedWeight\), which evit_patch does not save; nothing was written\. Save the "
+        r"model before quantizing it and quantize after load_pretrained"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        evit_patch.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchao_quantized_model_is_refused_before_writing(tmp_path):
+    torchao = pytest.importorskip("torchao.quantization", reason="torchao is not installed")
+    model = _finetuned_like().float()
+    torchao.quantize_(model, torchao.Int8WeightOnlyConfig())
+    with pytest.raises(CheckpointError, match=r"holds quantized weights \(blocks\.0\.attn\.qkv\.weight is a torchao\."):
+        evit_patch.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_save_is_replaced_only_with_overwrite(tmp_path):
+    """One rule with the CLI's --overwrite: a non-empty folder is refused unless overwrite=True, an empty one is not."""
+    (tmp_path / "empty").mkdir()
+    model = _finetuned_like()
+    first = evit_patch.save_pretrained(model, tmp_path / "empty")
+    before = (first / WEIGHTS_NAME).read_bytes()
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    with pytest.raises(
+        FileExistsError,
+        match=rf"^{tmp_path / 'empty'} exists \(a non-empty folder\); pass overwrite=True to replace it, or choose",
+    ):
+        evit_patch.save_pretrained(model, first)
+    assert (first / WEIGHTS_NAME).read_bytes() == before
+    evit_patch.save_pretrained(model, first, overwrite=True)
+    assert (first / WEIGHTS_NAME).read_bytes() != before

@@ -16,7 +16,7 @@ from tracked import check_keep_one_is_exact, check_macs
 
 import evit_patch
 from evit_patch import InvalidPlanError, PlanOptions, Pool
-from evit_patch.reductions import EViT, Merge, follow, list_reductions, mixing, num_kept, reduction_class
+from evit_patch.reductions import DAM, EViT, Merge, follow, list_reductions, mixing, num_kept, reduction_class
 from evit_patch.reductions import registry as registry_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,7 @@ CONFIGURED = {  # every built-in method in each configuration a patched model ca
     "evit_nofuse": EViT(fuse=False),
     "evit_mean": EViT(mean=True),
     "merge": Merge(),
+    "dam": DAM(),
 }
 
 
@@ -39,7 +40,7 @@ def _case(seed=0, batch=3, prefix=1, num_image=12, channels=5, whole_sizes=True)
 
 
 def test_every_registered_method_is_checked_here():
-    assert set(list_reductions()) >= {"evit", "merge"}
+    assert set(list_reductions()) >= {"evit", "merge", "dam"}
     assert {type(r).name for r in CONFIGURED.values()} == set(list_reductions())
 
 
@@ -66,7 +67,7 @@ def test_tokens_are_the_declared_mix(name, keep, prefix):
     assert torch.equal(positions[:, : mix.kept.shape[1]], mix.kept)
 
 
-@pytest.mark.parametrize("name", ["evit", "merge"])
+@pytest.mark.parametrize("name", ["evit", "merge", "dam"])
 def test_a_keep_rate_that_keeps_everything_reports_no_reduction(name):
     reduction = CONFIGURED[name]
     assert not reduction.drops(196, 1.0) and not reduction.drops(196, 0.999)
@@ -74,7 +75,7 @@ def test_a_keep_rate_that_keeps_everything_reports_no_reduction(name):
     assert reduction.tokens_after(196, 0.7) == math.ceil(0.7 * 196) + reduction.extra_tokens
 
 
-@pytest.mark.parametrize("method", ["evit", "merge"])
+@pytest.mark.parametrize("method", ["evit", "merge", "dam"])
 def test_patched_models_are_exact_at_keep_one_and_count_their_macs(method):
     model = make_vit(img_size=64, depth=4, num_classes=10)
     check_keep_one_is_exact(model, images(2, 64), method=method)

@@ -92,7 +92,9 @@ def test_bad_plans_are_refused(layers, keep, message):
 
 def test_non_vits_and_known_families_are_refused_by_name():
     with pytest.raises(
-        UnsupportedModelError, match=r"ResNet \(resnet18\) is not a vision transformer evit_patch knows"
+        UnsupportedModelError,
+        match=r"^timm\.models\.resnet\.ResNet \(resnet18\) is not a vision transformer evit_patch knows: no "
+        r"registered family matches it, and structural discovery found no stack of attention blocks",
     ):
         evit_patch.apply(timm.create_model("resnet18"), layers=[1], keep=0.7)
     with pytest.raises(UnsupportedModelError, match=r"expects a torch.nn.Module vision transformer, got str"):

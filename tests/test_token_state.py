@@ -33,7 +33,7 @@ def test_a_hook_on_a_merged_block_decodes_the_state_with_split_state():
         fast(images(2, 64, dtype=torch.float32))
     handle.remove()
     tokens, positions, sizes = seen["split"]
-    assert seen["raw"] == (2, 1 + 4, 192 + token_state.STATE_CHANNELS)  # 16 -> 8 -> 4 image tokens
+    assert seen["raw"] == (2, 1 + 4, 192 + token_state.RAW_CHANNELS)  # 16 -> 8 -> 4 image tokens; float32
     assert tokens.shape == (2, 5, 192)
     assert positions.shape == sizes.shape == (2, 4)
     assert torch.equal(sizes.sum(1), torch.full((2,), 16.0))  # the merged tokens stand for every patch
@@ -68,11 +68,21 @@ def test_token_counts_beyond_two_digits_are_refused_at_patch_time():
         evit_patch.apply(big, layers=[1], keep=0.5, method="merge")
 
 
-def test_positions_and_sizes_round_trip_exactly_at_the_limit_in_bfloat16():
+@pytest.mark.parametrize(
+    ("dtype", "width"),
+    [
+        (torch.bfloat16, token_state.STATE_CHANNELS),
+        (torch.float16, 4),
+        (torch.float32, token_state.RAW_CHANNELS),
+        (torch.float64, 2),
+    ],
+)
+def test_positions_and_sizes_round_trip_exactly_at_the_limit(dtype, width):
     count = token_state.MAX_IMAGE_TOKENS
     positions = torch.tensor([[0, count - 1, -1]])
     sizes = torch.tensor([[1.0, float(count), 255.0]])
-    packed = token_state.pack(torch.zeros(1, 4, 2, dtype=torch.bfloat16), positions, sizes, num_prefix=1)
+    packed = token_state.pack(torch.zeros(1, 4, 2, dtype=dtype), positions, sizes, num_prefix=1)
+    assert packed.shape == (1, 4, 2 + width)
     _, got_positions, got_sizes = token_state.unpack(packed, 2, 1)
     assert torch.equal(got_positions, positions) and torch.equal(got_sizes, sizes)
 

@@ -25,8 +25,8 @@ def test_counts_that_disagree_with_the_plan_are_refused_by_block(monkeypatch):
     model = _tiny()
     honest = BlockCost.tokens_out
 
-    def one_too_many(self, tokens_in, keep, reduction):
-        return honest(self, tokens_in, keep, reduction) + (keep is not None)
+    def one_too_many(self, tokens_in, keep, reduction, prefix_only=False):
+        return honest(self, tokens_in, keep, reduction, prefix_only) + (keep is not None)
 
     monkeypatch.setattr(BlockCost, "tokens_out", one_too_many)
     with pytest.raises(VerificationError) as info:

@@ -61,5 +61,7 @@ def test_container_names_where_the_model_is():
 
 
 def test_plain_unknown_module_keeps_the_generic_message():
-    with pytest.raises(UnsupportedModelError, match=r"^Linear is not a vision transformer evit_patch knows"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"^torch\.nn\.modules\.linear\.Linear is not a vision transformer evit_patch knows"
+    ):
         evit_patch.apply(nn.Linear(2, 2))

@@ -28,8 +28,9 @@ import evit_patch
 from evit_patch.bench.data import load_images
 from evit_patch.bench.quality import compare
 from evit_patch.deploy.weights import create_model, load_state_dict
-from evit_patch.token_state import SizeWeightedTokens
 from evit_patch.options import Score
+from evit_patch.reductions import EViT
+from evit_patch.token_state import SizeWeightedTokens
 
 POOLINGS = {  # name: (fuse_mean, size-weighted)
     "fused mean, size-weighted (shipped)": (True, True),
@@ -39,14 +40,21 @@ POOLINGS = {  # name: (fuse_mean, size-weighted)
 }
 
 
+class PlainMean(torch.nn.Module):
+    """Stand-in for the final norm's size weights: a plain mean over the surviving tokens."""
+
+    def forward(self, x, sizes, num_prefix_tokens):
+        return x
+
+
 def variant(model, layers, keep, score: Score, weighted: bool, fuse_mean: bool = False):
     patched = evit_patch.apply(model, layers=layers, keep=keep)
     for reorganizer in evit_patch.reorganizers(patched):
         reorganizer.score = score
-        reorganizer.fuse_mean = fuse_mean
+        reorganizer.reduction = EViT(fuse=True, mean=fuse_mean)
     for module in patched.modules():
-        if isinstance(module, SizeWeightedTokens):
-            module.weighted = weighted
+        if not weighted and isinstance(getattr(module, "evit_pool", None), SizeWeightedTokens):
+            module.evit_pool = PlainMean()
     return patched
 
 

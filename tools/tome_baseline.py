@@ -7,7 +7,9 @@ facebookresearch/ToMe code), so evit_patch can be compared with ToMe on the same
   alternate into sets A (even positions) and B (odd); similarity is the cosine similarity of the
   attention keys averaged over heads; the [CLS] token (position 0, in A) never merges; each A token
   picks its most similar B token and the ``r`` most similar edges are merged by a size-weighted
-  average; the same ``r`` in every block (fewer when too few tokens are left);
+  average; ``r`` is constant or one number per block (fewer when too few tokens are left);
+  :func:`schedule` turns ``(r, inflect)`` into the per-block list exactly as the official
+  ``tome.utils.parse_r`` does (``inflect`` -1: decreasing, 0: constant, +1: increasing);
 - sizes (how many patches each token stands for) are tracked, and *proportional attention* adds
   ``log(size)`` to the attention logits in every block once sizes exist;
 - the class-token head reads token 0, which never merges, so nothing is unmerged at the end.
@@ -17,7 +19,9 @@ Stateless: the blocks ``Sequential`` is replaced by :class:`ToMeBlocks`, which t
 unchanged.
 
     from tome_baseline import apply_tome
-    fast = apply_tome(model, r=13)
+    fast = apply_tome(model, r=13)                 # constant r
+    fast = apply_tome(model, r=8, inflect=-0.5)    # decreasing: the 12 blocks merge 12, 11, ..., 4
+    fast = apply_tome(model, r=[16] * 6 + [8] * 6)  # one r per block
 """
 
 from __future__ import annotations
@@ -67,14 +71,36 @@ def merge_weighted(merge, x: torch.Tensor, size: torch.Tensor | None) -> tuple[t
     return x / size, size
 
 
-def attention(attn: Attention, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Attention`` with proportional attention; also returns the head-averaged keys (B, N, d)."""
+def attention_qkv(
+    attn: Attention, x: torch.Tensor, size: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm ``Attention`` with proportional attention: the output (B, N, C) and q, k, v (B, heads, N, d).
+
+    ``size`` (B, N, 1) or None (every token stands for one patch: plain attention).
+    """
     B, N, _ = x.shape
     q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     mask = None if size is None else size.log().transpose(1, 2)[:, None]  # (B, 1, 1, N): log(size) per key
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))))
+    return out, q, k, v
+
+
+def cls_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """The [CLS] row of the attention probabilities (B, heads, N), proportional attention included.
+
+    Recomputed from the q and k that feed the fused kernel: softmax(q_cls . k^T * scale + log(size)).
+    """
+    logits = (q[:, :, :1] @ k.transpose(-1, -2))[:, :, 0] * attn.scale
+    if size is not None:
+        logits = logits + size.log().transpose(1, 2)
+    return logits.softmax(dim=-1)
+
+
+def attention(attn: Attention, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention`` with proportional attention; also returns the head-averaged keys (B, N, d)."""
+    out, _, k, _ = attention_qkv(attn, x, size)
     return out, k.mean(dim=1)
 
 
@@ -88,34 +114,63 @@ def block(blk: Block, x: torch.Tensor, size: torch.Tensor | None, r: int) -> tup
     return x, size
 
 
+def schedule(depth: int, r: int | float | list[int], inflect: float = 0.0) -> list[int]:
+    """Tokens to merge in each of ``depth`` blocks, as the official ``tome.utils.parse_r`` computes them.
+
+    A list is taken as it is (padded with zeros to ``depth``); a number ``r`` with ``inflect`` in
+    [-1, 1] is a straight line of mean ``r`` from ``int(r * (1 - inflect))`` at the first block to
+    ``2 r - int(r * (1 - inflect))`` at the last, each entry truncated to an int: ``inflect`` 0 is
+    constant ``r`` (for an integer ``r``), -1 decreases from ``2 r`` to 0, +1 increases from 0 to ``2 r``.
+    """
+    if isinstance(r, (list, tuple)):
+        if inflect != 0:
+            raise ValueError("ToMe baseline: inflect applies to a number r, not to a list")
+        if len(r) > depth:
+            raise ValueError(f"ToMe baseline: {len(r)} values of r for {depth} blocks")
+        values = [*r, *[0] * (depth - len(r))]
+    else:
+        if not -1 <= inflect <= 1:
+            raise ValueError(f"ToMe baseline: inflect must be in [-1, 1], got {inflect}")
+        first = int(r * (1.0 - inflect))
+        step = (2 * r - 2 * first) / max(depth - 1, 1)
+        values = [int(first + step * i) for i in range(depth)]
+    if any(not isinstance(v, int) or v < 0 for v in values):
+        raise ValueError(f"ToMe baseline: r must be integers >= 0, got {values}")
+    return values
+
+
 class ToMeBlocks(nn.Sequential):
     """The model's blocks, run with ToMe: ``(x, size)`` is threaded from block to block."""
 
-    def __init__(self, blocks: nn.Sequential, r: int):
+    def __init__(self, blocks: nn.Sequential, r: list[int]):
         super().__init__(*blocks)
-        self.r = r
+        self.r = list(r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = None
-        for blk in self:
-            x, size = block(blk, x, size, self.r)
+        for blk, r in zip(self, self.r):
+            x, size = block(blk, x, size, r)
         return x
 
     def extra_repr(self) -> str:
         return f"r={self.r}"
 
 
-def apply_tome(model: nn.Module, r: int) -> nn.Module:
-    """A deep copy of a class-token timm ``VisionTransformer`` that merges ``r`` tokens in every block."""
+def check_model(model: nn.Module, who: str) -> None:
+    """Raise unless ``model`` is a class-token timm ``VisionTransformer`` of plain blocks (what the baselines run)."""
     if not isinstance(model, VisionTransformer):
-        raise TypeError(f"ToMe baseline: expected a timm VisionTransformer, got {type(model).__name__}")
+        raise TypeError(f"{who}: expected a timm VisionTransformer, got {type(model).__name__}")
     if model.cls_token is None or model.num_prefix_tokens != 1 or model.global_pool != "token":
-        raise ValueError("ToMe baseline: only a class token, no other prefix tokens, and global_pool='token'")
+        raise ValueError(f"{who}: only a class token, no other prefix tokens, and global_pool='token'")
     for index, blk in enumerate(model.blocks):
         if type(blk) is not Block or type(blk.attn) is not Attention or blk.attn.gate is not None:
-            raise ValueError(f"ToMe baseline: block {index} is not a plain timm Block with ungated Attention")
-    if r < 0:
-        raise ValueError(f"ToMe baseline: r must be >= 0, got {r}")
+            raise ValueError(f"{who}: block {index} is not a plain timm Block with ungated Attention")
+
+
+def apply_tome(model: nn.Module, r: int | float | list[int], inflect: float = 0.0) -> nn.Module:
+    """A deep copy of a class-token timm ``VisionTransformer`` that merges ``schedule(depth, r, inflect)`` tokens."""
+    check_model(model, "ToMe baseline")
+    values = schedule(len(model.blocks), r, inflect)
     merged = copy.deepcopy(model)
-    merged.blocks = ToMeBlocks(merged.blocks, r)
+    merged.blocks = ToMeBlocks(merged.blocks, values)
     return merged

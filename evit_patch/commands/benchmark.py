@@ -27,9 +27,19 @@ import evit_patch
 
 from ..bench.memory import peak_memory_bytes
 from ..bench.speed import compare_speed
+from ..errors import UsageError
 from ..families import find_family
 from ..reductions.base import Permutation
-from .common import add_model_arguments, device, keep_arg, load_model, non_negative_int, plan_options, positive_int
+from .common import (
+    add_model_arguments,
+    budget_arguments,
+    device,
+    load_model,
+    non_negative_int,
+    plan_arguments,
+    plan_options,
+    positive_int,
+)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -224,6 +234,10 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    budget = budget_arguments(args)
+    clash = [flag for flag, on in (("--sweep", args.sweep), ("--overhead", args.overhead)) if on]
+    if budget and clash:
+        raise UsageError(f"{clash[0]} sets its own keep rates; drop it, or drop --flops/--speedup")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -237,21 +251,27 @@ def run(args: argparse.Namespace) -> dict:
         if args.plot:
             _plot(rows, args.plot)
     else:
-        keep = 1.0 if args.overhead else keep_arg(args)
-        fast = evit_patch.apply(model, layers=args.layers, keep=keep, **plan_options(args))
-        fast = fast.to(device)
+        amount = {"keep": 1.0} if args.overhead else plan_arguments(args)
+        fast = evit_patch.apply(model, **{"layers": args.layers, **amount}, **plan_options(args)).to(device)
+        config = evit_patch.get_config(fast)
+        keep = amount.get("keep", list(config.keep))
         if args.overhead:  # rank and gather every token, drop none
             for module in evit_patch.reorganizers(fast):
                 module.reduction = Permutation()
         explanation, rows = _measure(model, fast, args, device, args.batch_size, args.img_size)
         what = "forced reorganization at keep 1.0 (overhead)" if args.overhead else f"keep {keep}"
+        if budget:
+            what = f"{' '.join(f'{k} {v}' for k, v in budget.items())}: keep {config.keep[0]:.4g}"
+        layers = list(config.layers) if budget else args.layers
         print(
-            f"layers {args.layers}, {what}: {explanation.macs_original / 1e9:.3f} -> "
+            f"layers {layers}, {what}: {explanation.macs_original / 1e9:.3f} -> "
             f"{explanation.macs_patched / 1e9:.3f} GMACs/img (FlopCounterMode: {rows[0]['gmacs_counted'][0]:.3f} "
             f"-> {rows[0]['gmacs_counted'][1]:.3f}), ideal speedup {explanation.ideal_speedup:.3f}x"
         )
         _print_rows(rows, args.torchcompile)
-        results |= {"keep": keep, "overhead": args.overhead, "rows": rows}
+        results |= {"keep": keep, "overhead": args.overhead, "rows": rows, **budget}
+        if budget:
+            results["layers"] = list(config.layers)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

@@ -44,8 +44,36 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="0-indexed blocks (default: D/4, D/2, 3D/4, i.e. 3 6 9 of 12; with --method merge and a "
         "budget, every block from D/4 on)",
     )
-    parser.add_argument("--keep", type=float, nargs="+", default=[0.7], help="keep rate, one or one per layer")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--keep", type=float, nargs="+", default=[0.7], help="keep rate, one or one per layer")
+    add_budget_arguments(amount)
     add_plan_options(parser)
+
+
+def add_budget_arguments(group: argparse._ActionsContainer) -> None:
+    """``--flops`` and ``--speedup``, the budgets ``evit_patch.plan`` turns into keep rates; add them to a
+    mutually exclusive group (with ``--keep``, or required for ``plan``). Read back by :func:`plan_arguments`."""
+    group.add_argument(
+        "--flops",
+        type=float,
+        default=None,
+        help="MAC budget, a fraction of the original's MACs, e.g. 0.65: the planner picks the keep rate (with "
+        "--method merge and no --layers, every block from D/4 on)",
+    )
+    group.add_argument(
+        "--speedup", type=float, default=None, help="FLOP-ideal speedup budget, e.g. 1.5 (= --flops 1/1.5)"
+    )
+
+
+def budget_arguments(args: argparse.Namespace) -> dict:
+    """The budget given (``{"flops": 0.45}``, ``{"speedup": 1.5}``), or ``{}``."""
+    return {name: getattr(args, name) for name in ("flops", "speedup") if getattr(args, name, None) is not None}
+
+
+def plan_arguments(args: argparse.Namespace) -> dict:
+    """``layers`` and ``keep``, or ``layers`` and the budget, as ``evit_patch.apply`` takes them."""
+    budget = budget_arguments(args)
+    return {"layers": args.layers, **budget} if budget else {"layers": args.layers, "keep": keep_arg(args)}
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
@@ -200,28 +228,46 @@ def load_open_clip(args: argparse.Namespace) -> tuple[nn.Module, object, object]
 
 _REPLACED_BY_LOAD = (
     *("model", "checkpoint", "pretrained"),
-    *("layers", "keep", "no_fuse", "score", "method", "proportional"),
+    *("layers", "keep", "flops", "speedup", "no_fuse", "score", "method", "proportional"),
 )
 """Options ``--load`` replaces: the saved model brings its architecture, weights and plan."""
 
 
 def add_load_argument(parser: argparse.ArgumentParser) -> None:
-    """``--load``; call after :func:`add_model_arguments` (it records their defaults to spot conflicts)."""
+    """``--load``; call after :func:`add_model_arguments` (it records their flags and defaults to spot conflicts)."""
     parser.add_argument(
         "--load",
         default=None,
         metavar="DIR_OR_REPO",
         help="a save_pretrained directory or Hub repo id; replaces --model, weights and plan options",
     )
-    parser.set_defaults(model_defaults={dest: parser.get_default(dest) for dest in _REPLACED_BY_LOAD})
+    flags = {a.dest: a.option_strings for a in parser._actions if a.dest in _REPLACED_BY_LOAD}
+    parser.set_defaults(
+        model_defaults={dest: parser.get_default(dest) for dest in _REPLACED_BY_LOAD}, model_flags=flags
+    )
+
+
+def given_flags(argv: list[str], flags: dict[str, list[str]]) -> set[str]:
+    """The destinations among ``flags`` (destination -> option strings) that ``argv`` gives, at any value,
+    as argparse reads them (``--model=x``, unambiguous abbreviations)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for dest, options in flags.items():
+        parser.add_argument(*options, dest=dest, action="store_true", default=argparse.SUPPRESS)
+    known, _ = parser.parse_known_args(argv)
+    return set(vars(known))
 
 
 def check_load_conflicts(args: argparse.Namespace) -> None:
-    """Refuse ``--load`` together with an option it replaces (it would be ignored without a word)."""
-    defaults = getattr(args, "model_defaults", {})
-    given = [
-        "--" + dest.replace("_", "-") for dest, default in defaults.items() if getattr(args, dest, default) != default
-    ]
+    """Refuse ``--load`` together with an option it replaces (it would be ignored without a word). With
+    ``args.argv`` (set by the CLI) a flag given at its default value counts too; without, only values
+    that differ from the defaults can be seen."""
+    defaults, flags = getattr(args, "model_defaults", {}), getattr(args, "model_flags", {})
+    argv = getattr(args, "argv", None)
+    if argv is not None and flags:
+        named = given_flags(argv, flags)
+    else:
+        named = {dest for dest, default in defaults.items() if getattr(args, dest, default) != default}
+    given = [flags.get(dest, ["--" + dest.replace("_", "-")])[0] for dest in defaults if dest in named]
     if given:
         raise UsageError(
             f"--load {args.load} brings its own architecture, weights and plan; {', '.join(given)} would be "
@@ -236,11 +282,5 @@ def patched_model(args: argparse.Namespace, **apply_kwargs) -> nn.Module:
     if getattr(args, "load", None):
         check_load_conflicts(args)
         return evit_patch.load_pretrained(args.load)
-    fast = evit_patch.apply(
-        load_model(args),
-        layers=args.layers,
-        keep=keep_arg(args),
-        **plan_options(args),
-        **apply_kwargs,
-    )
+    fast = evit_patch.apply(load_model(args), **plan_arguments(args), **plan_options(args), **apply_kwargs)
     return fast.eval()

@@ -21,9 +21,11 @@ import evit_patch
 
 from ..bench.data import load_images, read_class_names
 from ..bench.quality import compare, compare_embeddings, is_embedding_model, zero_shot_classes
+from ..errors import UsageError
 from .common import (
     OPEN_CLIP,
     add_model_arguments,
+    budget_arguments,
     data_dir,
     load_model,
     load_open_clip,
@@ -68,20 +70,23 @@ def _model_and_classes(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    budget = budget_arguments(args)
+    if budget and args.sweep:
+        raise UsageError("--sweep evaluates each --keep value; with --flops/--speedup there is one plan: drop --sweep")
     model, transform, classes = _model_and_classes(args)
     sets = {str(path): load_images(path, transform) for path in args.data}
     keeps = [[k] for k in args.keep] if args.sweep else [args.keep]
     results = []
-    for keep in keeps:
-        fast = evit_patch.apply(
-            model,
-            layers=args.layers,
-            keep=keep[0] if len(keep) == 1 else keep,
-            **plan_options(args),
-        )
+    for keep in [None] if budget else keeps:
+        amount = budget if budget else {"keep": keep[0] if len(keep) == 1 else keep}
+        fast = evit_patch.apply(model, layers=args.layers, **amount, **plan_options(args))
         gmacs = evit_patch.explain(fast).macs_patched / 1e9
+        label = f"keep {keep}"
+        if budget:  # the plan's keep rates, as a budget chose them
+            keep = list(evit_patch.get_config(fast).keep)
+            label = f"{' '.join(f'{k} {v}' for k, v in budget.items())} (keep {keep[0]:.4g})"
         for name, (images, labels) in sets.items():
-            head = f"{Path(name).name} ({len(images)} images) keep {keep}:"
+            head = f"{Path(name).name} ({len(images)} images) {label}:"
             if _embeds(model, images):
                 c = compare_embeddings(model, fast, images, labels, classes=classes, batch_size=args.batch_size)
                 line = f"{head} embedding cosine mean {c.mean_cosine:.4f}, min {c.min_cosine:.4f}"
@@ -97,7 +102,16 @@ def run(args: argparse.Namespace) -> list[dict]:
                     f"{100 * c.top5_original:.1f} -> {100 * c.top5_patched:.1f} %, "
                     f"agreement {100 * c.agreement:.1f} %, mean KL {c.mean_kl:.4f}"
                 )
-            row = {"model": args.model, "layers": args.layers, "keep": keep, "data": name, "gmacs": gmacs, **vars(c)}
+            layers = list(evit_patch.get_config(fast).layers) if budget else args.layers
+            row = {
+                "model": args.model,
+                "layers": layers,
+                "keep": keep,
+                "data": name,
+                "gmacs": gmacs,
+                **budget,
+                **vars(c),
+            }
             results.append(row)
             print(f"{line}, {gmacs:.3f} GMACs")
     if args.json:

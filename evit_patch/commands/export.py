@@ -22,6 +22,7 @@ import evit_patch
 
 from ..deploy.atomic import write_atomically
 from ..deploy.export import example_input, export_onnx, export_program, onnx_session
+from ..deploy.persist import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import UsageError
 from .common import add_load_argument, add_model_arguments, patched_model, positive_int
 
@@ -44,13 +45,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _write(model: torch.nn.Module, args: argparse.Namespace) -> None:
     example = example_input(model, args.batch_size)
     if args.format == "onnx":
-        export_onnx(model, args.output, example, dynamic_batch=not args.static_batch, opset=args.opset)
+        export_onnx(
+            model, args.output, example, dynamic_batch=not args.static_batch, opset=args.opset, overwrite=args.overwrite
+        )
     elif args.format == "pt2":
         program = export_program(model, example, dynamic_batch=not args.static_batch)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(args.output, lambda tmp: torch.export.save(program, tmp))
     else:
-        evit_patch.save_pretrained(model, args.output)
+        evit_patch.save_pretrained(model, args.output, overwrite=args.overwrite)
+
+
+def _remove_output(args: argparse.Namespace, created: bool) -> None:
+    """Delete what :func:`_write` wrote (a model that failed --verify is not left to be deployed);
+    a --format safetensors folder goes too if this run ``created`` it and nothing else is in it."""
+    output = args.output
+    if args.format != "safetensors":
+        output.unlink(missing_ok=True)
+        Path(f"{output}.data").unlink(missing_ok=True)  # ONNX external data, above 1 GiB of weights
+        return
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        (output / name).unlink(missing_ok=True)
+    if created and not any(output.iterdir()):
+        output.rmdir()
 
 
 def _reloaded(args: argparse.Namespace):
@@ -89,17 +106,23 @@ def _check_output(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict:
     _check_output(args)
     model = patched_model(args)
+    created = not args.output.exists()
     _write(model, args)
     print(f"wrote {args.output} ({args.format}, {'static' if args.static_batch else 'dynamic'} batch)")
     result: dict = {"output": str(args.output), "format": args.format}
     if args.verify:
-        result["max_abs_difference"] = differences = verify(model, args)
+        try:
+            result["max_abs_difference"] = differences = verify(model, args)
+        except BaseException:
+            _remove_output(args, created)
+            raise
         for batch, difference in differences.items():
             print(f"verify batch {batch}: max |{args.format} - eager| = {difference:.3g}")
         worst = max(differences.values())
         if not worst <= args.tolerance:
+            _remove_output(args, created)
             raise evit_patch.EViTError(
                 f"export verification failed: {args.output} differs from the eager model by {worst:.3g} "
-                f"(tolerance {args.tolerance})"
+                f"(tolerance {args.tolerance}); removed it"
             )
     return result

@@ -3,12 +3,15 @@
     evit-patch finetune --model deit_small_patch16_224 --pretrained --layers 3 6 9 --keep 0.7 \\
         --data-dir /data/imagenet/train --val-dir /data/imagenet/val --epochs 1 --batch-size 256 \\
         --amp --torchcompile --output runs/deit_s_k07
+    evit-patch finetune --model deit_tiny_patch16_224 --checkpoint w.safetensors --flops 0.45 --method merge \\
+        --distill-only --data-dir train.csv --val-dir val.csv --output runs/merge_045
     torchrun --nproc_per_node 8 tools/finetune.py ...          # same flags, one process per GPU
     evit-patch finetune --resume runs/deit_s_k07      # continues where it stopped, with the flags in its args.json
 
 The teacher is the original model (frozen); the student is ``evit_patch.apply`` of it, and its
-keep rate warms up from 1.0 to ``--keep``. ``--data-dir`` is an ImageFolder tree, a folder of
-unlabelled images or a ``file,label`` manifest CSV. The result reloads with
+keep rate warms up from 1.0 to ``--keep``, or to the rates a ``--flops``/``--speedup`` budget plans
+(with ``--method merge``, at every block from D/4 on). ``--data-dir`` is an ImageFolder tree, a
+folder of unlabelled images or a ``file,label`` manifest CSV. The result reloads with
 ``evit_patch.load_pretrained("<output>/final")``; with ``--val-dir``, ``<output>/best`` is the
 model with the lowest validation KL to the original, the untouched patched model included (its
 evaluation is in ``<output>/best.json``). ``--batch-size`` is per process, as in timm.
@@ -41,7 +44,7 @@ from ..train.data import (
     val_loader,
 )
 from ..train.loop import AMP_DTYPES, BEST_NAME, TrainConfig, Trainer
-from .common import add_model_arguments, device, keep_arg, plan_options, positive_int
+from .common import add_model_arguments, device, plan_arguments, plan_options, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _NOT_RESUMED = {"resume", "output", "run", "command", "argv"}
 _PATHS = {"data_dir", "val_dir", "checkpoint"}
+_AMOUNT = {"keep", "flops", "speedup"}
+"""How much the plan keeps: one of them is the plan's (a budget wins over --keep's default)."""
 
 
 def _given(argv: list[str]) -> set[str]:
@@ -115,8 +120,9 @@ def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
         saved = json.loads(saved_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{saved_path}: not valid JSON ({exc})") from exc
+    amount = _AMOUNT if given & _AMOUNT else set()  # --keep on this command line replaces a saved budget
     for key, value in saved.items():
-        if key in _NOT_RESUMED or key in given or not hasattr(args, key):
+        if key in _NOT_RESUMED or key in given or key in amount or not hasattr(args, key):
             continue
         setattr(args, key, Path(value) if key in _PATHS and value is not None else value)
     return args
@@ -197,7 +203,22 @@ def _output_dir(args: argparse.Namespace) -> Path:
     return Path(output)
 
 
+def _check_resume(args: argparse.Namespace) -> None:
+    """``--resume`` names a run directory that exists (else every other message would mislead)."""
+    if args.resume is None:
+        return
+    if not args.resume.exists():
+        raise FileNotFoundError(
+            f"--resume {args.resume} does not exist: expected the --output directory of an earlier finetune run"
+        )
+    if not args.resume.is_dir():
+        raise UsageError(
+            f"--resume {args.resume} is a file: expected the --output directory of an earlier finetune run"
+        )
+
+
 def run(args: argparse.Namespace) -> dict:
+    _check_resume(args)
     args = _resumed_arguments(args)
     _check_arguments(args)
     output = _output_dir(args)
@@ -217,7 +238,7 @@ def _run(args, ctx, output: Path, resume_dir: Path | None) -> dict:
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     torch.manual_seed(args.seed)  # the same (random-init) teacher on every rank
     teacher = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
-    student = evit_patch.apply(teacher, layers=args.layers, keep=keep_arg(args), **plan_options(args))
+    student = evit_patch.apply(teacher, **plan_arguments(args), **plan_options(args))
     torch.manual_seed(args.seed + ctx.rank)
     if labelled and not args.distill_only:
         check_labels(args.data_dir, items, teacher.num_classes)

@@ -21,21 +21,31 @@ import evit_patch
 
 from ..bench.data import load_images
 from ..bench.quality import compare
-from .common import DEFAULT_MODEL, add_plan_options, load_model, non_negative_int, plan_options, positive_int
+from ..errors import UsageError
+from .common import (
+    DEFAULT_MODEL,
+    add_budget_arguments,
+    add_plan_options,
+    load_model,
+    non_negative_int,
+    plan_options,
+    positive_int,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="local weights: .safetensors or .pth")
     parser.add_argument("--pretrained", action="store_true", help="download pretrained weights through timm")
-    budget = parser.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--flops", type=float, help="fraction of the original MACs, e.g. 0.66")
-    budget.add_argument("--speedup", type=float, help="FLOP-ideal speedup, e.g. 1.5")
+    add_budget_arguments(parser.add_mutually_exclusive_group(required=True))
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="default: D/4, D/2, 3D/4")
     parser.add_argument("--img-size", type=positive_int, default=None, help="plan for this input size")
     parser.add_argument("--data", type=Path, nargs="*", default=[], help="manifests/ImageFolders to calibrate on")
     parser.add_argument(
-        "--calibration-images", type=non_negative_int, default=128, help="images the calibration uses (default: 128)"
+        "--calibration-images",
+        type=non_negative_int,
+        default=128,
+        help="images the calibration uses, the rest check the plans (default: 128; 0: no calibration)",
     )
     parser.add_argument(
         "--max-evaluations", type=positive_int, default=200, help="calibration: most plans tried (default: 200)"
@@ -74,11 +84,17 @@ def _held_out(args, model, fast, budget) -> dict:
     """Calibrate on a seeded subset (native size only); compare plans on the images left over."""
     images, labels = _images(args.data, model, args.img_size)
     native = images if args.img_size is None else _images(args.data, model)[0]
+    if len(images) <= args.calibration_images:
+        raise UsageError(
+            f"--data holds {len(images)} images and --calibration-images is {args.calibration_images}: no image "
+            f"would be left to check the plans on; give more images, or fewer calibration images (e.g. "
+            f"--calibration-images {len(images) // 2})"
+        )
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
     calib, held = order[: args.calibration_images], order[args.calibration_images :]
     candidates = {"analytic": fast}
     result: dict = {}
-    if args.img_size is None:
+    if args.img_size is None and len(calib):
         options = plan_options(args)
         found = evit_patch.calibrate(
             model, images[calib], layers=args.layers, max_evaluations=args.max_evaluations, **budget, **options

@@ -9,6 +9,7 @@ the exported graph is static in tokens and dynamic in batch only; ONNX uses stan
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import nn
 from ..errors import UnsupportedInputError
 from ..families import describe, find_family
 from .atomic import write_atomically
+from .persist import check_overwrite
 
 BATCH = "batch"
 """Name of the dynamic batch dimension, in the exported program and the ONNX graph."""
@@ -65,6 +67,33 @@ def _evaluating(model: nn.Module):
         model.train(was_training)
 
 
+AMBIGUOUS_ATTRIBUTE = "Attribute type is ambiguous because it is an empty sequence"
+"""What onnx_ir logs once per ``index_put`` the exporter lowers (merging's ``index_add``): onnxscript
+builds the op's list of ``None`` indices as an attribute, which is empty there, and its default type
+(INTS) is the right one. Nothing the user can act on, so :func:`quiet_onnx_attribute_warnings` drops it."""
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def quiet_onnx_attribute_warnings():
+    """Drop :data:`AMBIGUOUS_ATTRIBUTE` from the ``onnx_ir`` logger while the block runs (every other
+    record passes; the filter is removed after)."""
+    logger, drop = logging.getLogger("onnx_ir._convenience"), _DropMessage(AMBIGUOUS_ATTRIBUTE)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def export_program(
     model: nn.Module, example: torch.Tensor | None = None, *, dynamic_batch: bool = True
 ) -> torch.export.ExportedProgram:
@@ -94,6 +123,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     opset: int | None = None,
     external_data: bool | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` to an ONNX file through the dynamo-based exporter; returns the path.
 
@@ -108,17 +138,26 @@ def export_onnx(
         opset: ONNX opset; default the exporter's.
         external_data: weights in a ``<path>.data`` side file; default only above 1 GiB of
             parameters, so that small models are one self-contained file.
+        overwrite: replace an existing file at ``path``; without it one is refused before exporting
+            (as the CLI's ``--overwrite``).
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is not set.
     """
     try:
         import onnxscript  # noqa: F401  (the exporter needs it; fail early with the fix)
     except ImportError as exc:
         raise ImportError('ONNX export needs onnx and onnxscript: pip install "evit_patch[onnx]"') from exc
+    path = Path(path)
+    check_overwrite(path, overwrite)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; export_onnx writes a file")
     example = _example(model, example, dynamic_batch)
     if external_data is None:
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _evaluating(model):  # the exporter runs torch.export as export_program does, and names the batch
+    # The exporter runs torch.export as export_program does, and names the batch.
+    with _evaluating(model), quiet_onnx_attribute_warnings():
         onnx_program = torch.onnx.export(
             model,
             (example,),

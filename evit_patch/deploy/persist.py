@@ -50,12 +50,40 @@ def _check_rebuilds(model: nn.Module, family: Family, recipe: Recipe) -> None:
         )
 
 
+def check_plain_tensors(model: nn.Module, where: str = "save_pretrained") -> None:
+    """Refuse, naming the first one, weights that are not plain tensors: quantized ones (torchao's
+    tensor subclasses such as ``Int8Tensor``, ``torch.ao`` quantized dtypes), which safetensors
+    cannot write and ``load_pretrained`` could not rebuild."""
+    for name, tensor in model.state_dict().items():
+        plain = isinstance(tensor, torch.Tensor) and type(tensor) in (torch.Tensor, nn.Parameter)
+        if plain and not tensor.is_quantized:
+            continue
+        kind = f"{type(tensor).__module__}.{type(tensor).__qualname__}"
+        if plain:
+            kind = f"quantized tensor ({tensor.dtype})"
+        raise CheckpointError(
+            f"{where}: {describe(model)} holds quantized weights ({name} is a {kind}), which evit_patch does not "
+            "save; nothing was written. Save the model before quantizing it and quantize after load_pretrained, "
+            "or save the whole model with torch.save(model, path)"
+        )
+
+
+def check_overwrite(path: Path, overwrite: bool, flag: str = "overwrite=True") -> None:
+    """Refuse to replace an existing file, or a non-empty folder, unless ``overwrite`` (the one rule of
+    ``save_pretrained``, ``export_onnx`` and the CLI's ``--overwrite``)."""
+    exists = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if exists and not overwrite:
+        kind = "a non-empty folder" if path.is_dir() else "a file"
+        raise FileExistsError(f"{path} exists ({kind}); pass {flag} to replace it, or choose another path")
+
+
 def save_pretrained(
     model: nn.Module,
     directory: str | os.PathLike,
     *,
     architecture: str | None = None,
     model_kwargs: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a patched ``model`` to ``directory`` (created if needed); returns the directory.
 
@@ -67,14 +95,21 @@ def save_pretrained(
             their class and constructor arguments themselves.
         model_kwargs: extra constructor arguments, merged over the detected ones (timm:
             ``num_classes``, ``img_size`` and ``global_pool``).
+        overwrite: replace the files of a ``directory`` that is not empty; without it such a
+            directory is refused (as the CLI's ``--overwrite``).
 
     Raises:
         CheckpointError: ``timm.create_model(architecture, **model_kwargs)`` would not rebuild
-            this model (checked on the meta device, before anything is written).
+            this model (checked on the meta device, before anything is written), or its weights
+            are quantized.
+        FileExistsError: ``directory`` exists and is not empty, and ``overwrite`` is not set.
     """
     from safetensors.torch import save_model
 
     config = get_config(model)
+    directory = Path(directory)
+    check_overwrite(directory, overwrite)
+    check_plain_tensors(model)
     family = find_family(model)
     recipe = family.recipe(model, architecture, model_kwargs)
     _check_rebuilds(model, family, recipe)
@@ -88,7 +123,6 @@ def save_pretrained(
         "evit": config.to_dict(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
     def write_weights(tmp: str) -> None:

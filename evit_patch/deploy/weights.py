@@ -20,9 +20,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: there is no such file.
-        CheckpointError: the file is not a readable safetensors file or weights-only checkpoint.
+        CheckpointError: ``path`` is a directory, or the file is not a readable safetensors file or
+            weights-only checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory; expected a .safetensors or .pth weights file (a folder written by "
+            "save_pretrained loads with evit_patch.load_pretrained, or the CLI's --load)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":

@@ -23,6 +23,28 @@ def describe(model: nn.Module) -> str:
     return f"{type(model).__name__} ({arch})" if arch else type(model).__name__
 
 
+def class_path_of(model: nn.Module) -> str:
+    """``"timm.models.resnet.ResNet (resnet18)"``: the full class path, and the architecture if known."""
+    cls = type(model)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    described = describe(model)
+    return name + described[len(cls.__name__) :]
+
+
+def foreign_override(model: nn.Module, base: type, methods: tuple[str, ...], package: str) -> str | None:
+    """The first of ``methods`` that a class between ``type(model)`` and ``base``, from outside
+    ``package``, defines anew (``"models_vit.VisionTransformer.forward_features"``), else ``None``: a
+    family knows its library's code, not a subclass's own forward (discovery reads that one)."""
+    for cls in type(model).__mro__:
+        if cls is base:
+            return None
+        if not cls.__module__.startswith(package):
+            for method in methods:
+                if method in vars(cls):
+                    return f"{cls.__module__}.{cls.__qualname__}.{method}"
+    return None
+
+
 def class_path(model: nn.Module) -> set[str]:
     """Fully qualified names of the model's class and its bases: matching without importing."""
     return {f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__}
@@ -100,6 +122,12 @@ class Family(abc.ABC):
         """A copy of ``model`` that takes ``img_size`` inputs (position embeddings resampled)."""
         raise UnsupportedModelError(f"{describe(model)}: evit_patch cannot change this family's input size")
 
+    def prepare_copy(self, model: nn.Module) -> None:
+        """Called once on the copy being patched, before its blocks are traced: a family whose blocks
+        are not modules of their own (residual adds in the module that runs them) makes them so
+        here, keeping every parameter under its name. Must compute exactly what it did before."""
+        return None
+
     def prepare_block(self, block: nn.Module) -> nn.Module:
         """The block as the tracer should see it; a family re-expresses opaque modules here.
 
@@ -140,6 +168,13 @@ class Family(abc.ABC):
         ``last_hidden_state``) removes the state channels there
         (:func:`~evit_patch.token_state.strip`), so users see the library's output width."""
         return None
+
+    def token_outputs(self, model: nn.Module) -> tuple[str, ...]:
+        """Outputs that return the final tokens by design, as pytree key paths of the model's output
+        (``"['last_hidden_state']"``): their token count follows the plan, while their batch and
+        channel sizes must stay the original's. Every other output must keep its shape exactly
+        (the output check refuses a patched model otherwise)."""
+        return ()
 
     def install_guards(self, model: nn.Module, first: int) -> None:
         """Called on the patched copy: shadow library methods that cannot serve a model that

@@ -15,6 +15,8 @@ import copy
 import functools
 import inspect
 import sys
+import warnings
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -82,11 +84,46 @@ def require_no_output_capture(kwargs: dict, where: str) -> None:
         )
 
 
-def refuse_at_call(model: nn.Module, args: tuple, kwargs: dict, *, where: str, mask_index: int | None) -> None:
+_WARNED_CHECKPOINTING: weakref.WeakSet = weakref.WeakSet()
+"""Patched models already told that their patched layers are not checkpointed (once per model)."""
+
+
+def warn_unchecked_checkpointing(model: nn.Module, where: str, patched: tuple[int, int]) -> None:
+    """Warn once per model when it trains with transformers' gradient checkpointing on: transformers
+    checkpoints its own layer classes, and the patched layers (``patched``: first and last index) are
+    traced graphs, so they keep their activations (the gradients are the same; the memory is not saved)."""
+    if not (model.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return
+    if model in _WARNED_CHECKPOINTING or not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return
+    _WARNED_CHECKPOINTING.add(model)
+    first, last = patched
+    warnings.warn(
+        f"{where} was patched by evit_patch: gradient checkpointing is on, but only layers before {first} are "
+        f"checkpointed; the patched layers {first}-{last} are traced graphs that transformers does not checkpoint, "
+        "so they keep their activations (same gradients, more memory than a checkpointed run)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def refuse_at_call(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    *,
+    where: str,
+    mask_index: int | None,
+    patched: tuple[int, int] | None = None,
+) -> None:
     """Forward pre-hook on a patched transformers model: what it cannot honour is refused at call
     time, whether asked in the call or set in ``model.config`` after patching (transformers reads
     the config then). A padding mask that hides tokens is refused here, so the patched layers can
-    ignore the masks transformers builds itself (all-visible ones, under ``torch.export``)."""
+    ignore the masks transformers builds itself (all-visible ones, under ``torch.export``). Training
+    with gradient checkpointing on warns once that the ``patched`` layers are not checkpointed
+    (:func:`warn_unchecked_checkpointing`)."""
+    if patched is not None:
+        warn_unchecked_checkpointing(model, where, patched)
     config = model.config
     requested = [name for name in OUTPUT_OPTIONS if kwargs.get(name, getattr(config, name, False))]
     if requested:
@@ -105,12 +142,13 @@ def refuse_at_call(model: nn.Module, args: tuple, kwargs: dict, *, where: str, m
         )
 
 
-def install_call_guard(model: nn.Module) -> None:
-    """Register :func:`refuse_at_call` on a patched model (picklable: a partial of a module function)."""
+def install_call_guard(model: nn.Module, patched: tuple[int, int] | None = None) -> None:
+    """Register :func:`refuse_at_call` on a patched model (picklable: a partial of a module function);
+    ``patched``: the first and last patched layer, named when checkpointing cannot reach them."""
     params = [p for p in inspect.signature(type(model).forward).parameters.values() if p.name != "self"]
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     mask_index = names.index("attention_mask") if "attention_mask" in names else None
-    hook = functools.partial(refuse_at_call, where=describe(model), mask_index=mask_index)
+    hook = functools.partial(refuse_at_call, where=describe(model), mask_index=mask_index, patched=patched)
     model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
@@ -236,7 +274,11 @@ class TransformersFamily(Family):
         return model
 
     def install_guards(self, model: nn.Module, first: int) -> None:
-        install_call_guard(model)
+        install_call_guard(model, (first, len(self.blocks(model)) - 1))
+
+    def token_outputs(self, model: nn.Module) -> tuple[str, ...]:
+        """``last_hidden_state``: the tokens leaving the last layer, as many as the plan keeps."""
+        return ("['last_hidden_state']",)
 
     def recipe(self, model: nn.Module, architecture: str | None = None, model_kwargs: dict | None = None) -> Recipe:
         """The model's class (a transformers class path), its config as a dict and its attention

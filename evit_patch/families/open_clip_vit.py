@@ -16,11 +16,12 @@ follow unchanged. open_clip is imported nowhere: matching is by class path. Towe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedInputError, UnsupportedModelError
 from ..options import Pool
 from .base import Family, attention_pool_macs, class_path, describe
 from .mha import check_multihead_attention, with_sdpa_attention
@@ -34,6 +35,25 @@ _POOLER = f"{_MODULE}.AttentionalPooler"
 
 def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+_POOL_ATTRIBUTES = ("pool_type", "final_ln_after_pool", "output_tokens")
+"""What a token-pooled tower's output depends on, read by ``forward`` at every call."""
+
+
+def refuse_at_call(model: nn.Module, args: tuple, *, patched: dict) -> None:
+    """Forward pre-hook on a patched token-pooled tower: a pooling attribute set after patching is
+    refused at call time (``forward`` reads them then), never served wrong. ``output_tokens=True``
+    would return the surviving tokens (fewer than the grid, merged ones weighing one) as if they
+    were every patch's; another ``pool_type`` or ``final_ln_after_pool`` would pool tokens that
+    were wired for ``patched``'s pool."""
+    changed = [f"{name}={getattr(model, name)!r}" for name, was in patched.items() if getattr(model, name) != was]
+    if changed:
+        shown = ", ".join(f"{name}={was!r}" for name, was in patched.items())
+        raise UnsupportedInputError(
+            f"{describe(model)} was patched by evit_patch with {shown}: {', '.join(changed)} cannot be honoured "
+            "(the patched blocks return fewer, reorganized tokens); set it back, or patch a tower configured so"
+        )
 
 
 @register_family
@@ -170,3 +190,10 @@ class OpenClipVisionTransformer(Family):
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
         return with_sdpa_attention(block, "attn")
+
+    def install_guards(self, model: nn.Module, first: int) -> None:
+        """A token-pooled tower refuses, at call time, pooling attributes changed after patching
+        (:func:`refuse_at_call`); an attentional pooler's outputs are its queries', whatever they are."""
+        if model.attn_pool is None:
+            patched = {name: getattr(model, name) for name in _POOL_ATTRIBUTES}
+            model.register_forward_pre_hook(functools.partial(refuse_at_call, patched=patched))

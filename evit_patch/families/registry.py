@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Family, describe
+from .base import Family, class_path, class_path_of, describe
+from .discovered import DiscoveredFamily, attached
+from .discovery import GUIDE, NoStructure, discover
 
 _FAMILIES: list[Family] = []
 
@@ -36,6 +38,9 @@ def find_family(model: nn.Module) -> Family:
         raise UnsupportedModelError(
             f"evit_patch.apply expects a torch.nn.Module vision transformer, got {type(model).__name__}"
         )
+    found = attached(model)
+    if found is not None:  # a patched copy of a discovered model
+        return found
     matching = [family for family in _FAMILIES if family.matches(model)]
     if matching:
         # The most specific wins, whatever the import order: a family claiming a subclass (or a
@@ -44,11 +49,16 @@ def find_family(model: nn.Module) -> Family:
     wrapped = _wrapped(model)
     if wrapped:
         raise UnsupportedModelError(f"{describe(model)} is not itself a vision transformer: {wrapped}")
-    supported = ", ".join(f.name for f in _FAMILIES if f.supported)
-    raise UnsupportedModelError(
-        f"{describe(model)} is not a vision transformer evit_patch knows: no registered family "
-        f"matches it (supported: {supported})"
-    )
+    try:  # registered families first; structural discovery is the fallback
+        return DiscoveredFamily(discover(model))
+    except NoStructure as exc:
+        supported = ", ".join(f.name for f in _FAMILIES if f.supported)
+        found = f" (found: {'; '.join(exc.found)})" if exc.found else ""
+        raise UnsupportedModelError(
+            f"{class_path_of(model)} is not a vision transformer evit_patch knows: no registered family matches "
+            f"it, and structural discovery {exc.missing}{found}; supported families: {supported}; to add one, "
+            f"see {GUIDE}"
+        ) from None
 
 
 def family_named(name: str, where: str) -> Family:
@@ -69,6 +79,13 @@ def _wrapped(model: nn.Module) -> str | None:
         return f"it wraps one; pass model.module to evit_patch, then wrap the patched copy in {type(model).__name__}"
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):
         return "it is torch.compile's wrapper; pass model._orig_mod to evit_patch, then torch.compile the patched copy"
+    if "peft.peft_model.PeftModel" in class_path(model):
+        return (
+            "it is a peft PeftModel; patch the base model first and add the adapters to the patched copy "
+            "(get_peft_model(evit_patch.apply(base), config)), or merge them (model.merge_and_unload()) and patch "
+            "the result, or patch the adapted model inside it, whose LoRA layers are traced as whole projections "
+            "(evit_patch.apply(model.get_base_model()))"
+        )
     for name, child in model.named_modules():
         if name and any(family.matches(child) for family in _FAMILIES):
             return (

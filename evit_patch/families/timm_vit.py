@@ -14,9 +14,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import CheckpointError, UnsupportedModelError
 from ..options import Pool, Score
-from .base import Family, Recipe, attention_pool_macs, describe
+from .base import Family, Recipe, attention_pool_macs, describe, foreign_override
 from .registry import register_family
 from .timm_guards import confine_state, install_guards
+
+OWN = ("forward", "forward_features", "forward_head", "pool", "_pos_embed")
+"""timm's methods the family's answers rely on."""
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -92,7 +95,10 @@ class TimmVisionTransformer(Family):
     classes = frozenset({"timm.models.vision_transformer.VisionTransformer"})
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, VisionTransformer)
+        """timm's classes and subclasses that keep timm's forward: a subclass from elsewhere with a
+        forward of its own (MAE's ``models_vit``, which pools by ``global_pool=True/False``) reads its
+        tokens its own way, so structural discovery reads it instead."""
+        return isinstance(model, VisionTransformer) and foreign_override(model, VisionTransformer, OWN, "timm.") is None
 
     def check(self, model: nn.Module) -> None:
         check_pool(model, describe(model), attention=True)

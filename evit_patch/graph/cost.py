@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..reductions import Reduction
-from .locate import BlockSite
+from .locate import BlockSite, linear_core
 from .reorganizer import ScoreSource
 
 
@@ -45,18 +45,26 @@ class BlockCost:
     key_dim: int = 0
     """Width of one head's key: merging compares keys averaged over heads."""
 
-    def tokens_out(self, tokens_in: int, keep: float | None, reduction: Reduction) -> int:
-        """Tokens the MLP sees when the block reorganizes at ``keep`` (``None``: not patched)."""
+    def tokens_out(self, tokens_in: int, keep: float | None, reduction: Reduction, prefix_only: bool = False) -> int:
+        """Tokens the MLP sees when the block reorganizes at ``keep`` (``None``: not patched);
+        ``prefix_only``: the block's MLP runs on the prefix tokens alone (a class-token head's last block)."""
         prefix = self.num_prefix_tokens
-        return prefix + reduction.tokens_after(tokens_in - prefix, keep)
+        return prefix if prefix_only else prefix + reduction.tokens_after(tokens_in - prefix, keep)
 
     def macs(
-        self, tokens_in: int, keep: float | None = None, reduction: Reduction | None = None, received: bool = False
+        self,
+        tokens_in: int,
+        keep: float | None = None,
+        reduction: Reduction | None = None,
+        received: bool = False,
+        prefix_only: bool = False,
     ) -> int:
         """MACs of one sample through the block, reorganizing at ``keep`` (``None``: not patched);
         ``received``: the score is the attention every token receives, whose recomputation costs
-        the whole ``N x N`` map, not one row."""
-        tokens_out = tokens_in if reduction is None else self.tokens_out(tokens_in, keep, reduction)
+        the whole ``N x N`` map, not one row; ``prefix_only``: see :meth:`tokens_out`."""
+        tokens_out = tokens_in
+        if reduction is not None:
+            tokens_out = self.tokens_out(tokens_in, keep, reduction, prefix_only)
         total = self.fixed_macs + tokens_in * self.pre_macs_per_token
         total += tokens_in * tokens_in * (self.qk_width + self.v_width)
         total += tokens_out * self.post_macs_per_token
@@ -64,7 +72,7 @@ class BlockCost:
         if reduction is not None and keep is not None and reduction.drops(num_image, keep):
             if self.recomputes_cls_row:
                 total += tokens_in * self.qk_width * (tokens_in if received else 1)
-            kept = tokens_out - self.num_prefix_tokens - reduction.extra_tokens
+            kept = self.tokens_out(tokens_in, keep, reduction) - self.num_prefix_tokens - reduction.extra_tokens
             total += reduction.macs(num_image, kept, channels=self.channels, key_dim=self.key_dim)
         return total
 
@@ -72,7 +80,7 @@ class BlockCost:
 def _weight_shape(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, int]:
     """``(out_features, in_features)`` of a projection node (``nn.Linear``, or ``F.linear`` with a stored weight)."""
     if node.op == "call_module":
-        module = modules[node.target]
+        module = linear_core(modules[node.target])
         return module.out_features, module.in_features
     weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
     out_features, in_features = operator.attrgetter(weight.target)(node.graph.owning_module).shape
@@ -80,7 +88,9 @@ def _weight_shape(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, in
 
 
 def _projection_macs(node: fx.Node, modules: dict[str, nn.Module]) -> int:
-    """Multiply-accumulates per row of a projection node."""
+    """Multiply-accumulates per row of a projection node (an adapter's low-rank Linears included)."""
+    if node.op == "call_module":
+        return sum(m.in_features * m.out_features for m in modules[node.target].modules() if isinstance(m, nn.Linear))
     return math.prod(_weight_shape(node, modules))
 
 
@@ -98,7 +108,7 @@ def _attention_widths(site: BlockSite) -> tuple[int, int, int]:
         q = _shape(op.args[0] if op.args else op.kwargs["query"], site.where)
         v = _shape(op.args[2] if len(op.args) > 2 else op.kwargs["value"], site.where)
     else:
-        q, v = _shape(site.logits.args[0], site.where), _shape(site.mixes.args[1], site.where)
+        q, v = _shape(site.queries, site.where), _shape(site.values, site.where)
     if len(q) != 4 or len(v) != 4:
         raise UnsupportedModelError(
             f"{site.where}: expected (batch, heads, tokens, dim) attention inputs, found {tuple(q)}"

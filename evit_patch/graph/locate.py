@@ -4,7 +4,9 @@ counting (``cost.py`` counts what the match names).
 The questions are structural, so harmless variants (Identity norms, LayerScale, drop-path,
 fused or manual attention, post-norm blocks) need no special cases:
 
-- the attention op: the block's one ``scaled_dot_product_attention`` call, else its one softmax;
+- the attention op: the block's one ``scaled_dot_product_attention`` call, else its one softmax
+  (function, method or ``nn.Softmax`` module), between ``q @ k^T`` and ``probs @ v`` (``matmul``,
+  ``@``, ``bmm`` or ``einsum``);
 - the attention residual add: the first add downstream of that op whose other operand feeds the
   attention (the residual stream) rather than coming out of it;
 - a point between attention and MLP exists: every projection of the block runs either before
@@ -25,12 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..opaque import is_opaque_leaf
 from .reorganizer import ScoreSource
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.Tensor.softmax}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
+_EINSUM = {torch.einsum, torch.functional.einsum}
+_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, *_EINSUM}
 _MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
 
 
@@ -64,6 +68,10 @@ class BlockSite:
     """Manual attention: ``q @ k^T``, the last matmul before the softmax."""
     mixes: fx.Node | None = None
     """Manual attention: ``probs @ v``, the first matmul after the softmax."""
+    queries: fx.Node | None = None
+    """Manual attention: the ``q`` operand of ``q @ k^T``, ``(B, H, N, D)`` (for counting)."""
+    values: fx.Node | None = None
+    """Manual attention: the ``v`` operand of ``probs @ v``, ``(B, H, N, D)`` (for counting)."""
 
 
 def _is_call(node: fx.Node, functions: set, methods: set[str]) -> bool:
@@ -97,18 +105,39 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return _reachable(node, lambda n: n.all_input_nodes)
 
 
+def _softmax_module(node: fx.Node) -> nn.Softmax | None:
+    if node.op != "call_module" or node.graph.owning_module is None:
+        return None
+    module = node.graph.owning_module.get_submodule(node.target)
+    return module if isinstance(module, nn.Softmax) else None
+
+
 def _attention_op(graph: fx.Graph, where: str) -> tuple[ScoreSource, fx.Node]:
     nodes = list(graph.nodes)
     fused = [n for n in nodes if n.op == "call_function" and n.target in _SDPA]
-    manual = [n for n in nodes if _is_call(n, _SOFTMAX_FUNCTIONS, {"softmax"})]
+    manual = [n for n in nodes if _is_call(n, _SOFTMAX_FUNCTIONS, {"softmax"}) or _softmax_module(n) is not None]
     if len(fused) == 1:
         return ScoreSource.QUERY_KEY, fused[0]
     if not fused and len(manual) == 1:
         return ScoreSource.PROBABILITIES, manual[0]
     found = len(fused) or len(manual)
+    hint = " (parallel branches, or differential attention)" if found > 1 else _opaque_attention(graph)
     raise UnsupportedModelError(
         f"{where}: expected exactly one attention op (scaled_dot_product_attention or softmax) "
-        f"in the block, found {found}" + (" (parallel branches, or differential attention)" if found > 1 else "")
+        f"in the block, found {found}" + hint
+    )
+
+
+def _opaque_attention(graph: fx.Graph) -> str:
+    """Why no attention op was seen: an ``nn.MultiheadAttention`` is an opaque leaf to fx."""
+    owner = graph.owning_module
+    calls = [n for n in graph.nodes if n.op == "call_module" and owner is not None]
+    opaque = [n.target for n in calls if isinstance(owner.get_submodule(n.target), nn.MultiheadAttention)]
+    if not opaque:
+        return ""
+    return (
+        f" (nn.MultiheadAttention at {opaque[0]!r} is opaque to torch.fx: a family re-expresses it on the same "
+        "parameters in prepare_block with evit_patch.families.mha.with_sdpa_attention, as torchvision's does)"
     )
 
 
@@ -128,11 +157,51 @@ def _check_fused_call(op: fx.Node, where: str) -> tuple[tuple[fx.Node, fx.Node],
 
 
 def _check_softmax(op: fx.Node, where: str) -> None:
-    dim = _arg(op, 1, "dim")
+    module = _softmax_module(op)
+    dim = module.dim if module is not None else _arg(op, 1, "dim")
     if dim not in (-1, 3):
         raise UnsupportedModelError(
             f"{where}: expected the attention softmax over the last (key) dimension, found dim={dim}"
         )
+
+
+def _einsum_operands(node: fx.Node) -> tuple[list[str], str, list]:
+    """``(input subscripts, output subscripts, operands)`` of an ``einsum`` node (either call form)."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    inputs, _, output = str(equation).replace(" ", "").partition("->")
+    return inputs.split(","), output, operands
+
+
+def logits_operands(logits: fx.Node) -> tuple[fx.Node | None, fx.Node | None, bool]:
+    """``(q, k, transposed)`` of the ``q @ k^T`` node: ``k`` as the node holds it, ``(B, H, N, D)``, or
+    ``(B, H, D, N)`` when ``transposed``; ``None`` where the layout is not one of these."""
+    if logits.target not in _EINSUM:
+        operand = _arg(logits, 1, "other") if logits.op == "call_function" else logits.args[1]
+        return logits.args[0], operand if isinstance(operand, fx.Node) else None, True
+    subscripts, output, operands = _einsum_operands(logits)
+    if len(output) != 4 or len(subscripts) != 2:
+        return None, None, False
+    query_index, key_index = output[2], output[3]
+    q = k = None
+    transposed = False
+    for letters, operand in zip(subscripts, operands):
+        if len(letters) != 4 or letters[:2] != output[:2]:
+            continue
+        if letters[2] == query_index:
+            q = operand
+        elif key_index in letters[2:]:
+            k, transposed = operand, letters[3] == key_index
+    return q, k, transposed
+
+
+def mixes_values(mixes: fx.Node, probs: fx.Node) -> fx.Node | None:
+    """The ``v`` operand of the ``probs @ v`` node (the operand that does not come from ``probs``)."""
+    operands = _einsum_operands(mixes)[2] if mixes.target in _EINSUM else list(mixes.args[:2])
+    fed = _descendants(probs) | {probs}
+    others = [o for o in operands if isinstance(o, fx.Node) and o not in fed]
+    return others[0] if len(others) == 1 else None
 
 
 def tokens_input(graph: fx.Graph) -> fx.Node:
@@ -206,10 +275,21 @@ def _residual_add(op: fx.Node, around: _Neighbourhood, where: str) -> fx.Node:
     )
 
 
+def linear_core(module: nn.Module | None) -> nn.Linear | None:
+    """The ``nn.Linear`` a projection module computes: the module itself, or the base layer of an
+    adapter kept as a leaf (peft's LoRA ``Linear``, whose low-rank update rides on it)."""
+    if isinstance(module, nn.Linear):
+        return module
+    base = getattr(module, "get_base_layer", None) if module is not None and is_opaque_leaf(module) else None
+    core = base() if callable(base) else None
+    return core if isinstance(core, nn.Linear) else None
+
+
 def is_projection(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """An ``nn.Linear`` call or an ``F.linear`` with a stored weight: what the cost model counts."""
+    """An ``nn.Linear`` call (or an adapter around one), or an ``F.linear`` with a stored weight:
+    what the cost model counts."""
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.Linear)
+        return linear_core(modules.get(node.target)) is not None
     if node.op == "call_function" and node.target is F.linear:
         weight = _arg(node, 1, "weight")
         return isinstance(weight, fx.Node) and weight.op == "get_attr"
@@ -264,11 +344,12 @@ def locate(gm: fx.GraphModule, *, where: str) -> BlockSite:
     bias, bias_user = _position_bias(source, op, around, where)
     add = _residual_add(op, around, where)
     before, after, tables = _projections(gm, op, add, around, where)
+    queries = values = None
     if source is ScoreSource.QUERY_KEY:
         keys, transposed = score_inputs[1], False
     else:
-        operand = _arg(around.logits, 1, "other") if around.logits.op == "call_function" else around.logits.args[1]
-        keys, transposed = (operand if isinstance(operand, fx.Node) else None), True
+        queries, keys, transposed = logits_operands(around.logits)
+        values = mixes_values(around.mixes, op)
     return BlockSite(
         where,
         source,
@@ -285,6 +366,8 @@ def locate(gm: fx.GraphModule, *, where: str) -> BlockSite:
         transposed,
         around.logits,
         around.mixes,
+        queries,
+        values,
     )
 
 

@@ -13,6 +13,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import UnsupportedModelError
 from ..families import Family, describe, find_family
+from ..families.discovered import DiscoveredFamily
 from ..options import Pool, Score
 from .cost import BlockCost, block_cost
 from .locate import BlockSite, locate
@@ -30,6 +31,8 @@ class TracedBlock:
     graph_module: fx.GraphModule
     site: BlockSite
     cost: BlockCost
+    reexpressed: bool = False
+    """The family traced a re-expression of the block (``prepare_block``): equal up to rounding only."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class ModelProfile:
     pool: Pool = Pool.TOKEN
     """How the head reads the last block's tokens (it configures the reduction, e.g. EViT's fused
     token on the tokens' scale for pooling heads)."""
+    discovered: str = ""
+    """What structural discovery found, when no registered family claims the model."""
 
     def pool_macs(self, tokens: int) -> int:
         """The head's token-dependent MACs when ``tokens`` (prefix included) leave the last block."""
@@ -57,12 +62,14 @@ class ModelProfile:
 
 
 def trace_blocks(model: nn.Module, family: Family, mode: FakeTensorMode | None = None) -> list[TracedBlock]:
-    """Trace every block of ``model`` (pass a copy: its blocks become graph roots).
+    """Trace every block of ``model`` (pass a copy: its blocks become graph roots, and the family
+    may restructure it first, see :meth:`Family.prepare_copy`).
 
     ``mode``: the fake-tensor mode to propagate shapes in; sharing one with :mod:`.verify` fakes
     each parameter once per ``apply`` (faking them dominates the cost of both steps).
     """
     mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
+    family.prepare_copy(model)
     who = describe(model)
     prefix = family.num_prefix_tokens(model)
     channels = family.channels(model)
@@ -71,12 +78,13 @@ def trace_blocks(model: nn.Module, family: Family, mode: FakeTensorMode | None =
     traced = []
     for index, (name, block) in enumerate(family.blocks(model)):
         where = f"{who}.{name}"
-        gm = trace_block(family.prepare_block(block), where=where, leaf_types=family.leaf_types(), live=live)
+        prepared = family.prepare_block(block)
+        gm = trace_block(prepared, where=where, leaf_types=family.leaf_types(), live=live)
         site = locate(gm, where=where)
         inputs = [family.block_inputs(model, index)[arg] for arg in live]
         _propagate_shapes(gm, block, inputs, mode, where=where, tokens=tokens, channels=channels)
         cost = block_cost(site, channels=channels, num_prefix_tokens=prefix)
-        traced.append(TracedBlock(name, gm, site, cost))
+        traced.append(TracedBlock(name, gm, site, cost, reexpressed=prepared is not block))
     return traced
 
 
@@ -120,6 +128,7 @@ def profile_of(traced: list[TracedBlock], model: nn.Module, family: Family) -> M
         pool_macs_per_token=family.pool_macs_per_token(model),
         pool_prefix_tokens=family.pool_prefix_tokens(model),
         pool=Pool(family.pool(model)),
+        discovered=family.structure.summary() if isinstance(family, DiscoveredFamily) else "",
     )
 
 

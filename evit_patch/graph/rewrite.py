@@ -12,7 +12,7 @@ from ..errors import UnsupportedModelError
 from ..families import Family, describe
 from ..opaque import runtime_guard
 from ..options import Pool
-from ..token_state import AttentionBias, Pack, PoolSizeBias, RopeGather, SizeWeightedTokens, Unpack
+from ..token_state import AttentionBias, Pack, PoolSizeBias, PrefixTokens, RopeGather, SizeWeightedTokens, Unpack
 from .locate import BlockSite, locate_pool, tokens_input
 from .profile import TracedBlock
 from .reorganizer import ScoreSource
@@ -52,7 +52,8 @@ def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.Gr
     Requires: ``site`` was located in ``gm``. Ensures: with ``state_in``, the tokens' state is split
     off the input and the position bias, rotary tables and (``proportional``) size bias follow it;
     every former user of the attention residual add (the MLP's norm, the second residual add)
-    reads the reorganized tokens; with ``state_out``, the output carries the new state.
+    reads the reorganized tokens; with ``weigh_out``, the output's image tokens are scaled by their
+    sizes for the mean the head takes; with ``state_out``, the output carries the new state.
     """
     graph = gm.graph
     positions = sizes = None
@@ -74,6 +75,14 @@ def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.Gr
             with graph.inserting_after(node):
                 tokens, positions, sizes = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
         site.residual_add.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not node)
+    if edit.prefix_only:
+        positions, sizes = _prefix_only(gm, site, edit, positions, sizes)
+    if edit.weigh_out:
+        gm.add_submodule("evit_pool", SizeWeightedTokens())
+        output = next(n for n in graph.nodes if n.op == "output")
+        with graph.inserting_before(output):
+            weighed = graph.call_module("evit_pool", (output.args[0], sizes, edit.num_prefix_tokens))
+        output.args = (weighed,)
     if edit.state_out:
         gm.add_submodule("evit_pack", Pack(edit.num_prefix_tokens))
         output = next(n for n in graph.nodes if n.op == "output")
@@ -83,6 +92,25 @@ def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.Gr
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _prefix_only(
+    gm: fx.GraphModule, site: BlockSite, edit: BlockEdit, positions: fx.Node | None, sizes: fx.Node | None
+) -> tuple[fx.Node, fx.Node]:
+    """After attention (and any reorganization), only the prefix tokens go on to the MLP."""
+    graph = gm.graph
+    reorganizer = next((n for n in graph.nodes if n.op == "call_module" and n.target == REORGANIZER_NAME), None)
+    tokens = site.residual_add
+    if reorganizer is not None:
+        tokens = next((u for u in reorganizer.users if u.target is operator.getitem and u.args[1] == 0), reorganizer)
+    gm.add_submodule("evit_prefix", PrefixTokens(edit.num_prefix_tokens))
+    with graph.inserting_after(tokens):
+        node = graph.call_module("evit_prefix", (tokens, positions, sizes))
+    with graph.inserting_after(node):
+        kept, positions, sizes = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
+    keep = {node, reorganizer}
+    tokens.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in keep and user is not kept)
+    return positions, sizes
 
 
 def _unpack_input(gm: fx.GraphModule, edit: BlockEdit) -> tuple[fx.Node, fx.Node]:

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedInputError, UnsupportedModelError
-from ..opaque import RUNTIME_GUARDS, runtime_guard
+from ..opaque import RUNTIME_GUARDS, autowrap_modules, is_opaque_leaf, known_length, runtime_guard
 from ..token_state import STATE_MODULES
 from .reorganizer import TokenReorganizer
 
@@ -35,16 +35,21 @@ class BlockTracer(fx.Tracer):
     """``fx.Tracer`` that keeps mode-dependent helpers (drop-path) and our own modules as leaves.
 
     A traced-through drop-path would bake ``self.training`` into the graph; as a leaf it keeps
-    following ``.train()``/``.eval()``.
+    following ``.train()``/``.eval()``. einops functions stay opaque calls and its layers leaves,
+    and so do peft's adapter layers (see :func:`~evit_patch.opaque.is_opaque_leaf`).
     """
 
     def __init__(self, leaf_types: Iterable[type[nn.Module]] = ()) -> None:
         # Pickle rebuilds a GraphModule by re-tracing its code with a subclass of this tracer.
-        super().__init__(autowrap_functions=tuple(RUNTIME_GUARDS))
+        super().__init__(autowrap_modules=autowrap_modules(), autowrap_functions=tuple(RUNTIME_GUARDS))
         self.leaf_types = (TokenReorganizer, *STATE_MODULES, *leaf_types)
 
+    def iter(self, obj: fx.Proxy):
+        count = known_length(obj.node)
+        return iter([obj[i] for i in range(count)]) if count is not None else super().iter(obj)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, self.leaf_types) or is_opaque_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace_block(

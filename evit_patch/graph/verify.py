@@ -10,6 +10,7 @@ Fake tensors carry shapes only, so the check costs no arithmetic.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,8 +27,9 @@ def verify_token_counts(
     *,
     img_size: tuple[int, int] | None = None,
     mode: FakeTensorMode | None = None,
-) -> None:
-    """Check that block ``i`` of ``patched`` receives ``expected[i]`` tokens on one fake image.
+) -> Any:
+    """Check that block ``i`` of ``patched`` receives ``expected[i]`` tokens on one fake image;
+    returns the model's (fake) output, whose shapes :mod:`.outputs` checks.
 
     Raises:
         VerificationError: a block received another count, or the fake forward failed.
@@ -51,7 +53,7 @@ def verify_token_counts(
             image = mode.from_tensor(
                 torch.empty(1, family.in_chans(patched), *size, dtype=param.dtype, device=param.device)
             )
-            patched(image)
+            output = patched(image)
     except Exception as exc:
         raise VerificationError(
             f"{describe(patched)}: the patched model failed on a fake {tuple(size)} image while checking its "
@@ -66,3 +68,4 @@ def verify_token_counts(
                 f"{describe(patched)}.{name}: the patched graph feeds this block {seen.get(index)} tokens, the plan "
                 f"(explain) says {expected[index]}; please report this as an evit_patch bug"
             )
+    return output

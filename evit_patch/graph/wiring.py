@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import EViTConfig
-from ..errors import UnsupportedModelError
+from ..errors import InvalidPlanError, UnsupportedModelError
 from ..families import Family, describe
 from ..options import Pool, Score
 from ..reductions import Reduction
@@ -40,10 +40,16 @@ class BlockEdit:
     sees_reduced: bool = False
     """At or after the first reorganizing block: it runs as traced, never the library's own code
     (which may hand it inputs built for every token, such as transformers' masks under export)."""
+    weigh_out: bool = False
+    """The last block of a model whose head averages its output directly (no per-token module in
+    between): it scales the image tokens by their sizes, as the final norm does elsewhere."""
+
+    prefix_only: bool = False
+    """The last block of a model whose head reads only the prefix tokens: its MLP runs on them alone."""
 
     @property
     def changes_graph(self) -> bool:
-        return self.reorganizer is not None or self.state_in or self.state_out
+        return self.reorganizer is not None or self.state_in or self.state_out or self.weigh_out or self.prefix_only
 
 
 @dataclass(frozen=True)
@@ -79,13 +85,22 @@ def wire(patched: nn.Module, family: Family, traced: list[TracedBlock], config: 
     if stateful:
         check_capacity(family.num_tokens(patched) - prefix, describe(patched))
     final = family.final_norm(patched) if stateful else None
-    if stateful and final is None and pool is Pool.AVG:
+    if final is not None and not _has_module(patched, final):
         raise UnsupportedModelError(
-            f"{describe(patched)}: its head averages the image tokens, but no per-token module follows the "
-            "last block where their sizes could weigh them; expected a final norm"
+            f"{describe(patched)}: expected the final norm at {final!r} ({family.name}), found no such module"
         )
+    # An average read straight off the last block (MAE's global_pool) is weighed by that block.
+    weigh_last = stateful and final is None and pool is Pool.AVG
     first, last = min(config.layers), len(traced) - 1
     attention_pool = pool is Pool.ATTENTION
+    if config.cls_only and (pool is not Pool.TOKEN or family.token_outputs(patched)):
+        reads = (
+            f"its head pools the image tokens ({pool.value})" if pool is not Pool.TOKEN else "it returns every token"
+        )
+        raise InvalidPlanError(
+            f"{describe(patched)}: cls_only=True runs the last block's MLP on the class token(s) alone, exact "
+            f"only for a head that reads nothing else, but {reads}; leave cls_only unset"
+        )
     edits = []
     for index, block in enumerate(traced):
         reorganizer = None
@@ -117,6 +132,8 @@ def wire(patched: nn.Module, family: Family, traced: list[TracedBlock], config: 
             rotary_args=rotary,
             proportional=options.proportional_attention,
             sees_reduced=index >= first,
+            weigh_out=weigh_last and index == last,
+            prefix_only=config.cls_only and index == last,
         )
         edits.append(edit)
     state_edit = BlockEdit(None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=prefix)
@@ -134,3 +151,11 @@ def wire(patched: nn.Module, family: Family, traced: list[TracedBlock], config: 
         family.pool_module(patched) if attention_pool else None,
         pool_edit,
     )
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

@@ -17,18 +17,22 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import EViTConfig, PlanOptions
+from ..errors import UnsupportedInputError
 from ..families import describe, find_family
-from ..graph.state import set_keep
 from ..options import Method, Score
 from .budget import max_keep_within, plan_for_budget, target_fraction
 from .explain import CostModel
+from .objective import Objective
+from .schedule import plan_searched
 
 
 @dataclass(frozen=True)
 class CalibrationResult:
+    """The plan :func:`calibrate` found; apply it with ``evit_patch.apply(model, **result.apply_kwargs())``."""
+
     config: EViTConfig
     kl: float
-    """Mean KL(original || patched) on the calibration images, in nats."""
+    """Mean KL(original || patched) on the calibration images, in nats (embedding models: 1 - cosine)."""
     agreement: float
     baseline: EViTConfig
     """The analytic plan the search started from (uniform keep at the default layers)."""
@@ -36,34 +40,10 @@ class CalibrationResult:
     baseline_agreement: float
     evaluations: int
 
-
-class _Objective:
-    """KL to the original on fixed images, for any per-block keep vector, memoised."""
-
-    def __init__(self, model: nn.Module, images: torch.Tensor, batch_size: int, every: EViTConfig) -> None:
-        from ..pipeline import patch_with  # the one upward import: calibration patches candidate models
-
-        self.depth = len(every.layers)
-        self.patched = patch_with(model, every)
-        self.batches = images.split(batch_size)
-        with torch.inference_mode():
-            self.reference = [model(x).float().log_softmax(-1) for x in self.batches]
-        self.cache: dict[tuple, tuple[float, float]] = {}
-
-    def __call__(self, layers: tuple[int, ...], keeps: tuple[float, ...]) -> tuple[float, float]:
-        key = (layers, keeps)
-        if key not in self.cache:
-            per_block = dict(zip(layers, keeps))
-            set_keep(self.patched, [per_block.get(i, 1.0) for i in range(self.depth)])
-            kl = agree = 0.0
-            with torch.inference_mode():
-                for x, ref in zip(self.batches, self.reference):
-                    out = self.patched(x).float().log_softmax(-1)
-                    kl += torch.nn.functional.kl_div(out, ref, log_target=True, reduction="sum").item()
-                    agree += (out.argmax(-1) == ref.argmax(-1)).sum().item()
-            count = sum(len(x) for x in self.batches)
-            self.cache[key] = (kl / count, agree / count)
-        return self.cache[key]
+    def apply_kwargs(self) -> dict:
+        """The calibrated plan as keyword arguments of :func:`evit_patch.apply`: ``layers``, ``keep`` and
+        the plan options (method, fuse, score, proportional)."""
+        return {"layers": self.config.layers, "keep": self.config.keep, **self.config.options()}
 
 
 def _moves(state, cost: CostModel, target: float, base: EViTConfig, step: float):
@@ -97,6 +77,25 @@ def _moves(state, cost: CostModel, target: float, base: EViTConfig, step: float)
                     yield layers, tuple(new_keeps)
 
 
+def check_images(images: object, model: nn.Module, where: str) -> None:
+    """Refuse what the model cannot take as preprocessed images, naming what was found and what is expected."""
+    param = next(model.parameters())
+    preprocessing = (
+        "preprocess them as the model expects, e.g. timm.data.create_transform(**timm.data.resolve_data_config("
+        "{}, model=model)): float, scaled to [0, 1] and normalized by the model's mean and std"
+    )
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        found = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise UnsupportedInputError(
+            f"calibrate: {where} needs a (N, C, H, W) batch of images, got {found}; {preprocessing}"
+        )
+    if not images.is_floating_point():
+        raise UnsupportedInputError(
+            f"calibrate: images are {images.dtype}; {where} takes {param.dtype} images: {preprocessing}, "
+            f"then .to({param.dtype})"
+        )
+
+
 def calibrate(
     model: nn.Module,
     images: torch.Tensor,
@@ -108,6 +107,7 @@ def calibrate(
     score: str | Score | None = None,
     method: str | Method = Method.EVIT,
     proportional: bool | None = None,
+    cls_only: bool | None = None,
     batch_size: int = 64,
     step: float = 0.1,
     min_step: float = 0.025,
@@ -118,7 +118,7 @@ def calibrate(
 
     Args:
         model: the original model (left untouched).
-        images: a few unlabelled, preprocessed images, e.g. 64-256.
+        images: a few unlabelled images, preprocessed as for the model (float, normalized), e.g. 64-256.
         flops: the budget as a fraction of the original MACs, as in :func:`evit_patch.plan`.
         speedup: or as a FLOP-ideal speedup.
         layers: the starting layer set (default as for :func:`~evit_patch.plan`); the search may move them.
@@ -126,18 +126,36 @@ def calibrate(
         score: as for :func:`~evit_patch.apply`.
         method: as for :func:`~evit_patch.apply`.
         proportional: as for :func:`~evit_patch.apply`.
+        cls_only: as for :func:`~evit_patch.apply`.
         step: the first keep-rate step; halved when no move helps, down to ``min_step``.
         max_evaluations: cap on distinct plans evaluated.
+
+    Raises:
+        UnsupportedInputError: ``images`` are not a float ``(N, C, H, W)`` batch (raw ``uint8`` pixels, say).
+        InvalidPlanError: the budget is malformed or infeasible, as for :func:`~evit_patch.plan`.
     """
     # One trace: a copy patched at every block (keep 1.0) serves the cost model and the search.
     where = describe(model)
-    options = PlanOptions.build(method=method, fuse=fuse, score=score, proportional=proportional, where=where)
-    depth = len(find_family(model).blocks(model))
-    every = EViTConfig.build(range(depth), 1.0, options, num_blocks=depth, where=where)
-    objective = _Objective(model, images, batch_size, every)
-    cost = CostModel.of(objective.patched)
-    target = target_fraction(flops, speedup) * cost.macs_original
-    start = plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)
+    check_images(images, model, where)
+    options = PlanOptions.build(
+        method=method, fuse=fuse, score=score, proportional=proportional, cls_only=cls_only, where=where
+    )
+    family = find_family(model)
+    fraction = target_fraction(flops, speedup)
+    if layers is None and options.reduction_class.searches_schedule:
+        # The searched schedule, chosen on these images rather than synthetic ones, is where the climb starts.
+        cost = CostModel.of(model)
+        target = fraction * cost.macs_original
+        start, objective = plan_searched(
+            model, family, cost, target, options, images=images, where=where, batch_size=batch_size, progress=progress
+        )
+    else:
+        depth = len(family.blocks(model))
+        every = EViTConfig.build(range(depth), 1.0, options, num_blocks=depth, where=where)
+        objective = Objective(model, images, batch_size, every)
+        cost = CostModel.of(objective.patched)
+        target = fraction * cost.macs_original
+        start = plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)
     state = (start.layers, start.keep)
     best = objective(*state)
     baseline = best

@@ -42,6 +42,12 @@ class Explanation:
     """An attention-pool head's token-dependent MACs (keys and values of every token it reads)."""
     pool_macs_patched: int = 0
     """The same for the tokens leaving the patched model's last block."""
+    family: str = ""
+    """The family that described the model (``"discovered"``: structural discovery, see :attr:`discovered`)."""
+    discovered: str = ""
+    """What structural discovery found (empty for a registered family)."""
+    cls_only: bool = False
+    """The last block runs its MLP on the prefix (class) tokens only."""
 
     @property
     def macs_original(self) -> int:
@@ -58,9 +64,13 @@ class Explanation:
 
     def __str__(self) -> str:
         size = f" at {self.img_size[0]}x{self.img_size[1]}" if self.img_size else ""
+        family = f"family={self.family}, " if self.family else ""
+        proportional = "on" if self.proportional else "off"
         lines = [
-            f"EViT plan for {self.model}{size} (method={getattr(self.method, 'value', self.method)}, fuse={self.fuse}, "
-            f"score={self.score.value}, proportional attention={'on' if self.proportional else 'off'})",
+            f"EViT plan for {self.model}{size} ({family}method={getattr(self.method, 'value', self.method)}, "
+            f"fuse={self.fuse}, score={self.score.value}, proportional attention={proportional})",
+            *([f"found by structural discovery: {self.discovered}"] if self.discovered else []),
+            *(["last block: its MLP runs on the class token(s) only (cls_only)"] if self.cls_only else []),
             f"{'block':>5} {'keep':>5} {'tokens in':>9} {'MLP tokens':>10} {'GMACs orig':>10} {'GMACs EViT':>10}",
         ]
         for r in self.rows:
@@ -110,9 +120,11 @@ class CostModel:
         score = config.score or self.profile.score
         received = score is Score.RECEIVED
         reduction = config.plan_options.reduction(self.profile.pool)
+        last = len(self.profile.costs) - 1
         for index, (name, cost) in enumerate(zip(self.profile.block_names, self.profile.costs)):
             keep = config.keep_at(index)
-            out = cost.tokens_out(tokens, keep, reduction)
+            prefix_only = config.cls_only and index == last
+            out = cost.tokens_out(tokens, keep, reduction, prefix_only)
             rows.append(
                 BlockRow(
                     index,
@@ -121,7 +133,7 @@ class CostModel:
                     tokens,
                     out,
                     macs_original=cost.macs(self.tokens),
-                    macs_patched=cost.macs(tokens, keep, reduction, received),
+                    macs_patched=cost.macs(tokens, keep, reduction, received, prefix_only),
                 )
             )
             tokens = out
@@ -136,6 +148,9 @@ class CostModel:
             config.proportional_attention,
             self.profile.pool_macs(self.tokens),
             self.profile.pool_macs(tokens),
+            self.profile.family,
+            self.profile.discovered,
+            config.cls_only,
         )
 
     def macs(self, config: EViTConfig) -> int:

@@ -1,11 +1,13 @@
 """Token reduction methods: one file each, registered by name (``method="evit"``, ``"merge"``)."""
 
 from .base import Mix, Reduction, drops, follow, mix_tokens, mixing, num_kept
+from .dam import DAM
 from .evit import EViT, Reorganized, reorganize
 from .merge import Merge
 from .registry import list_reductions, reduction_class, register_reduction
 
 __all__ = [
+    "DAM",
     "EViT",
     "Merge",
     "Mix",

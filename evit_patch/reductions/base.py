@@ -194,6 +194,10 @@ class Reduction(abc.ABC):
     """:meth:`select` weighs tokens by the patches they stand for: the model tracks sizes."""
     proportional: ClassVar[bool] = False
     """Later attention adds ``log(size)`` by default (``proportional=None``)."""
+    searches_schedule: ClassVar[bool] = False
+    """Under a budget, the planner searches where reduction starts and how fast it ramps in (on
+    synthetic or the user's images, :mod:`evit_patch.planning.schedule`) and a class-token head runs
+    the last block's MLP on the class token alone; otherwise one keep rate at the default layers."""
 
     @classmethod
     def from_plan(cls, options: PlanOptions, pool: Pool) -> Reduction:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InvalidPlanError
+from ..options import Method
 from .base import Reduction
 
 _REDUCTIONS: dict[str, type[Reduction]] = {}
@@ -27,10 +28,12 @@ def reduction_class(name: str, where: str = "evit_patch") -> type[Reduction]:
         return _REDUCTIONS[str(name.value if hasattr(name, "value") else name)]
     except KeyError:
         raise InvalidPlanError(
-            f"{where}: method must be one of {', '.join(repr(n) for n in _REDUCTIONS)}, got {name!r}"
+            f"{where}: method must be one of {', '.join(repr(n) for n in list_reductions())}, got {name!r}"
         ) from None
 
 
 def list_reductions() -> list[str]:
-    """Names of the registered methods, in registration order (the built-ins first)."""
-    return list(_REDUCTIONS)
+    """Names of the registered methods: the built-ins as :class:`~evit_patch.options.Method` lists
+    them, then the others in registration order."""
+    builtin = [m.value for m in Method if m.value in _REDUCTIONS]
+    return builtin + [name for name in _REDUCTIONS if name not in builtin]

@@ -317,7 +317,7 @@ class Trainer:
         best = json.loads(record.read_text()) if record.is_file() else None
         if best is not None and result["mean_kl"] >= best["mean_kl"]:
             return
-        save_pretrained(self.student, self.output / "best")
+        save_pretrained(self.student, self.output / "best", overwrite=True)  # the run's own, replaced when bettered
         chosen = {"step": position.step, "epoch": position.epoch, **result}
         write_atomically(record, lambda tmp: Path(tmp).write_text(json.dumps(chosen, indent=2) + "\n"))
         print(
@@ -329,6 +329,6 @@ class Trainer:
         set_keep(self.student, self.target)
         path = None
         if self.ctx.is_main:
-            path = save_pretrained(self.student, self.output / "final")
+            path = save_pretrained(self.student, self.output / "final", overwrite=True)  # a resumed run's too
         barrier(self.ctx)
         return path
