@@ -118,7 +118,7 @@ def test_real_images_end_to_end_and_reload(tmp_path):
 def test_resume_after_a_kill_is_bit_exact(images, tmp_path):
     """A run killed mid-epoch and resumed ends with the very weights of an uninterrupted run."""
     flags = ["--epochs", "2", "--checkpoint-every", "1", "--threads", "1"]
-    run_tool(small_run(images, tmp_path / "whole", *flags))
+    finetune.run(parse(small_run(images, tmp_path / "whole", *flags)))  # in process: one interpreter start less
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -136,7 +136,7 @@ def test_resume_after_a_kill_is_bit_exact(images, tmp_path):
     stopped_at = int(max(p.name for p in (killed / "checkpoints").glob("step_*")).removeprefix("step_"))
     assert 2 <= stopped_at < 12  # 24 images / batch 4 = 6 steps per epoch, 2 epochs
 
-    run_tool(small_run(images, killed, *flags[:-2], "--resume", killed, "--threads", "1"))
+    finetune.run(parse(small_run(images, killed, *flags[:-2], "--resume", killed, "--threads", "1")))
     whole, resumed = weights(tmp_path / "whole"), weights(killed)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert [r["loss"] for r in steps(killed)] == [r["loss"] for r in steps(tmp_path / "whole")]
@@ -196,7 +196,7 @@ def test_ddp_two_processes_match_one_process(images, peaked_weights, tmp_path):
     common = ["--epochs", "1", "--threads", "1", "--checkpoint", peaked_weights]
     single_argv = small_run(images, tmp_path / "single", *common)
     single_argv[single_argv.index("--lr") + 1] = "1e-4"
-    run_tool(single_argv)
+    finetune.run(parse(single_argv))
     argv = small_run(images, tmp_path / "ddp", *common)
     argv[argv.index("--batch-size") + 1] = "2"
     argv[argv.index("--lr") + 1] = "1e-4"
