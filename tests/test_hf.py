@@ -126,7 +126,7 @@ def test_call_time_options_are_refused():
 def test_gradient_checkpointing_warns_once_that_patched_layers_are_not_checkpointed():
     """transformers checkpoints its own layer classes (HF Trainer(gradient_checkpointing=True) turns it on):
     the patched layers are traced graphs it does not reach, which a training run is told once per model."""
-    fast, x = evit_patch.apply(_small(), layers=[1, 2], keep=0.5), images(2, size=64)
+    fast, x = evit_patch.apply(small_hf(), layers=[1, 2], keep=0.5), images(2, size=64)
     want = torch.autograd.grad(fast(x).logits.square().sum(), list(fast.parameters()))
     fast.activation_checkpointing_enable()
     with warnings.catch_warnings():

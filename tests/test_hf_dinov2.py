@@ -9,7 +9,6 @@ import pytest
 import torch
 from cases import DINOV2_MODELS, DINOV2_SIZE, dinov2_images, small_hf_dinov2
 from reference import assert_patches_like_timm, reference_forward_hf_encoder
-from tracked import check_onnx
 
 import evit_patch
 
@@ -113,11 +112,6 @@ def test_position_embeddings_are_interpolated_per_call():
         got, want = fast(x), reference_forward_hf_encoder(model, x, [1, 2], 0.5)
     assert got.last_hidden_state.shape == (2, 1 + 17 + 1, 32)  # 64 image tokens -> 32 + 1 -> 17 + 1
     torch.testing.assert_close(got.pooler_output, want["pooler_output"], rtol=0, atol=1e-9)
-
-
-@pytest.mark.slow  # the ONNX exporter takes ~10 s on a tiny model; test_families.py's torch.export is the fast check
-def test_onnx_matches_eager(tmp_path):
-    check_onnx(small_hf_dinov2("registers_classifier"), dinov2_images(3), tmp_path, method="merge")
 
 
 def test_unsupported_configurations_are_refused():
