@@ -51,27 +51,37 @@ def reference_forward(model, images, layers, keep, fuse: bool = True):
     return model.forward_head(model.norm(x))
 
 
-def reference_forward_torchvision(model, images, layers, keep, fuse: bool = True):
-    """EViT forward of a torchvision VisionTransformer, attention from ``in_proj`` by hand."""
+def reference_forward_torchvision(model, images, layers, keep, fuse: bool = True, method="evit", proportional=None):
+    """EViT (or ``method="merge"``) forward of a torchvision VisionTransformer, sample by sample,
+    attention from ``in_proj`` by hand."""
+    merging = method == "merge"
+    proportional = merging if proportional is None else proportional
     keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
-    x = model._process_input(images)
-    x = torch.cat([model.class_token.expand(len(x), -1, -1), x], dim=1) + model.encoder.pos_embedding
-    for index, block in enumerate(model.encoder.layers):
-        mha = block.self_attention
-        batch, tokens, channels = x.shape
-        heads = mha.num_heads
-        qkv = torch.nn.functional.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
-        q, k, v = qkv.reshape(batch, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
-        probs = ((q @ k.transpose(-2, -1)) / math.sqrt(channels // heads)).softmax(dim=-1)
-        x = x + mha.out_proj((probs @ v).transpose(1, 2).reshape(batch, tokens, channels))
-        if index in keeps:
-            x = reference_reorganize(x, probs, 1, keeps[index], fuse)
-        x = x + block.mlp(block.ln_2(x))
-    return model.heads(model.encoder.ln(x)[:, 0])
+    outputs = []
+    for image in images:
+        x = model._process_input(image[None])
+        x = torch.cat([model.class_token, x], dim=1) + model.encoder.pos_embedding
+        pos, size = list(range(x.shape[1])), [1] * x.shape[1]
+        for index, block in enumerate(model.encoder.layers):
+            mha, tokens, channels = block.self_attention, x.shape[1], x.shape[2]
+            qkv = torch.nn.functional.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
+            q, k, v = qkv.reshape(1, tokens, 3, mha.num_heads, -1).permute(2, 0, 3, 1, 4)
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(channels // mha.num_heads)
+            if proportional:
+                logits = logits + torch.tensor([math.log(s) for s in size], dtype=x.dtype)
+            probs = logits.softmax(dim=-1)
+            x = x + mha.out_proj((probs @ v).transpose(1, 2).reshape(1, tokens, channels))
+            if index in keeps:
+                keys = k if merging else None
+                x, pos, size = _reorganize_sample(x, probs, pos, size, 1, keeps[index], fuse, True, False, keys)
+            x = x + block.mlp(block.ln_2(x))
+        outputs.append(model.heads(model.encoder.ln(x)[:, 0]))
+    return torch.cat(outputs)
 
 
-def reference_forward_hf(model, images, layers, keep, fuse: bool = True):
-    """EViT forward of a transformers ViT*/DeiT* image model, each layer by hand from its Linears.
+def reference_forward_hf(model, images, layers, keep, fuse: bool = True, method="evit", proportional=None):
+    """EViT (or ``method="merge"``) forward of a transformers ViT*/DeiT* image model, sample by
+    sample, each layer by hand from its Linears.
 
     "eager" attention computes its softmax in float32 and casts back (transformers' own
     semantics), so the reference does too, and ranks tokens by those float32 probabilities;
@@ -79,26 +89,34 @@ def reference_forward_hf(model, images, layers, keep, fuse: bool = True):
     logits (the (cls + distillation) / 2 average for DeiT with teacher) or, for a bare
     ``ViTModel``/``DeiTModel``, ``(last_hidden_state, pooler_output)``.
     """
+    merging = method == "merge"
+    proportional = merging if proportional is None else proportional
     keeps = dict(zip(layers, keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)))
     base = model.base_model
     prefix = 2 if hasattr(base.embeddings, "distillation_token") else 1
     eager = model.config._attn_implementation == "eager"
-    x = base.embeddings(images)
-    for index, layer in enumerate(base.layers):
-        attn = layer.attention
-        batch, tokens, _ = x.shape
-        h = layer.layernorm_before(x)
-        q, k, v = (
-            p(h).reshape(batch, tokens, -1, attn.head_dim).transpose(1, 2)
-            for p in (attn.q_proj, attn.k_proj, attn.v_proj)
-        )
-        logits = (q @ k.transpose(-2, -1)) * attn.head_dim**-0.5
-        probs = logits.softmax(dim=-1, dtype=torch.float32) if eager else logits.softmax(dim=-1)
-        x = x + attn.o_proj((probs.to(x.dtype) @ v).transpose(1, 2).reshape(batch, tokens, -1))
-        if index in keeps:
-            x = reference_reorganize(x, probs, prefix, keeps[index], fuse)
-        x = x + layer.mlp(layer.layernorm_after(x))
-    x = base.layernorm(x)
+    hidden = []
+    for image in images:
+        x = base.embeddings(image[None])
+        pos, size = list(range(x.shape[1])), [1] * x.shape[1]
+        for index, layer in enumerate(base.layers):
+            attn = layer.attention
+            h = layer.layernorm_before(x)
+            q, k, v = (
+                p(h).reshape(1, h.shape[1], -1, attn.head_dim).transpose(1, 2)
+                for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+            )
+            logits = (q @ k.transpose(-2, -1)) * attn.head_dim**-0.5
+            if proportional:
+                logits = logits + torch.tensor([math.log(s) for s in size], dtype=x.dtype)
+            probs = logits.softmax(dim=-1, dtype=torch.float32) if eager else logits.softmax(dim=-1)
+            x = x + attn.o_proj((probs.to(x.dtype) @ v).transpose(1, 2).reshape(1, h.shape[1], -1))
+            if index in keeps:
+                keys = k if merging else None
+                x, pos, size = _reorganize_sample(x, probs, pos, size, prefix, keeps[index], fuse, True, False, keys)
+            x = x + layer.mlp(layer.layernorm_after(x))
+        hidden.append(base.layernorm(x))
+    x = torch.cat(hidden)
     if base is model:
         return x, (base.pooler(x) if base.pooler is not None else None)
     if hasattr(model, "distillation_classifier"):

@@ -108,7 +108,7 @@ def test_every_candidate_fills_the_budget_and_the_search_takes_the_closest():
 
 
 def test_apply_with_a_budget_searches_once_and_meets_it():
-    model = make_vit(img_size=64, depth=6, num_classes=10, dtype=torch.float32)
+    model = make_vit(img_size=64, depth=6, num_classes=10, dtype=torch.float32, embed_dim=48, num_heads=3)
     fast = evit_patch.apply(model, flops=0.55, **DAM)
     report = evit_patch.explain(fast)
     config = evit_patch.get_config(fast)

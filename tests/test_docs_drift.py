@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases import small_hf
 from conftest import images
-from test_hf import _small as small_hf
 
 import evit_patch
 

@@ -162,9 +162,9 @@ def test_open_clip_model_errors_are_usage_errors():
 def test_transformers_towers_are_compared_by_their_embeddings():
     """A patched transformers CLIP tower: ``image_embeds`` compared (keep 1.0: identical), detected as an embedding."""
     pytest.importorskip("transformers")
-    from test_hf_clip import _small, _x
+    from cases import clip_images, small_hf_clip
 
-    model, x = _small(), _x()
+    model, x = small_hf_clip(), clip_images()
     assert is_embedding_model(model, model(x[:1]))
     same = compare_embeddings(model, evit_patch.apply(model, layers=[1], keep=1.0), x, progress=False)
     assert same.min_cosine == pytest.approx(1, abs=1e-6)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import small_hf as _small
+from cases import small_torchvision
 from conftest import images
-from test_hf import _small
-from test_torchvision import _small as small_torchvision
 
 import evit_patch
 from evit_patch.deploy.export import example_input

@@ -1,55 +1,37 @@
 """Average-pooled timm ViTs, with or without a class token: the received-attention score and
-the size-weighted pool (the fused token counts as the tokens it stands for)."""
+the size-weighted pool (the fused token counts as the tokens it stands for). The shared checks run on
+the class-token-less variant in test_families.py; here, the others."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import images, make_vit
-from tracked import (
-    PlainMean,
-    check_export,
-    check_gradient_checkpointing,
-    check_gradients,
-    check_keep_one_is_exact,
-    check_macs,
-    check_matches_reference,
-    check_original_untouched,
-    check_threads,
-    randomise,
-)
+from cases import GAP_VARIANTS, small_gap
+from conftest import images
+from tracked import PlainMean, check_keep_one_is_exact, check_macs, check_matches_reference
 
 import evit_patch
 from evit_patch.options import Score
 from evit_patch.scores import received_attention_from_qk
 from evit_patch.token_state import pool_weights
 
-VARIANTS = {
-    "gap": dict(class_token=False, global_pool="avg", fc_norm=False),  # vit_*_gap_*: norm, then mean
-    "registers_gap": dict(class_token=False, reg_tokens=4, global_pool="avg"),  # fc_norm after the mean
-    "cls_avg": dict(global_pool="avg"),  # a class token, yet an average-pooled head
-}
 
-
-def _small(variant="gap", dtype=torch.float64):
-    options = dict(img_size=64, depth=4, embed_dim=64, num_heads=4, num_classes=10) | VARIANTS[variant]
-    return randomise(make_vit("vit_base_patch16_224", dtype=dtype, **options))
-
-
-@pytest.mark.parametrize("fuse", [True, False])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize(
+    "variant, fuse",
+    [(v, fuse) for v in GAP_VARIANTS for fuse in (True, False) if (v, fuse) != ("gap", True)],  # gap: the table
+)
 def test_matches_reference(variant, fuse):
-    check_matches_reference("vit", _small(variant), images(3, size=64), [1, 2], [0.6, 0.5], fuse)
+    check_matches_reference("vit", small_gap(variant), images(3, size=64), [1, 2], [0.6, 0.5], fuse)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", ["registers_gap", "cls_avg"])
 def test_keep_one_is_exact(variant):
-    check_keep_one_is_exact(_small(variant, torch.float32), images(2, size=64, dtype=torch.float32))
+    check_keep_one_is_exact(small_gap(variant, torch.float32), images(2, size=64, dtype=torch.float32))
 
 
 def test_score_follows_the_class_token():
-    assert [r.score for r in evit_patch.reorganizers(evit_patch.apply(_small("gap"), layers=[1]))] == [Score.RECEIVED]
-    assert [r.score for r in evit_patch.reorganizers(evit_patch.apply(_small("cls_avg"), layers=[1]))] == [Score.CLS]
+    for variant, score in (("gap", Score.RECEIVED), ("cls_avg", Score.CLS)):
+        assert [r.score for r in evit_patch.reorganizers(evit_patch.apply(small_gap(variant), layers=[1]))] == [score]
 
 
 def test_received_attention_is_the_column_mean_of_the_map():
@@ -72,7 +54,7 @@ def test_pool_weights_turn_a_plain_mean_into_the_size_weighted_mean():
 
 def test_fused_token_counts_as_the_tokens_it_stands_for():
     """Without the weights the average treats the fused token as one token: a different output."""
-    model, x = _small(), images(2, size=64)
+    model, x = small_gap(), images(2, size=64)
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
     with torch.no_grad():
         weighted = fast(x)
@@ -80,33 +62,6 @@ def test_fused_token_counts_as_the_tokens_it_stands_for():
         assert (fast(x) - weighted).abs().max() > 1e-3
 
 
-def test_gradients_match_reference():
-    check_gradients("vit", _small(), images(2, size=64))
-
-
-def test_original_untouched_and_state_dict_keys_kept():
-    check_original_untouched(_small())
-
-
-@pytest.mark.parametrize("variant", ["gap", "cls_avg"])
-def test_explain_equals_counted_macs(variant):
-    """The received score costs a full q k^T at each reorganizing block; explain counts it."""
-    check_macs(_small(variant), images(1, size=64))
-
-
-def test_concurrent_calls():
-    check_threads(_small(), images(2, size=64))
-
-
-def test_fullgraph_compile_matches_eager():
-    from tracked import check_compile
-
-    check_compile(_small(dtype=torch.float32), images(2, size=64))
-
-
-def test_export_matches_eager():
-    check_export(_small(), images(3, size=64))
-
-
-def test_gradient_checkpointing():
-    check_gradient_checkpointing(_small(), images(2, size=64))
+def test_explain_equals_counted_macs_with_a_class_token():
+    """The [CLS] score where the head averages: the received score (no class token) is the table's."""
+    check_macs(small_gap("cls_avg"), images(1, size=64))

@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 import torch
+from cases import small_beit
 from conftest import images, make_vit
-from test_beit import _small as small_beit
 
 import evit_patch
 from evit_patch import UnsupportedInputError

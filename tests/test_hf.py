@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
+from cases import small_hf
 from conftest import images
 from reference import assert_patches_like_timm, reference_forward_hf
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from tracked import check_gradients, check_macs
 
 import evit_patch
 
@@ -17,39 +17,18 @@ transformers = pytest.importorskip("transformers")
 
 IMPLEMENTATIONS = ["sdpa", "eager"]
 CLASSIFIERS = ["ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"]
-
-
-def _small(cls_name: str = "ViTForImageClassification", implementation: str = "sdpa", dtype=torch.float64):
-    """A small random-init model; heads and prefix tokens re-drawn at a scale where outputs are far
-    from zero (transformers initialises them at std 0.02)."""
-    torch.manual_seed(0)
-    config_cls = transformers.DeiTConfig if cls_name.startswith("DeiT") else transformers.ViTConfig
-    config = config_cls(
-        image_size=64,
-        patch_size=8,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_labels=10,
-        attn_implementation=implementation,
-    )
-    model = getattr(transformers, cls_name)(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "classifier" in name or "token" in name:
-                p.normal_(0, 0.2)
-    return model.to(dtype).eval()
+TABLE = ("DeiTForImageClassificationWithTeacher", "sdpa")  # the family table's model (test_families.py)
 
 
 def _logits(model, x):
     return model(x).logits
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("cls_name", CLASSIFIERS)
+@pytest.mark.parametrize(
+    "cls_name, implementation", [(c, i) for c in CLASSIFIERS for i in IMPLEMENTATIONS if (c, i) != TABLE]
+)
 def test_matches_reference(cls_name, implementation):
-    model, x = _small(cls_name, implementation), images(3, size=64)
+    model, x = small_hf(cls_name, implementation), images(3, size=64)
     fast = evit_patch.apply(model, layers=[1, 2], keep=[0.6, 0.5])
     with torch.no_grad():
         got, want = _logits(fast, x), reference_forward_hf(model, x, [1, 2], [0.6, 0.5])
@@ -60,7 +39,7 @@ def test_matches_reference(cls_name, implementation):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("cls_name", ["ViTModel", "DeiTModel"])
 def test_bare_model_matches_reference(cls_name, implementation):
-    model, x = _small(cls_name, implementation), images(2, size=64)
+    model, x = small_hf(cls_name, implementation), images(2, size=64)
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
     with torch.no_grad():
         out, (hidden, pooled) = fast(x), reference_forward_hf(model, x, [1, 2], 0.5)
@@ -70,44 +49,42 @@ def test_bare_model_matches_reference(cls_name, implementation):
     torch.testing.assert_close(out.pooler_output, pooled, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("cls_name", ["ViTForImageClassification", "DeiTForImageClassificationWithTeacher"])
+@pytest.mark.parametrize(
+    "cls_name, implementation, dtype",
+    [
+        (c, i, d)
+        for c in ("ViTForImageClassification", "DeiTForImageClassificationWithTeacher")
+        for i in IMPLEMENTATIONS
+        for d in (torch.float64, torch.float32)
+        if (c, i, d) != (*TABLE, torch.float32)
+    ],
+    ids=str,
+)
 def test_keep_one_is_bitwise_identical(cls_name, implementation, dtype):
     """Bitwise: the traced attention issues the same kernels as transformers' sdpa/eager functions."""
-    model, x = _small(cls_name, implementation, dtype), images(2, size=64, dtype=dtype)
+    model, x = small_hf(cls_name, implementation, dtype), images(2, size=64, dtype=dtype)
     fast = evit_patch.apply(model, layers=[0, 1, 2, 3], keep=1.0)
     with torch.no_grad():
         assert torch.equal(_logits(fast, x), _logits(model, x))
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_gradients_match_reference(implementation):
-    model, x = _small("DeiTForImageClassificationWithTeacher", implementation), images(2, size=64)
-    fast = evit_patch.apply(model, layers=[1], keep=0.5)
-    _logits(fast, x).square().sum().backward()
-    reference_forward_hf(model, x, [1], 0.5).square().sum().backward()
-    got = dict(fast.named_parameters())
-    for name, p in model.named_parameters():
-        assert got[name].grad is not None, name
-        torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-7, atol=1e-9, msg=name)
+def test_eager_attention_gradients_match_reference():
+    """Through transformers' float32 eager softmax (the family table runs sdpa)."""
+    model, x = small_hf("DeiTForImageClassificationWithTeacher", "eager"), images(2, size=64)
+    check_gradients(reference_forward_hf, model, x, select=lambda out: {"out": out.logits})
 
 
-def test_original_untouched_and_state_dict_keys_kept():
-    model = _small("DeiTForImageClassificationWithTeacher")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+def test_patched_copy_keeps_the_transformers_classes_and_its_own_config():
+    model = small_hf("DeiTForImageClassificationWithTeacher")
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.7)
     assert type(model.deit.layers[1]).__name__ == "DeiTLayer"
     assert type(model.deit.layers[1].attention).__name__ == "DeiTAttention"
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert list(fast.state_dict()) == list(before)
-    fast.load_state_dict(before, strict=True)
     assert isinstance(fast, transformers.DeiTForImageClassificationWithTeacher) and fast.config is not model.config
 
 
 def test_outputs_keep_their_transformers_type():
     """transformers 5 ``ModelOutput`` has no ``to_dict``; it is a dict, and ``return_dict=False`` a tuple."""
-    model, x = _small("DeiTForImageClassificationWithTeacher"), images(2, size=64)
+    model, x = small_hf("DeiTForImageClassificationWithTeacher"), images(2, size=64)
     fast = evit_patch.apply(model, layers=[1], keep=0.5)
     with torch.no_grad():
         out, as_tuple = fast(x), fast(x, return_dict=False)
@@ -117,27 +94,20 @@ def test_outputs_keep_their_transformers_type():
     assert all(torch.equal(a, b) for a, b in zip(as_tuple, out.to_tuple(), strict=True))
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_explain_equals_counted_macs(implementation):
-    model = _small("DeiTForImageClassificationWithTeacher", implementation)
-    patched = evit_patch.apply(model, layers=[1, 2], keep=0.5)
-    report, x = evit_patch.explain(patched), images(1, size=64)
-    for m, expected in ((model, report.macs_original), (patched, report.macs_patched)):
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            m(x)
-        assert counter.get_total_flops() // 2 == expected
+def test_eager_attention_explain_equals_counted_macs():
+    check_macs(small_hf("DeiTForImageClassificationWithTeacher", "eager"), images(1, size=64))
 
 
 def test_call_time_options_are_refused():
     """Asked in the call or set in the config after patching, output capture is refused at call time
     (a flipped config flag would otherwise return a truncated, misaligned tuple)."""
-    model, x = _small(), images(1, size=64)
+    model, x = small_hf(), images(1, size=64)
     fast = evit_patch.apply(model, layers=[1], keep=0.5)
     who = r"ViTForImageClassification was patched by evit_patch: "
     with pytest.raises(evit_patch.UnsupportedInputError, match=who + "output_hidden_states cannot be honoured"):
         fast(x, output_hidden_states=True)
     with pytest.raises(evit_patch.UnsupportedInputError, match=who + "output_attentions cannot"):
-        evit_patch.apply(_small(implementation="eager"), layers=[1], keep=0.5)(x, output_attentions=True)
+        evit_patch.apply(small_hf(implementation="eager"), layers=[1], keep=0.5)(x, output_attentions=True)
     torch.testing.assert_close(fast(x, output_hidden_states=False, output_attentions=False).logits, fast(x).logits)
     fast.config.output_hidden_states = True
     with pytest.raises(evit_patch.UnsupportedInputError, match=who + r"output_hidden_states .* leave config\."):
@@ -156,7 +126,7 @@ def test_call_time_options_are_refused():
 def test_gradient_checkpointing_warns_once_that_patched_layers_are_not_checkpointed():
     """transformers checkpoints its own layer classes (HF Trainer(gradient_checkpointing=True) turns it on):
     the patched layers are traced graphs it does not reach, which a training run is told once per model."""
-    fast, x = evit_patch.apply(_small(), layers=[1, 2], keep=0.5), images(2, size=64)
+    fast, x = evit_patch.apply(small_hf(), layers=[1, 2], keep=0.5), images(2, size=64)
     want = torch.autograd.grad(fast(x).logits.square().sum(), list(fast.parameters()))
     fast.activation_checkpointing_enable()
     with warnings.catch_warnings():
@@ -178,32 +148,18 @@ def test_gradient_checkpointing_warns_once_that_patched_layers_are_not_checkpoin
 
 
 def test_unsupported_configurations_are_refused():
-    model = _small()
+    model = small_hf()
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"attn_implementation='flex_attention'; expected one"):
         evit_patch.apply(model, layers=[1], keep=0.7)
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"ViTForMaskedImageModeling is not supported .* grid"):
-        evit_patch.apply(transformers.ViTForMaskedImageModeling(_small().config), layers=[1], keep=0.7)
+        evit_patch.apply(transformers.ViTForMaskedImageModeling(small_hf().config), layers=[1], keep=0.7)
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"configured 64x64 input only .* img_size=96"):
-        evit_patch.apply(_small(), layers=[1], keep=0.7, img_size=96)
-    model = _small()
+        evit_patch.apply(small_hf(), layers=[1], keep=0.7, img_size=96)
+    model = small_hf()
     model.config.output_hidden_states = True
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"config\.output_hidden_states=True"):
         evit_patch.apply(model, layers=[1], keep=0.7)
-
-
-def test_fullgraph_compile_matches_eager():
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    fast = evit_patch.apply(_small(dtype=torch.float32), layers=[1, 2], keep=0.7)
-    x = images(2, size=64, dtype=torch.float32)
-    torch._dynamo.reset()
-    counters.clear()
-    with torch.no_grad():
-        got = torch.compile(fast, fullgraph=True, backend="aot_eager")(x).logits
-        torch.testing.assert_close(got, fast(x).logits, rtol=1e-4, atol=1e-4)
-    assert dict(counters["graph_break"]) == {}
 
 
 def timm_to_hf_vit(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:

@@ -7,56 +7,12 @@ import copy
 
 import pytest
 import torch
-from conftest import images
+from cases import DINOV2_MODELS, DINOV2_SIZE, dinov2_images, small_hf_dinov2
 from reference import assert_patches_like_timm, reference_forward_hf_encoder
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
-from tracked import check_compile, check_export, check_onnx, check_original_untouched
 
 import evit_patch
 
 transformers = pytest.importorskip("transformers")
-
-MODELS = {  # name: (class, register tokens)
-    "plain": ("Dinov2Model", 0),
-    "registers": ("Dinov2WithRegistersModel", 2),
-    "classifier": ("Dinov2ForImageClassification", 0),
-    "registers_classifier": ("Dinov2WithRegistersForImageClassification", 2),
-}
-SIZE = 48  # 6 x 6 patches of 8
-
-
-def _small(name="registers", implementation="sdpa", dtype=torch.float64, **config):
-    """A small random-init model whose layer scales, tokens, position embeddings, q/k projections
-    and head are re-drawn at magnitudes where a wrong token, scale or weight moves the output
-    (transformers initialises them at 1, 0 or std 0.02)."""
-    cls_name, registers = MODELS[name]
-    torch.manual_seed(0)
-    config_cls = transformers.Dinov2WithRegistersConfig if registers else transformers.Dinov2Config
-    options = dict(num_register_tokens=registers) if registers else {}
-    config = config_cls(
-        image_size=SIZE,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        num_labels=5,
-        attn_implementation=implementation,
-        **options | config,
-    )
-    model = getattr(transformers, cls_name)(config)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if "lambda1" in key:
-                p.normal_(1, 0.5)
-            elif any(k in key for k in ("token", "position_embeddings", "classifier", "q_proj.weight", "k_proj")):
-                p.normal_(0, 0.3)
-    return model.to(dtype).eval()
-
-
-def _x(batch=3, dtype=torch.float64, size=SIZE):
-    return images(batch, size, dtype=dtype)
 
 
 def _outputs(out) -> dict[str, torch.Tensor]:
@@ -69,11 +25,11 @@ def _main(model, x):
     return out.logits if "logits" in out else out.pooler_output
 
 
-@pytest.mark.parametrize(
-    "name, method", [(name, "evit") for name in MODELS] + [("registers", "merge"), ("classifier", "merge")]
+@pytest.mark.parametrize(  # registers_classifier, EViT and merging: the family table
+    "name, method", [("plain", "evit"), ("registers", "evit"), ("classifier", "evit"), ("registers", "merge")]
 )
 def test_matches_reference(name, method):
-    model, x = _small(name), _x()
+    model, x = small_hf_dinov2(name), dinov2_images()
     fast = evit_patch.apply(model, layers=[1, 2], keep=[0.6, 0.5], method=method)
     with torch.no_grad():
         got, original = _outputs(fast(x)), _outputs(model(x))
@@ -84,32 +40,18 @@ def test_matches_reference(name, method):
     for key, value in want.items():  # ... exactly as the reference does
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-9, msg=key)
     if "last_hidden_state" in got:  # 36 image tokens -> 22 + 1 fused -> 12 (+ 1): the surviving tokens
-        prefix = 1 + MODELS[name][1]
+        prefix = 1 + DINOV2_MODELS[name][1]
         assert got["last_hidden_state"].shape == (3, prefix + (13 if method == "evit" else 11), 32)
         assert torch.equal(got["pooler_output"], got["last_hidden_state"][:, 0])
 
 
 @pytest.mark.parametrize("name, method", [("plain", "evit"), ("registers_classifier", "merge")])
 def test_eager_attention_matches_reference(name, method):
-    model, x = _small(name, "eager"), _x()
+    model, x = small_hf_dinov2(name, "eager"), dinov2_images()
     fast = evit_patch.apply(model, layers=[1, 3], keep=0.5, method=method)
     with torch.no_grad():
         got, want = _main(fast, x), reference_forward_hf_encoder(model, x, [1, 3], 0.5, method=method)
     torch.testing.assert_close(got, want.get("logits", want.get("pooler_output")), rtol=0, atol=1e-9)
-
-
-@pytest.mark.parametrize("method", ["evit", "merge"])
-def test_gradients_match_reference(method):
-    model, x = _small("registers_classifier"), _x(2)
-    fast = evit_patch.apply(model, layers=[1, 2], keep=0.6, method=method)
-    _main(fast, x).square().sum().backward()
-    reference_forward_hf_encoder(model, x, [1, 2], 0.6, method=method)["logits"].square().sum().backward()
-    got = dict(fast.named_parameters())
-    for key, p in model.named_parameters():
-        if p.grad is None:  # the mask token: only used with bool_masked_pos
-            assert "mask_token" in key
-            continue
-        torch.testing.assert_close(got[key].grad, p.grad, rtol=1e-7, atol=1e-9, msg=key)
 
 
 @pytest.mark.parametrize(
@@ -117,14 +59,13 @@ def test_gradients_match_reference(method):
     [
         ("plain", "sdpa", torch.float64),
         ("plain", "eager", torch.float32),
-        ("registers_classifier", "sdpa", torch.float32),
-        ("registers_classifier", "eager", torch.float64),
+        ("registers_classifier", "eager", torch.float64),  # (registers_classifier, sdpa, float32): the table
     ],
     ids=str,
 )
 def test_keep_one_is_bitwise_identical(name, implementation, dtype):
     """Bitwise: the traced attention issues the same kernels as transformers' sdpa/eager functions."""
-    model, x = _small(name, implementation, dtype), _x(2, dtype)
+    model, x = small_hf_dinov2(name, implementation, dtype), dinov2_images(2, dtype)
     fast = evit_patch.apply(model, layers=[0, 1, 2, 3], keep=1.0, method="merge")
     with torch.no_grad():
         got, want = _outputs(fast(x)), _outputs(model(x))
@@ -133,7 +74,7 @@ def test_keep_one_is_bitwise_identical(name, implementation, dtype):
 
 def test_drop_path_keeps_following_train_mode():
     """Stochastic depth stays a module (not traced in eval mode): off in eval, random in training."""
-    model, x = _small("plain", drop_path_rate=0.5), _x(2)
+    model, x = small_hf_dinov2("plain", drop_path_rate=0.5), dinov2_images(2)
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
     assert type(fast.encoder.layer[1].drop_path).__name__ == "Dinov2DropPath"
     with torch.no_grad():
@@ -148,7 +89,7 @@ def test_drop_path_keeps_following_train_mode():
 
 
 def test_outputs_keep_their_transformers_type():
-    model, x = _small("registers"), _x(2)
+    model, x = small_hf_dinov2("registers"), dinov2_images(2)
     fast = evit_patch.apply(model, layers=[1], keep=0.5)
     with torch.no_grad():
         out, as_tuple = fast(x), fast(x, return_dict=False)
@@ -159,10 +100,13 @@ def test_outputs_keep_their_transformers_type():
 def test_position_embeddings_are_interpolated_per_call():
     """At its own size DINOv2 adds its position table as is; at another it interpolates it on each
     call, and the patched model, whose keep counts follow the token count, still equals the reference."""
-    model = _small("plain")
+    model = small_hf_dinov2("plain")
     embeddings = model.embeddings
-    assert embeddings.interpolate_pos_encoding(torch.zeros(1, 37, 32), SIZE, SIZE) is embeddings.position_embeddings
-    x = _x(2, size=64)
+    assert (
+        embeddings.interpolate_pos_encoding(torch.zeros(1, 37, 32), DINOV2_SIZE, DINOV2_SIZE)
+        is embeddings.position_embeddings
+    )
+    x = dinov2_images(2, size=64)
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
     with torch.no_grad():
         got, want = fast(x), reference_forward_hf_encoder(model, x, [1, 2], 0.5)
@@ -170,36 +114,8 @@ def test_position_embeddings_are_interpolated_per_call():
     torch.testing.assert_close(got.pooler_output, want["pooler_output"], rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("name, method", [("registers", "evit"), ("classifier", "merge")])
-def test_explain_equals_counted_macs(name, method):
-    model = _small(name)
-    patched = evit_patch.apply(model, layers=[1, 2], keep=0.5, method=method)
-    report, x = evit_patch.explain(patched), _x(1)
-    for m, expected in ((model, report.macs_original), (patched, report.macs_patched)):
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            m(x)
-        assert counter.get_total_flops() // 2 == expected
-
-
-def test_original_untouched_and_state_dict_keys_kept():
-    check_original_untouched(_small("registers_classifier"))
-
-
-def test_fullgraph_compile_matches_eager():
-    check_compile(_small("registers"), _x(2), method="merge")
-
-
-def test_export_matches_eager():
-    check_export(_small("registers_classifier"), _x(3), method="merge")
-
-
-@pytest.mark.slow  # the ONNX exporter takes ~10 s on a tiny model; torch.export above is the fast check
-def test_onnx_matches_eager(tmp_path):
-    check_onnx(_small("registers_classifier"), _x(3), tmp_path, method="merge")
-
-
 def test_unsupported_configurations_are_refused():
-    model, x = _small("plain"), _x(1)
+    model, x = small_hf_dinov2("plain"), dinov2_images(1)
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"Dinov2Backbone is not supported .* into a grid"):
         evit_patch.apply(transformers.Dinov2Backbone(model.config), layers=[1], keep=0.7)
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"configured 48x48 input only \(explain .* img_size=64"):

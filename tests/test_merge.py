@@ -1,71 +1,19 @@
-"""Token merging (``method="merge"``): every property exact EViT has, against the explicit float64
-reference in ``reference.py`` (per-sample Python: sort, cosine of keys, size-weighted means,
-log(size) in later attention logits)."""
+"""Token merging (``method="merge"``) beyond the shared checks, which every family runs for merging
+in test_families.py: against the explicit float64 reference in ``reference.py`` (per-sample Python:
+sort, cosine of keys, size-weighted means, log(size) in later attention logits) without proportional
+attention, with an explicit softmax, and proportional attention for EViT; tracking, saving, planning."""
 
 from __future__ import annotations
 
-import pytest
 import torch
+from cases import small_vit
 from conftest import images, make_vit
-from test_beit import _small as small_beit
-from test_eva import _images as eva_images
-from test_eva import _small as small_eva
-from tracked import (
-    check_compile,
-    check_export,
-    check_gradient_checkpointing,
-    check_gradients,
-    check_keep_one_is_exact,
-    check_macs,
-    check_matches_reference,
-    check_original_untouched,
-    check_threads,
-    randomise,
-)
+from tracked import check_matches_reference
 
 import evit_patch
 from evit_patch.analysis.tracking import track_tokens
 
 MERGE = dict(method="merge")
-
-
-def small_vit(dtype=torch.float64, **kwargs):
-    options = dict(img_size=64, depth=4, embed_dim=64, num_heads=4, num_classes=10) | kwargs
-    return randomise(make_vit("vit_base_patch16_224", dtype=dtype, **options))
-
-
-def _images64(dtype=torch.float64):
-    return images(3, 64, dtype=dtype)
-
-
-def _eva(dtype=torch.float64):
-    return small_eva(dtype=dtype)
-
-
-def _eva_images(dtype=torch.float64):
-    return eva_images(dtype=dtype)
-
-
-MODELS = {  # name: (reference kind, model(dtype), images(dtype))
-    "vit": ("vit", small_vit, _images64),
-    "vit_gap": (
-        "vit",
-        lambda dtype=torch.float64: small_vit(dtype, class_token=False, global_pool="avg", fc_norm=False),
-        _images64,
-    ),
-    "beit": ("beit", small_beit, _images64),
-    "eva": (
-        "eva",
-        lambda dtype=torch.float64: small_eva(dtype=dtype),
-        lambda dtype=torch.float64: eva_images(dtype=dtype),
-    ),
-}
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_matches_reference(name):
-    kind, model, x = MODELS[name]
-    check_matches_reference(kind, model(), x(), [1, 2], [0.6, 0.5], **MERGE)
 
 
 def test_without_proportional_attention_matches_reference():
@@ -82,49 +30,6 @@ def test_manual_attention_matches_reference():
 
 def test_evit_with_proportional_attention_matches_reference():
     check_matches_reference("vit", small_vit(), images(3, 64), [1, 2], 0.5, proportional=True)
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_keep_one_is_exact(name):
-    _, model, x = MODELS[name]
-    check_keep_one_is_exact(model(torch.float32), x(torch.float32), **MERGE)
-
-
-@pytest.mark.parametrize("name", ["vit", "beit"])
-def test_gradients_match_reference(name):
-    kind, model, x = MODELS[name]
-    check_gradients(kind, model(), x()[:2], **MERGE)
-
-
-@pytest.mark.parametrize("name", ["vit", "vit_gap", "beit"])
-def test_explain_equals_counted_macs(name):
-    """The key similarities are counted (the index_add merge and the sort are not FLOPs)."""
-    _, model, x = MODELS[name]
-    check_macs(model(), x()[:1], **MERGE)
-
-
-@pytest.mark.parametrize("name", ["vit"])
-def test_fullgraph_compile_matches_eager(name):
-    _, model, x = MODELS[name]
-    check_compile(model(), x(), **MERGE)  # inductor lowers merging in test_compile.py
-
-
-@pytest.mark.parametrize("name", ["beit"])
-def test_export_matches_eager(name):
-    _, model, x = MODELS[name]
-    check_export(model(), x(), **MERGE)
-
-
-def test_concurrent_calls():
-    check_threads(small_vit(), images(2, 64), **MERGE)
-
-
-def test_gradient_checkpointing():
-    check_gradient_checkpointing(small_vit(), images(2, 64), **MERGE)
-
-
-def test_original_untouched_and_state_dict_keys_kept():
-    check_original_untouched(small_vit())
 
 
 def test_track_tokens_follows_merged_patches():

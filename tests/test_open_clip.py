@@ -3,96 +3,50 @@ re-expressed with SDPA, class-token, average and attentional pooling (CoCa), aga
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import torch
+from cases import OPEN_CLIP_POOLER, OPEN_CLIP_TOWER, open_clip_images, small_open_clip, small_open_clip_pooled
 from conftest import images
 from reference import reference_forward, reference_forward_open_clip
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
-from tracked import (
-    NoSizeBias,
-    check_compile,
-    check_export,
-    check_gradient_checkpointing,
-    check_gradients,
-    check_matches_reference,
-    check_onnx,
-    check_original_untouched,
-    check_threads,
-)
+from tracked import NoSizeBias, check_macs, check_matches_reference, check_onnx
 
 import evit_patch
 
 open_clip = pytest.importorskip("open_clip", reason='needs the open_clip extra: pip install "evit_patch[open_clip]"')
-from open_clip.transformer import VisionTransformer  # noqa: E402
-
-POOLS = ["tok", "avg"]
-TOWER = dict(image_size=32, patch_size=8, width=32, layers=4, heads=2, mlp_ratio=4, output_dim=16)
-
-
-def _small(pool: str = "tok", dtype=torch.float64, **kwargs) -> VisionTransformer:
-    """A tiny tower (16 image tokens) with attention far from uniform and layer scales at 0.5 (their
-    1e-5-style inits would hide a wrong residual); float64 so top-k ties cannot flake."""
-    torch.manual_seed(0)
-    model = VisionTransformer(**(TOWER | dict(pool_type=pool, ls_init_value=0.5) | kwargs))
-    with torch.no_grad():
-        for block in model.transformer.resblocks:
-            block.attn.in_proj_weight.normal_(0, 0.3)
-    return model.to(dtype).eval()
-
-
-def _x(batch: int = 3, dtype=torch.float64) -> torch.Tensor:
-    return images(batch, size=32, dtype=dtype)
 
 
 @pytest.mark.parametrize("method", ["evit", "merge"])
-@pytest.mark.parametrize("pool", POOLS)
-def test_matches_reference(pool, method):
-    check_matches_reference("open_clip", _small(pool), _x(), [1, 2], [0.6, 0.5], method=method)
+def test_class_token_pool_matches_reference(method):
+    """pool_type='tok' (the family table runs 'avg' and the attentional pooler)."""
+    check_matches_reference("open_clip", small_open_clip("tok"), open_clip_images(), [1, 2], [0.6, 0.5], method=method)
 
 
 @pytest.mark.parametrize("method", ["evit", "merge"])
 def test_norm_after_a_class_token_pool_matches_reference(method):
     """``final_ln_after_pool``: ``ln_post`` reads the pooled class token only, so the last block drops the
     token state (merging carries it until then)."""
-    model = _small("tok", final_ln_after_pool=True)
-    check_matches_reference("open_clip", model, _x(), [1, 2], [0.6, 0.5], method=method)
+    model = small_open_clip("tok", final_ln_after_pool=True)
+    check_matches_reference("open_clip", model, open_clip_images(), [1, 2], [0.6, 0.5], method=method)
     assert evit_patch.apply(model, layers=[1, 2], keep=0.5, method=method).ln_post.__class__ is type(model.ln_post)
 
 
 def test_without_fusion_matches_reference():
-    check_matches_reference("open_clip", _small("avg"), _x(), [1, 2], 0.5, fuse=False)
+    check_matches_reference("open_clip", small_open_clip("avg"), open_clip_images(), [1, 2], 0.5, fuse=False)
 
 
-@pytest.mark.parametrize(("pool", "method"), [("tok", "evit"), ("avg", "merge")])
-def test_gradients_match_reference(pool, method):
-    check_gradients("open_clip", _small(pool), _x(2), method=method)
-
-
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-6)])
-@pytest.mark.parametrize("pool", POOLS)
-def test_keep_one_matches_original_to_float_rounding(pool, dtype, tolerance):
-    """Not bitwise: nn.MultiheadAttention's fused kernel and SDPA round differently."""
-    model, x = _small(pool, dtype), _x(2, dtype)
+@pytest.mark.parametrize("pool", ["tok", "avg"])
+def test_keep_one_matches_original_to_float64_rounding(pool):
+    """Not bitwise: nn.MultiheadAttention's fused kernel and SDPA round differently (the family table
+    checks float32 to 1e-6)."""
+    model, x = small_open_clip(pool), open_clip_images(2)
     fast = evit_patch.apply(model, layers=[0, 1, 2, 3], keep=1.0)
     with torch.no_grad():
         want = model(x)
-        assert (fast(x) - want).abs().max() <= tolerance * want.abs().max()
+        assert (fast(x) - want).abs().max() <= 1e-12 * want.abs().max()
 
 
-@pytest.mark.parametrize("method", ["evit", "merge"])
-@pytest.mark.parametrize("pool", POOLS)
-def test_explain_equals_counted_macs(pool, method):
-    model = _small(pool)
-    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, method=method)
-    report = evit_patch.explain(fast)
-    for m, expected in ((model, report.macs_original), (fast, report.macs_patched)):
-        # With grad enabled nn.MultiheadAttention skips its fused fast path, which the counter misses.
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            m(_x(1))
-        assert counter.get_total_flops() // 2 == expected
+def test_class_token_pool_explain_equals_counted_macs():
+    check_macs(small_open_clip("tok"), open_clip_images(1))
 
 
 def test_vit_b_32_cost():
@@ -105,9 +59,9 @@ def test_vit_b_32_cost():
     assert (round(report.macs_original / 1e9, 3), round(report.macs_patched / 1e9, 3)) == (4.409, 3.099)
 
 
-def test_original_untouched_and_state_dict_keys_kept():
-    model = _small()
-    check_original_untouched(model)
+def test_original_keeps_its_multihead_attention():
+    """The patched copy re-expresses nn.MultiheadAttention on parameters of its own, under the same keys."""
+    model = small_open_clip()
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.7, method="merge")
     assert isinstance(model.transformer.resblocks[1].attn, torch.nn.MultiheadAttention)
     assert list(fast.state_dict()) == list(model.state_dict())
@@ -115,35 +69,12 @@ def test_original_untouched_and_state_dict_keys_kept():
     assert fast.transformer.resblocks[1].attn.in_proj_weight is not model.transformer.resblocks[1].attn.in_proj_weight
 
 
-def test_threads_average_pool():
-    check_threads(_small("avg"), _x())
-
-
-def test_gradient_checkpointing():
-    """open_clip's Transformer calls checkpointed blocks as ``checkpoint(block, x, None, None, attn_mask)``."""
-    check_gradient_checkpointing(_small("avg"), _x(2))
-
-
-def test_fullgraph_compile_matches_eager():
-    check_compile(_small("avg"), _x(2))
-
-
-def test_torch_export_matches_eager():
-    check_export(_small("avg"), _x())
-
-
 def test_onnx_matches_eager(tmp_path):
-    check_onnx(_small("avg"), _x(), tmp_path)
-
-
-def test_pickle_round_trip():
-    fast = evit_patch.apply(_small("avg"), layers=[1, 2], keep=0.5, method="merge")
-    with torch.no_grad():
-        torch.testing.assert_close(pickle.loads(pickle.dumps(fast))(_x()), fast(_x()), rtol=0, atol=0)
+    check_onnx(small_open_clip("avg"), open_clip_images(), tmp_path)
 
 
 def test_attention_mask_is_refused_at_call_time():
-    fast = evit_patch.apply(_small(), layers=[1], keep=0.5)
+    fast = evit_patch.apply(small_open_clip(), layers=[1], keep=0.5)
     message = r"resblocks\.1 was patched by evit_patch with attn_mask=None"
     with pytest.raises(evit_patch.UnsupportedInputError, match=message):
         fast.transformer.resblocks[1](torch.zeros(1, 17, 32, dtype=torch.float64), attn_mask=torch.zeros(17, 17))
@@ -152,7 +83,7 @@ def test_attention_mask_is_refused_at_call_time():
 def _clip(dtype=torch.float64):
     """A tiny CLIP: the test tower and a 2-layer text transformer."""
     torch.manual_seed(0)
-    vision = dict(TOWER, ls_init_value=0.5)
+    vision = dict(OPEN_CLIP_TOWER, ls_init_value=0.5)
     vision.pop("output_dim")
     vision.pop("heads")
     text = dict(context_length=8, vocab_size=100, width=32, heads=2, layers=2)
@@ -169,7 +100,7 @@ def test_zero_shot_with_a_patched_tower():
     original = model.visual
     model.visual = evit_patch.apply(model.visual, layers=[1, 2], keep=0.5)
     text = torch.randint(0, 100, (5, 8))
-    x = _x()
+    x = open_clip_images()
     with torch.no_grad():
         image_emb = model.encode_image(x, normalize=True)
         text_emb = model.encode_text(text, normalize=True)
@@ -180,29 +111,19 @@ def test_zero_shot_with_a_patched_tower():
         assert not torch.allclose(want, torch.nn.functional.normalize(original(x), dim=-1), atol=1e-3)
 
 
-POOLER = dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2)
-
-
-def _pooled(pool: str = "tok", dtype=torch.float64, **kwargs) -> VisionTransformer:
-    """The test tower with CoCa's attentional pooler (4 queries, output_dim 16 != width 32: separate key
-    and value projections), its query scaled up so its softmax is far from uniform."""
-    model = _small(pool, dtype, **(POOLER | kwargs))
-    with torch.no_grad():
-        model.attn_pool.query.mul_(4)
-    return model
-
-
 def test_attentional_pool_matches_reference():
     """The pooler's probe weighs a merged token by its size; ``ln_post``, the pool over its queries
     (``'none'``: all of them) and ``proj`` follow as open_clip runs them."""
-    check_matches_reference("open_clip", _pooled("none"), _x(), [1, 2], [0.6, 0.5], method="merge")
+    check_matches_reference(
+        "open_clip", small_open_clip_pooled("none"), open_clip_images(), [1, 2], [0.6, 0.5], method="merge"
+    )
 
 
 def test_attentional_pool_with_output_tokens_weighs_tokens_by_size():
     """CoCa's tower: ``output_tokens`` returns the pooler's other queries (a fixed count) beside the pooled
     one, both as the reference computes them; without the size bias the pooler counts the fused token
     once, and both move away from it."""
-    model, x = _pooled(output_tokens=True), _x()
+    model, x = small_open_clip_pooled(output_tokens=True), open_clip_images()
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
     with torch.no_grad():
         got, want = fast(x), reference_forward_open_clip(model, x, [1, 2], 0.5)
@@ -213,14 +134,10 @@ def test_attentional_pool_with_output_tokens_weighs_tokens_by_size():
         assert all((a - b).abs().max() > 1e-3 for a, b in zip(fast(x), want))
 
 
-def test_attentional_pool_gradients_match_reference():
-    check_gradients("open_clip", _pooled(), _x(2))
-
-
 def test_attentional_pool_keep_one_matches_original_to_float_rounding():
     """Not bitwise, as for the other pools: the blocks' nn.MultiheadAttention is re-expressed with SDPA;
     the pooler itself runs open_clip's own call, with no mask while no token has moved."""
-    model, x = _pooled(), _x(2)
+    model, x = small_open_clip_pooled(), open_clip_images(2)
     fast = evit_patch.apply(model, layers=[0, 1, 2, 3], keep=1.0)
     masks = []
     fast.attn_pool.evit_bias.register_forward_hook(lambda module, args, output: masks.append(output))
@@ -231,19 +148,8 @@ def test_attentional_pool_keep_one_matches_original_to_float_rounding():
 
 
 def test_attentional_pool_explain_equals_counted_macs():
-    """``pool_type='none'``: ``proj`` maps every query's output."""
-    model = _pooled("none")
-    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, method="merge")
-    report = evit_patch.explain(fast)
-    assert report.macs_patched < report.macs_original
-    for m, expected in ((model, report.macs_original), (fast, report.macs_patched)):
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            m(_x(1))
-        assert counter.get_total_flops() // 2 == expected
-
-
-def test_attentional_pool_torch_export_matches_eager():
-    check_export(_pooled(), _x())
+    """``pool_type='none'``: ``proj`` maps every query."""
+    check_macs(small_open_clip_pooled("none"), open_clip_images(1), method="merge")
 
 
 def test_timm_tower_is_patched_at_its_trunk():
@@ -263,7 +169,7 @@ def test_timm_tower_is_patched_at_its_trunk():
 
 REFUSALS = {
     "two_poolers": (
-        dict(POOLER, attentional_pool="parallel", output_dim=32),
+        dict(OPEN_CLIP_POOLER, attentional_pool="parallel", output_dim=32),
         r"VisionTransformer has attentional_pool='parallel': ln_post normalises every token before two "
         r"attentional poolers \(open_clip's untested two-pooler variant\); expected attentional_pool=True",
     ),
@@ -298,13 +204,13 @@ REFUSALS = {
 @pytest.mark.parametrize("name", list(REFUSALS))
 def test_refusals_name_the_configuration(name):
     kwargs, message = REFUSALS[name]
-    model = _small("tok" if "pool_type" not in kwargs else kwargs.pop("pool_type"), **kwargs)
+    model = small_open_clip("tok" if "pool_type" not in kwargs else kwargs.pop("pool_type"), **kwargs)
     with pytest.raises(evit_patch.UnsupportedModelError, match=f"^{message}"):
         evit_patch.apply(model, layers=[1], keep=0.5)
 
 
 def test_sequence_first_attention_is_refused_by_block():
-    model = _small()
+    model = small_open_clip()
     model.transformer.resblocks[2].attn = torch.nn.MultiheadAttention(32, 2, batch_first=False)
     message = r"transformer\.resblocks\.2\.attn: expected a batch-first"
     with pytest.raises(evit_patch.UnsupportedModelError, match=message):
@@ -313,12 +219,12 @@ def test_sequence_first_attention_is_refused_by_block():
 
 def test_other_image_size_is_refused():
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"only accepts 32x32 images .* img_size=64"):
-        evit_patch.apply(_small(), layers=[1], keep=0.7, img_size=64)
+        evit_patch.apply(small_open_clip(), layers=[1], keep=0.7, img_size=64)
 
 
 def test_pooling_attributes_set_after_patching_are_refused_at_call_time():
     """``output_tokens = True`` after patching would return the surviving tokens as if they were the grid's."""
-    model, x = _small("avg"), _x(1)
+    model, x = small_open_clip("avg"), open_clip_images(1)
     fast = evit_patch.apply(model, layers=[1], keep=0.5, method="merge")
     with torch.no_grad():
         want = fast(x)
@@ -340,7 +246,7 @@ def test_pooling_attributes_set_after_patching_are_refused_at_call_time():
 
 def test_attentional_pooler_serves_output_tokens_after_patching():
     """CoCa's tower returns its pooler's query outputs, a fixed number whatever the blocks keep."""
-    model, x = _small("tok", attentional_pool=True, attn_pooler_queries=4), _x(1)
+    model, x = small_open_clip("tok", attentional_pool=True, attn_pooler_queries=4), open_clip_images(1)
     fast = evit_patch.apply(model, layers=[1], keep=0.5)
     fast.output_tokens = model.output_tokens = True
     with torch.no_grad():

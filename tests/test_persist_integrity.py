@@ -9,11 +9,10 @@ import re
 
 import pytest
 import torch
+from cases import small_open_clip, small_torchvision
 from conftest import images, make_vit
 from safetensors.torch import save_file
 from test_export_defaults import small_hf
-from test_open_clip import _small as small_open_clip
-from test_torchvision import _small as small_torchvision
 
 import evit_patch
 from evit_patch import CheckpointError

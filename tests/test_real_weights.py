@@ -1,8 +1,10 @@
-"""Genuine pretrained DeiT-Tiny on 825 real ImageNet images (../shared/data).
+"""Genuine pretrained DeiT-Tiny on real ImageNet images (../shared/data): the 75 val images and
+every third of the 750 sample images (325, the ``real_images`` fixture).
 
 Bounds were measured with this code (torch 2.14.1, timm 1.0.31, CPU): original top-1 72.0 % on the
-75 val images and 79.6 % on the 750 sample images; keep 0.7 @3,6,9 top-1 74.3 % and agreement
-88.6 % over all 825. The bounds leave about one percentage point for platform float differences.
+75 val images (DeiT-Tiny's published 72.2 % on the full val set) and 83.6 % on the 250 sample
+images (79.6 % on all 750); keep 0.7 @3,6,9 top-1 76.9 % and agreement 88.0 % over the 325 (74.3 %
+and 88.6 % over all 825). The bounds leave about one percentage point for platform float differences.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def _top1(logits, labels):
 def test_unpatched_accuracy_matches_published(real_images, original_logits):
     _, y, n_val = real_images
     assert 0.70 <= _top1(original_logits[:n_val], y[:n_val]) <= 0.74  # DeiT-Tiny: 72.2 % on full val
-    assert 0.785 <= _top1(original_logits[n_val:], y[n_val:]) <= 0.805
+    assert 0.825 <= _top1(original_logits[n_val:], y[n_val:]) <= 0.845
 
 
 def test_keep_07_accuracy_and_agreement(real_model, real_images, original_logits):
@@ -39,8 +41,8 @@ def test_keep_07_accuracy_and_agreement(real_model, real_images, original_logits
     with torch.inference_mode():
         logits = torch.cat([fast(x[i : i + 128]) for i in range(0, len(x), 128)])
     agreement = (logits.argmax(-1) == original_logits.argmax(-1)).float().mean().item()
-    assert 0.87 <= agreement < 0.95
-    assert 0.73 <= _top1(logits, y) <= _top1(original_logits, y) - 0.02
+    assert 0.865 <= agreement <= 0.895
+    assert 0.755 <= _top1(logits, y) <= _top1(original_logits, y) - 0.02
     # A backward pass through the patched copy leaves the pretrained model as it was.
     fast.train()
     fast(x[:8]).logsumexp(-1).sum().backward()

@@ -1,4 +1,5 @@
-"""Patched models equal the explicit EViT reference (float64, 1e-9) across timm ViT variants."""
+"""Patched models equal the explicit EViT reference (float64, 1e-9) across timm ViT variants (the
+plain one, with fusion, and its gradients are the family table's: test_families.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize(
     "variant, fuse",
-    [*((v, True) for v in VARIANTS), ("deit", False), ("registers", False)],  # fusion off: one plain, one prefix-heavy
+    [*((v, True) for v in VARIANTS if v != "deit"), ("deit", False), ("registers", False)],  # no fusion: plain, prefix
     ids=lambda v: v if isinstance(v, str) else ("fuse" if v else "nofuse"),
 )
 def test_matches_reference(variant, fuse):
@@ -64,15 +65,3 @@ def test_per_layer_keep_and_changed_keep_match_reference():
         torch.testing.assert_close(fast(x), reference_forward(model, x, [2, 9], [0.4, 0.9]), rtol=0, atol=1e-9)
         evit_patch.set_keep(fast, 0.6)
         torch.testing.assert_close(fast(x), reference_forward(model, x, [2, 9], 0.6), rtol=0, atol=1e-9)
-
-
-def test_gradients_match_reference():
-    """Gradients reach q/k through the fused token's scores and match the reference's."""
-    model = make_vit("deit_tiny_patch16_224")
-    x = images(2)
-    fast = evit_patch.apply(model, layers=[3, 6, 9], keep=0.5)
-    fast(x).square().sum().backward()
-    reference_forward(model, x, [3, 6, 9], 0.5).square().sum().backward()
-    for (name, a), (_, b) in zip(fast.named_parameters(), model.named_parameters()):
-        assert a.grad is not None, name
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9, msg=name)

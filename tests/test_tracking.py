@@ -184,8 +184,7 @@ def test_other_libraries_are_tracked_and_drawn(library):
     """The patch grid comes from the model's family, so torchvision and Hugging Face models are
     tracked and visualised like timm's."""
     pytest.importorskip("transformers" if library == "transformers" else "torchvision")
-    from test_hf import _small as small_hf
-    from test_torchvision import _small as small_torchvision
+    from cases import small_hf, small_torchvision
 
     model = (small_torchvision if library == "torchvision" else small_hf)()
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.5)
