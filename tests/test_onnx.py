@@ -70,7 +70,7 @@ def test_position_aware_families_export(name, options, tmp_path):
     from conftest import images, make_vit
     from tracked import randomise
 
-    options = dict(img_size=64, depth=4, num_classes=10) | options
+    options = dict(img_size=64, depth=3, num_classes=10) | options
     model = randomise(make_vit(name, dtype=torch.float32, **options))
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.7)
     x = images(3, size=options["img_size"], dtype=torch.float32)
