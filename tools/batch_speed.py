@@ -1,0 +1,74 @@
+"""Batch-1 and batch-16 speed of exact EViT, merging and dam against the FLOP ideal (docs/training-free.md).
+
+Random-init DeiT-S (speed does not depend on weights), one thread, thread CPU time, the original and
+every variant interleaved; dam runs the plans the genuine DeiT-Tiny of ../shared/data gets at 0.65x
+and 0.5x (same depth and token counts). ``--compile``: every model through ``torch.compile``
+(``ONLY="dam 0.5,dam 0.65"`` limits the variants, as each compile takes minutes on CPU).
+
+    python tools/batch_speed.py
+    ONLY="dam 0.65,dam 0.5" python tools/batch_speed.py --compile
+"""
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import evit_patch  # noqa: E402
+from evit_patch.bench.speed import time_interleaved  # noqa: E402
+from evit_patch.deploy.weights import create_model  # noqa: E402
+
+SHARED = Path(os.environ.get("EVIT_PATCH_SHARED", ROOT.parent / "shared" / "data"))
+torch.set_num_threads(1)
+torch.manual_seed(0)
+compiled = "--compile" in sys.argv
+tiny = create_model("deit_tiny_patch16_224", checkpoint=SHARED / "weights" / "deit_tiny_patch16_224.safetensors")
+m = timm.create_model("deit_small_patch16_224").eval()
+
+
+def macs(model):
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
+        model(torch.randn(1, 3, 224, 224))
+    return c.get_total_flops() / 2
+
+
+variants = {"evit 3,6,9 keep 0.7": evit_patch.apply(m, layers=[3, 6, 9], keep=0.7)}
+for f in (0.65, 0.5):
+    cfg = evit_patch.plan(tiny, flops=f, method="dam")
+    print(
+        f"dam plan at {f}: layers {list(cfg.layers)} keep {[round(k, 3) for k in cfg.keep]} cls_only {cfg.cls_only}",
+        flush=True,
+    )
+    variants[f"dam {f}"] = evit_patch.apply(m, layers=cfg.layers, keep=cfg.keep, method="dam", cls_only=cfg.cls_only)
+    variants[f"merge {f}"] = evit_patch.apply(m, flops=f, method="merge")
+base = macs(m)
+ideal = {k: base / macs(v) for k, v in variants.items()}
+models = {"orig": m, **variants}
+if compiled:
+    only = os.environ.get("ONLY")
+    if only:
+        variants = {k: v for k, v in variants.items() if k in only.split(",")}
+        models = {"orig": m, **variants}
+    models = {k: torch.compile(v, dynamic=False) for k, v in models.items()}
+for bs in (1, 16):
+    x = torch.randn(bs, 3, 224, 224)
+    with torch.inference_mode():
+        runners = {k: functools.partial(v, x) for k, v in models.items()}
+        t = time_interleaved(runners, rounds=15 if bs == 1 else 5, warmup=2, settle=0, clock=time.thread_time)
+    for k in variants:
+        s = t["orig"] / t[k]
+        print(
+            f"{'compiled' if compiled else 'eager'} batch {bs:2d} {k:20s}: {s:.3f}x, ideal {ideal[k]:.3f}x, "
+            f"of ideal {s / ideal[k]:.3f}  (orig {t['orig'] * 1e3:.1f} ms)",
+            flush=True,
+        )
