@@ -55,9 +55,22 @@ def real_val_images(real_model):
 
 
 @pytest.fixture(scope="session")
-def real_images(real_model, real_val_images):
-    """325 real images: the 75 val and every third of the 750 sample images (decoded once and cached
-    on disk); a third keeps the real-weights checks to seconds and their bounds still measured."""
-    images, labels = _decoded(real_model, "imagenet_sample")
-    parts = (real_val_images, (images[::3], labels[::3]))
+def real_images(real_model, real_val_images, tmp_path_factory):
+    """325 real images: the 75 val and every third of the 750 sample images; a third keeps the
+    real-weights checks to seconds with their bounds still measured, and only those are decoded."""
+    import csv
+
+    from timm.data import create_transform, resolve_data_config
+
+    from evit_patch.bench.data import load_images
+
+    folder = tmp_path_factory.mktemp("sample_thirds")
+    rows = list(csv.DictReader(open(SHARED / "images" / "imagenet_sample.csv")))[::3]
+    manifest = folder / "imagenet_sample_thirds.csv"
+    manifest.write_text(
+        "file,label\n" + "".join(f"{SHARED / 'images' / 'imagenet_sample' / r['file']},{r['label']}\n" for r in rows)
+    )
+    transform = create_transform(**resolve_data_config({}, model=real_model))
+    sample = load_images(manifest, transform, cache_dir=folder, progress=False)
+    parts = (real_val_images, sample)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), len(real_val_images[0])
