@@ -44,6 +44,7 @@ def apply(
     method: str | Method = Method.EVIT,
     proportional: bool | None = None,
     cls_only: bool | None = None,
+    progress: bool = True,
 ) -> nn.Module:
     """Return an EViT copy of ``model`` that reorganizes tokens after attention at ``layers``.
 
@@ -80,6 +81,7 @@ def apply(
         cls_only: run the last block's MLP on the class token(s) alone: exact, up to float rounding,
             for a head that reads only them, and it saves most of that block. ``None``: on for budgets
             planned by ``method="dam"`` where it is exact, off otherwise.
+        progress: show a progress bar while a budget's schedule is searched (``method="dam"``).
 
     Raises:
         UnsupportedModelError: the model or a block cannot be patched soundly (nothing changed).
@@ -107,7 +109,7 @@ def apply(
         native = cost if img_size is None else CostModel(profile, family.num_tokens(model), family.outside_macs(model))
         target = fraction * native.macs_original
         if layers is None and options.reduction_class.searches_schedule:
-            config, _ = plan_searched(reference, family, cost, target, options, where=where)
+            config, _ = plan_searched(reference, family, cost, target, options, where=where, progress=progress)
         else:
             config = plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)
     else:

@@ -128,3 +128,13 @@ def test_dead_leaves_are_deterministic_opaque_discs():
     mean, std = (torch.tensor(model.pretrained_cfg[k], dtype=torch.float64)[:, None, None] for k in ("mean", "std"))
     want = (dead_leaves(2, (64, 64)).double() - mean) / std
     torch.testing.assert_close(probe_images(model, (64, 64), 3, count=2), want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_schedule_search_shows_progress_unless_asked_not_to(capsys):
+    model = make_vit(img_size=64, depth=4, num_classes=10, dtype=torch.float32, embed_dim=48, num_heads=3)
+    quiet = evit_patch.plan(model, flops=0.6, progress=False, **DAM)
+    assert "planning" not in capsys.readouterr().err
+    assert evit_patch.get_config(evit_patch.apply(model, flops=0.6, progress=False, **DAM)) == quiet
+    assert "planning" not in capsys.readouterr().err
+    assert evit_patch.plan(model, flops=0.6, **DAM) == quiet
+    assert "planning" in capsys.readouterr().err

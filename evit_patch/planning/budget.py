@@ -150,6 +150,7 @@ def plan(
     method: str | Method = Method.EVIT,
     proportional: bool | None = None,
     cls_only: bool | None = None,
+    progress: bool = True,
 ) -> EViTConfig:
     """The EViT configuration that meets a budget relative to ``model`` at its own input size.
 
@@ -164,6 +165,7 @@ def plan(
         method: as for :func:`~evit_patch.apply`; ``"merge"`` defaults to every block from D/4 on.
         proportional: as for :func:`~evit_patch.apply`.
         cls_only: as for :func:`~evit_patch.apply`.
+        progress: as for :func:`~evit_patch.apply`.
 
     Raises:
         InvalidPlanError: the budget is malformed or infeasible at these layers (the message
@@ -182,5 +184,5 @@ def plan(
     if layers is None and options.reduction_class.searches_schedule:
         from .schedule import plan_searched  # the search patches candidate models (schedule -> pipeline)
 
-        return plan_searched(resized, family, cost, target, options, where=where)[0]
+        return plan_searched(resized, family, cost, target, options, where=where, progress=progress)[0]
     return plan_for_budget(cost, target_macs=target, layers=layers, options=options, where=where)
