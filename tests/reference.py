@@ -51,6 +51,19 @@ def reference_forward(model, images, layers, keep, fuse: bool = True):
     return model.forward_head(model.norm(x))
 
 
+def _mha_by_hand(mha, x, size, proportional):
+    """``nn.MultiheadAttention`` of one sample ``(1, N, C)`` from ``in_proj`` by hand, with ``log(size)``
+    added to the logits when ``proportional``: ``(output, probabilities, keys)``."""
+    tokens, channels = x.shape[1], x.shape[2]
+    qkv = torch.nn.functional.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    q, k, v = qkv.reshape(1, tokens, 3, mha.num_heads, -1).permute(2, 0, 3, 1, 4)
+    logits = (q @ k.transpose(-2, -1)) / math.sqrt(channels // mha.num_heads)
+    if proportional:
+        logits = logits + torch.tensor([math.log(s) for s in size], dtype=x.dtype)
+    probs = logits.softmax(dim=-1)
+    return mha.out_proj((probs @ v).transpose(1, 2).reshape(1, tokens, channels)), probs, k
+
+
 def reference_forward_torchvision(model, images, layers, keep, fuse: bool = True, method="evit", proportional=None):
     """EViT (or ``method="merge"``) forward of a torchvision VisionTransformer, sample by sample,
     attention from ``in_proj`` by hand."""
@@ -63,14 +76,8 @@ def reference_forward_torchvision(model, images, layers, keep, fuse: bool = True
         x = torch.cat([model.class_token, x], dim=1) + model.encoder.pos_embedding
         pos, size = list(range(x.shape[1])), [1] * x.shape[1]
         for index, block in enumerate(model.encoder.layers):
-            mha, tokens, channels = block.self_attention, x.shape[1], x.shape[2]
-            qkv = torch.nn.functional.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
-            q, k, v = qkv.reshape(1, tokens, 3, mha.num_heads, -1).permute(2, 0, 3, 1, 4)
-            logits = (q @ k.transpose(-2, -1)) / math.sqrt(channels // mha.num_heads)
-            if proportional:
-                logits = logits + torch.tensor([math.log(s) for s in size], dtype=x.dtype)
-            probs = logits.softmax(dim=-1)
-            x = x + mha.out_proj((probs @ v).transpose(1, 2).reshape(1, tokens, channels))
+            attended, probs, k = _mha_by_hand(block.self_attention, block.ln_1(x), size, proportional)
+            x = x + attended
             if index in keeps:
                 keys = k if merging else None
                 x, pos, size = _reorganize_sample(x, probs, pos, size, 1, keeps[index], fuse, True, False, keys)
@@ -456,14 +463,8 @@ def reference_forward_open_clip(model, images, layers, keep, fuse: bool = True, 
         x = model._embeds(image[None])
         pos, size = list(range(x.shape[1])), [1] * x.shape[1]
         for index, block in enumerate(model.transformer.resblocks):
-            mha, tokens, channels = block.attn, x.shape[1], x.shape[2]
-            qkv = torch.nn.functional.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
-            q, k, v = qkv.reshape(1, tokens, 3, mha.num_heads, -1).permute(2, 0, 3, 1, 4)
-            logits = (q @ k.transpose(-2, -1)) / math.sqrt(channels // mha.num_heads)
-            if proportional:
-                logits = logits + torch.tensor([math.log(s) for s in size], dtype=x.dtype)
-            probs = logits.softmax(dim=-1)
-            x = x + block.ls_1(mha.out_proj((probs @ v).transpose(1, 2).reshape(1, tokens, channels)))
+            attended, probs, k = _mha_by_hand(block.attn, block.ln_1(x), size, proportional)
+            x = x + block.ls_1(attended)
             if index in keeps:
                 keys = k if merging else None
                 x, pos, size = _reorganize_sample(x, probs, pos, size, 1, keeps[index], fuse, True, mean, keys)
