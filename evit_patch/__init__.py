@@ -22,7 +22,7 @@ from .errors import (
 )
 from .families import list_supported, register_family
 from .graph.reorganizer import TokenReorganizer
-from .graph.state import get_config, is_patched, reorganizers, set_keep, split_state
+from .graph.state import get_config, is_patched, reorganizers, restore, set_keep, split_state
 from .options import Method, Pool, Score
 from .pipeline import apply
 from .planning.budget import plan
@@ -77,6 +77,7 @@ __all__ = [
     "reorganizers",
     "save_pretrained",
     "set_keep",
+    "restore",
     "split_state",
     "TokenTrace",
     "track_tokens",

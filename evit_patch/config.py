@@ -44,6 +44,11 @@ class PlanOptions:
     """The last block runs its MLP on the prefix (class) tokens only: exact, up to float rounding, for
     a head that reads only them. ``None``: on for budgets planned by a method that searches its
     schedule (``"dam"``) on such heads, off otherwise."""
+    dense: bool | None = None
+    """Carry, for every original patch, which token stands for it, so that block outputs can be
+    restored to the full patch grid (:func:`~evit_patch.restore`, timm's ``forward_intermediates``,
+    transformers' backbones and hidden states). ``None``: on for models whose output is a feature
+    map (backbones), off otherwise."""
 
     @classmethod
     def build(
@@ -54,6 +59,7 @@ class PlanOptions:
         score: object = None,
         proportional: object = None,
         cls_only: object = None,
+        dense: object = None,
         where: str = "evit_patch",
     ) -> PlanOptions:
         """Validate user input; refuse an option the method does not honour (it would be ignored)."""
@@ -63,13 +69,37 @@ class PlanOptions:
             parse_option(Score, score, where, optional=True),
             None if proportional is None else check_flag(proportional, "proportional", where),
             None if cls_only is None else check_flag(cls_only, "cls_only", where),
+            None if dense is None else check_flag(dense, "dense", where),
         )
         if not options.fuse and "fuse" not in options.reduction_class.accepts:
             raise InvalidPlanError(
                 f"{where}: fuse=False applies to method='evit' only; method={options.method_name!r} "
                 "keeps no fused token to leave out"
             )
+        if options.dense and not options.fuse:
+            raise InvalidPlanError(
+                f"{where}: dense=True gives every patch the feature of the token that stands for it, but with "
+                "fuse=False the dropped patches have none; use fuse=True (or another method)"
+            )
+        if options.dense and options.cls_only:
+            raise InvalidPlanError(
+                f"{where}: dense=True restores every patch from the last block's image tokens, which cls_only=True "
+                "leaves out; leave cls_only unset"
+            )
         return options
+
+    def resolve_dense(self, feature_maps: bool, where: str) -> PlanOptions:
+        """``dense`` decided for a model whose output is (``feature_maps``) or is not a patch grid:
+        ``None`` follows it, ``False`` is refused for feature maps, and ``cls_only`` stays off when dense."""
+        if feature_maps and self.dense is False:
+            raise InvalidPlanError(
+                f"{where} returns feature maps with a feature for every patch, which a reduced model serves only "
+                "with dense=True; leave dense unset"
+            )
+        dense = feature_maps if self.dense is None else self.dense
+        cls_only = False if dense and self.cls_only is None else self.cls_only
+        resolved = dataclasses.replace(self, dense=dense, cls_only=cls_only)
+        return PlanOptions.build(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(self)}, where=where)
 
     @property
     def method_name(self) -> str:
@@ -91,7 +121,8 @@ class PlanOptions:
     def as_kwargs(self) -> dict:
         """As keyword arguments of :func:`~evit_patch.apply`."""
         kwargs = {"fuse": self.fuse, "score": self.score, "method": self.method, "proportional": self.proportional}
-        return kwargs | ({} if self.cls_only is None else {"cls_only": self.cls_only})
+        kwargs |= {} if self.cls_only is None else {"cls_only": self.cls_only}
+        return kwargs | ({} if self.dense is None else {"dense": self.dense})
 
     def to_dict(self) -> dict:
         return {
@@ -100,6 +131,7 @@ class PlanOptions:
             "method": self.method_name,
             "proportional": self.proportional,
             "cls_only": bool(self.cls_only),
+            "dense": bool(self.dense),
         }
 
 
@@ -127,11 +159,13 @@ class EViTConfig:
     method's default (on for merging, off for EViT, the paper's form)."""
     cls_only: bool = False
     """The last block runs its MLP on the prefix (class) tokens only (see :class:`PlanOptions`)."""
+    dense: bool = False
+    """Block outputs can be restored to the full patch grid (see :class:`PlanOptions`)."""
 
     @property
     def plan_options(self) -> PlanOptions:
         """The plan's options as one object."""
-        return PlanOptions(self.method, self.fuse, self.score, self.proportional, self.cls_only)
+        return PlanOptions(self.method, self.fuse, self.score, self.proportional, self.cls_only, self.dense)
 
     @property
     def proportional_attention(self) -> bool:
@@ -192,6 +226,7 @@ class EViTConfig:
             method=options.method,
             proportional=options.proportional,
             cls_only=bool(options.cls_only),
+            dense=bool(options.dense),
         )
 
     def options(self) -> dict:
@@ -218,6 +253,7 @@ class EViTConfig:
             score=data.get("score"),
             proportional=data.get("proportional"),
             cls_only=data.get("cls_only", False),
+            dense=data.get("dense", False),
             where="EViTConfig",
         )
         return cls(layers, keep).with_options(options)

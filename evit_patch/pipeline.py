@@ -44,6 +44,7 @@ def apply(
     method: str | Method = Method.EVIT,
     proportional: bool | None = None,
     cls_only: bool | None = None,
+    dense: bool | None = None,
     progress: bool = True,
 ) -> nn.Module:
     """Return an EViT copy of ``model`` that reorganizes tokens after attention at ``layers``.
@@ -81,6 +82,10 @@ def apply(
         cls_only: run the last block's MLP on the class token(s) alone: exact, up to float rounding,
             for a head that reads only them, and it saves most of that block. ``None``: on for budgets
             planned by ``method="dam"`` where it is exact, off otherwise.
+        dense: carry which token stands for each original patch, so block outputs can be restored to
+            the full patch grid: :func:`restore`, timm's ``forward_intermediates`` and
+            ``get_intermediate_layers``, transformers' ``output_hidden_states`` and backbone feature maps
+            (docs/dense.md). ``None``: on for backbones (their output is a feature map), off otherwise.
         progress: show a progress bar while a budget's schedule is searched (``method="dam"``).
 
     Raises:
@@ -92,8 +97,8 @@ def apply(
     family.check(model)
     where = describe(model)
     options = PlanOptions.build(
-        method=method, fuse=fuse, score=score, proportional=proportional, cls_only=cls_only, where=where
-    )
+        method=method, fuse=fuse, score=score, proportional=proportional, cls_only=cls_only, dense=dense, where=where
+    ).resolve_dense(family.feature_maps(model), where)
     budget = flops is not None or speedup is not None
     if budget and keep is not None:
         raise InvalidPlanError(f"{where}: give keep or a budget (flops/speedup), not both")
@@ -148,6 +153,8 @@ def _rewrite(
     profile = profile_of(traced, patched, family)  # before the head is wrapped: its costs are the original's
     wiring = wire(patched, family, traced, config, score)
     insert(patched, family, traced, wiring)
+    # Guards first: the checks below run the model as users will (a dense backbone's own encoder loop).
+    family.install_guards(patched, min(config.layers), dense=config.dense)
     rows = CostModel(profile, family.num_tokens(patched), outside_macs=0).explain(config).rows
     fake_output = verify_token_counts(patched, family, [row.tokens_in for row in rows], mode=fake)
     exact = not config.cls_only and not any(t.reexpressed for t in traced)  # cls_only: one-row MLP, other rounding
@@ -156,7 +163,6 @@ def _rewrite(
         setattr(patched, DISCOVERED_ATTR, family)
     setattr(patched, PROFILE_ATTR, profile)
     setattr(patched, CONFIG_ATTR, config.replace(score=None if score is family.score(model) else score))
-    family.install_guards(patched, min(config.layers))
     return patched
 
 

@@ -13,6 +13,11 @@ tokens) nothing is appended, so the model computes exactly what the original doe
 A position of ``-1`` marks a token without one (EViT's fused token): tables give it their
 neutral last row (no bias, no rotation).
 
+A model patched with ``dense=True`` also carries, for every original patch, the index of the
+image token that stands for it now (its *owner*): ``G`` patches spread over the ``M`` image rows,
+``ceil(G / M)`` more values per row (twice as many digits in 16-bit). :func:`restore` reads it to
+give every patch position the feature of its token, the full grid a dense head expects.
+
 This module is the one place that knows the layout. What a user receives never carries it:
 families remove it from every output they return per token (:meth:`Family.confine_state`, with
 :func:`strip`); a forward hook on a block sees it, and :func:`evit_patch.split_state` decodes it there.
@@ -51,9 +56,11 @@ def check_capacity(num_image_tokens: int, where: str) -> None:
         )
 
 
-def pack(x: Tensor, positions: Tensor, sizes: Tensor, num_prefix: int) -> Tensor:
+def pack(x: Tensor, positions: Tensor, sizes: Tensor, num_prefix: int, owner: Tensor | None = None) -> Tensor:
     """``(B, N, C + 2)`` (float32, float64) or ``(B, N, C + 4)`` (16-bit): ``x`` with each image token's
-    position (plus one) and size appended, as values or as base-256 digits; prefix rows: 0.
+    position (plus one) and size appended, as values or as base-256 digits; prefix rows: 0. With
+    ``owner`` (``(B, G)``: the image token each original patch belongs to), its values plus one follow,
+    ``ceil(G / M)`` per image row (:func:`owner_width`), zero-padded.
 
     Sizes are whole numbers by construction (sums of whole numbers, see ``reductions.follow``)."""
     if x.dtype not in _CARRIERS:
@@ -64,32 +71,95 @@ def pack(x: Tensor, positions: Tensor, sizes: Tensor, num_prefix: int) -> Tensor
         )
     if x.dtype in _RAW:
         state = torch.stack((positions.to(x.dtype) + 1, sizes.to(x.dtype)), dim=-1)
-        return torch.cat([x, F.pad(state, (0, 0, num_prefix, 0))], dim=-1)
-    digits = []
-    for value in (positions + 1, sizes.round().long()):
-        digits += [value // _BASE, value % _BASE]
-    state = torch.stack(digits, dim=-1).to(x.dtype)
-    state = F.pad(state, (0, 0, num_prefix, 0))
-    return torch.cat([x, state], dim=-1)
+    else:
+        digits = []
+        for value in (positions + 1, sizes.round().long()):
+            digits += [value // _BASE, value % _BASE]
+        state = torch.stack(digits, dim=-1).to(x.dtype)
+    if owner is not None:
+        state = torch.cat([state, _spread_owner(owner, positions.shape[1], x.dtype)], dim=-1)
+    return torch.cat([x, F.pad(state, (0, 0, num_prefix, 0))], dim=-1)
 
 
-def unpack(x: Tensor, channels: int, num_prefix: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def owner_width(num_patches: int, num_image: int) -> int:
+    """Values per image row that hold the owners of ``num_patches`` patches over ``num_image`` rows."""
+    return -(-num_patches // num_image)
+
+
+def _spread_owner(owner: Tensor, num_image: int, dtype: torch.dtype) -> Tensor:
+    """``(B, M, w)`` (or ``2w`` digits in 16-bit): ``owner + 1`` laid row after row, zero-padded."""
+    batch, patches = owner.shape
+    width = owner_width(patches, num_image)
+    values = F.pad(owner + 1, (0, num_image * width - patches))
+    if dtype not in _RAW:
+        values = torch.stack((values // _BASE, values % _BASE), dim=-1)
+    return values.to(dtype).reshape(batch, num_image, -1)
+
+
+def unpack(
+    x: Tensor, channels: int, num_prefix: int, num_patches: int | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(tokens, positions, sizes)`` from a packed tensor; ``(x, None, None)`` if ``x`` has only
     ``channels`` channels (no token has moved yet). The layout is read off the width: ``channels + 2``
-    values, or ``channels + 4`` digits."""
+    values, or ``channels + 4`` digits, plus the owners of ``num_patches`` patches (``None``: none
+    are carried; see :func:`unpack_owner`)."""
+    return unpack_owner(x, channels, num_prefix, num_patches)[:3]
+
+
+def unpack_owner(
+    x: Tensor, channels: int, num_prefix: int, num_patches: int | None
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """``(tokens, positions, sizes, owner)``; ``owner`` (``(B, G)``, the image token each of the
+    ``num_patches`` original patches belongs to) is ``None`` when ``num_patches`` is, or nothing moved."""
     if x.shape[-1] == channels:
-        return x, None, None
-    if x.shape[-1] == channels + RAW_CHANNELS:
-        state = x[:, num_prefix:, channels:]
-        return (
-            x[..., :channels],
-            state[..., 0].long() - 1,
-            state[..., 1].to(torch.promote_types(x.dtype, torch.float32)),
+        return x, None, None, None
+    num_image = x.shape[1] - num_prefix
+    width = 0 if num_patches is None else owner_width(num_patches, num_image)
+    state = x[:, num_prefix:, channels:]
+    if x.shape[-1] == channels + RAW_CHANNELS + width:
+        positions = state[..., 0].long() - 1
+        sizes = state[..., 1].to(torch.promote_types(x.dtype, torch.float32))
+        owner = state[..., RAW_CHANNELS:].long() if width else None
+    else:
+        state = state.round().long()
+        positions = state[..., 0] * _BASE + state[..., 1] - 1
+        sizes = (state[..., 2] * _BASE + state[..., 3]).to(torch.promote_types(x.dtype, torch.float32))
+        owner = None
+        if width:
+            digits = state[..., STATE_CHANNELS:].reshape(*state.shape[:2], width, 2)
+            owner = digits[..., 0] * _BASE + digits[..., 1]
+    if owner is not None:
+        owner = owner.reshape(owner.shape[0], -1)[:, :num_patches] - 1
+    return x[..., :channels], positions, sizes, owner
+
+
+def restore(x: Tensor, channels: int, num_prefix: int, num_patches: int) -> Tensor:
+    """``(B, P + G, C)``: every original patch position gets the feature of the image token that
+    carries it (a merged token's feature goes to every patch merged into it, EViT's fused token's
+    to every patch fused), prefix rows as they are; ``x`` itself (stripped) while nothing has moved.
+
+    Raises:
+        UnsupportedInputError: ``x`` is reorganized but carries no owners (not a ``dense=True`` model).
+    """
+    tokens, positions, _, owner = unpack_owner(x, channels, num_prefix, num_patches)
+    if positions is None:
+        if tokens.shape[1] != num_prefix + num_patches:
+            raise UnsupportedInputError(
+                f"restore: these {x.shape[1]} tokens (of {num_prefix + num_patches}) carry no record of which "
+                "patches they stand for: the last block of a model whose head reads only the class token hands "
+                "its tokens on without it; restore the blocks before it"
+            )
+        return tokens
+    if owner is None:
+        raise UnsupportedInputError(
+            f"restore: these {x.shape[1]} tokens carry no record of which patches they stand for; patch the "
+            "model with evit_patch.apply(..., dense=True)"
         )
-    state = x[:, num_prefix:, channels:].round().long()
-    positions = state[..., 0] * _BASE + state[..., 1] - 1
-    sizes = (state[..., 2] * _BASE + state[..., 3]).to(torch.promote_types(x.dtype, torch.float32))
-    return x[..., :channels], positions, sizes
+    image = tokens[:, num_prefix:]
+    batch, count, width = image.shape
+    flat = owner.clamp(min=0) + torch.arange(batch, device=x.device).unsqueeze(1) * count
+    grid = image.reshape(batch * count, width).index_select(0, flat.flatten()).view(batch, num_patches, width)
+    return torch.cat([tokens[:, :num_prefix], grid], dim=1)
 
 
 def strip(x: Tensor, channels: int) -> Tensor:
@@ -159,17 +229,19 @@ def pool_weights(sizes: Tensor, num_prefix: int) -> Tensor:
 
 
 class Unpack(nn.Module):
-    """Block input: split off the state channels, ``x -> (tokens, positions, sizes)``."""
+    """Block input: split off the state channels, ``x -> (tokens, positions, sizes, owner)``
+    (``owner``: ``None`` unless the model carries the owners of ``num_patches`` patches)."""
 
-    def __init__(self, channels: int, num_prefix_tokens: int) -> None:
+    def __init__(self, channels: int, num_prefix_tokens: int, num_patches: int | None = None) -> None:
         super().__init__()
         self.channels, self.num_prefix_tokens = int(channels), int(num_prefix_tokens)
+        self.num_patches = None if num_patches is None else int(num_patches)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        return unpack(x, self.channels, self.num_prefix_tokens)
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        return unpack_owner(x, self.channels, self.num_prefix_tokens, self.num_patches)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}"
+        return f"channels={self.channels}" + ("" if self.num_patches is None else f", num_patches={self.num_patches}")
 
 
 class Pack(nn.Module):
@@ -179,10 +251,10 @@ class Pack(nn.Module):
         super().__init__()
         self.num_prefix_tokens = int(num_prefix_tokens)
 
-    def forward(self, x: Tensor, positions: Tensor | None, sizes: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None, sizes: Tensor | None, owner: Tensor | None = None) -> Tensor:
         if positions is None or sizes is None:
             return x
-        return pack(x, positions, sizes, self.num_prefix_tokens)
+        return pack(x, positions, sizes, self.num_prefix_tokens, owner)
 
 
 class RopeGather(nn.Module):

@@ -43,7 +43,8 @@ def test_intermediates_after_a_reorganization_are_refused(call):
         UnsupportedInputError,
         match=r"^forward_intermediates: VisionTransformer \(deit_tiny_patch16_224\) reorganizes tokens from block 2 "
         r"on, so the outputs of blocks \[2, 3\] hold fewer tokens and no spatial grid; take blocks before 2 \(the "
-        r"final features are returned as usual\), or call the original model$",
+        r"final features are returned as usual\), patch with evit_patch.apply\(\.\.\., dense=True\) to get every block "
+        r"restored to the full grid, or call the original model$",
     ):
         if call == "forward_intermediates":
             fast.forward_intermediates(x)

@@ -116,8 +116,6 @@ def test_position_embeddings_are_interpolated_per_call():
 
 def test_unsupported_configurations_are_refused():
     model, x = small_hf_dinov2("plain"), dinov2_images(1)
-    with pytest.raises(evit_patch.UnsupportedModelError, match=r"Dinov2Backbone is not supported .* into a grid"):
-        evit_patch.apply(transformers.Dinov2Backbone(model.config), layers=[1], keep=0.7)
     with pytest.raises(evit_patch.UnsupportedModelError, match=r"configured 48x48 input only \(explain .* img_size=64"):
         evit_patch.apply(model, layers=[1], keep=0.7, img_size=64)
     fast = evit_patch.apply(model, layers=[1], keep=0.5)

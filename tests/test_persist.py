@@ -57,6 +57,7 @@ def test_config_records_plan_and_architecture(tmp_path):
         "method": "evit",
         "proportional": None,
         "cls_only": False,
+        "dense": False,
     }
     assert meta["model_kwargs"] == {"num_classes": 10, "img_size": [224, 224], "global_pool": "token"}
     assert meta["evit_patch_version"] == evit_patch.__version__

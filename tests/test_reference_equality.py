@@ -60,6 +60,7 @@ def test_per_layer_keep_and_changed_keep_match_reference():
         "method": "evit",
         "proportional": None,
         "cls_only": False,
+        "dense": False,
     }
     with torch.no_grad():
         torch.testing.assert_close(fast(x), reference_forward(model, x, [2, 9], [0.4, 0.9]), rtol=0, atol=1e-9)

@@ -4,9 +4,12 @@ Random-init DeiT-S (speed does not depend on weights), one thread, thread CPU ti
 every variant interleaved; dam runs the plans the genuine DeiT-Tiny of ../shared/data gets at 0.65x
 and 0.5x (same depth and token counts). ``--compile``: every model through ``torch.compile``
 (``ONLY="dam 0.5,dam 0.65"`` limits the variants, as each compile takes minutes on CPU).
+``--dense``: each variant also patched with ``dense=True`` (the owners of every patch carried), and
+the cost of carrying them printed as the plain variant's time over the dense one's.
 
     python tools/batch_speed.py
     ONLY="dam 0.65,dam 0.5" python tools/batch_speed.py --compile
+    python tools/batch_speed.py --dense
 """
 
 import functools
@@ -32,6 +35,7 @@ SHARED = Path(os.environ.get("EVIT_PATCH_SHARED", ROOT.parent / "shared" / "data
 torch.set_num_threads(1)
 torch.manual_seed(0)
 compiled = "--compile" in sys.argv
+dense = "--dense" in sys.argv
 tiny = create_model("deit_tiny_patch16_224", checkpoint=SHARED / "weights" / "deit_tiny_patch16_224.safetensors")
 m = timm.create_model("deit_small_patch16_224").eval()
 
@@ -44,13 +48,21 @@ def macs(model):
 
 variants = {"evit 3,6,9 keep 0.7": evit_patch.apply(m, layers=[3, 6, 9], keep=0.7)}
 for f in (0.65, 0.5):
-    cfg = evit_patch.plan(tiny, flops=f, method="dam")
+    cfg = evit_patch.plan(tiny, flops=f, method="dam", **({"dense": True} if dense else {}))
     print(
         f"dam plan at {f}: layers {list(cfg.layers)} keep {[round(k, 3) for k in cfg.keep]} cls_only {cfg.cls_only}",
         flush=True,
     )
     variants[f"dam {f}"] = evit_patch.apply(m, layers=cfg.layers, keep=cfg.keep, method="dam", cls_only=cfg.cls_only)
     variants[f"merge {f}"] = evit_patch.apply(m, flops=f, method="merge")
+if dense:  # the same plans, carrying the owners (dam without cls_only, which dense leaves out)
+    for name, model in list(variants.items()):
+        cfg = evit_patch.get_config(model)
+        options = {**cfg.options(), "cls_only": False, "dense": True}
+        variants[f"{name} dense"] = evit_patch.apply(m, layers=cfg.layers, keep=cfg.keep, **options)
+        if cfg.cls_only:  # compare like with like: the plain plan without cls_only
+            options["dense"] = False
+            variants[name] = evit_patch.apply(m, layers=cfg.layers, keep=cfg.keep, **options)
 base = macs(m)
 ideal = {k: base / macs(v) for k, v in variants.items()}
 models = {"orig": m, **variants}
@@ -72,3 +84,6 @@ for bs in (1, 16):
             f"of ideal {s / ideal[k]:.3f}  (orig {t['orig'] * 1e3:.1f} ms)",
             flush=True,
         )
+    for k in (k for k in variants if k.endswith(" dense")):
+        plain = k.removesuffix(" dense")
+        print(f"batch {bs:2d} {plain:20s}: dense costs {t[k] / t[plain]:.3f}x the plain time", flush=True)

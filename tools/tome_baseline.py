@@ -13,6 +13,10 @@ facebookresearch/ToMe code), so evit_patch can be compared with ToMe on the same
 - sizes (how many patches each token stands for) are tracked, and *proportional attention* adds
   ``log(size)`` to the attention logits in every block once sizes exist;
 - the class-token head reads token 0, which never merges, so nothing is unmerged at the end.
+- dense outputs (:func:`tome_intermediates`): ToMe's *unmerge*, as in its Stable Diffusion port,
+  gives every original patch the output of the token that carries it: an owner map (B, P) is
+  updated at each merge (only when asked for: ``forward`` tracks nothing) and each merged token is
+  copied back to every patch it absorbed.
 
 Stateless: the blocks ``Sequential`` is replaced by :class:`ToMeBlocks`, which threads
 ``(x, size)`` from block to block inside one forward call; parameters and ``state_dict`` keys are
@@ -22,6 +26,7 @@ unchanged.
     fast = apply_tome(model, r=13)                 # constant r
     fast = apply_tome(model, r=8, inflect=-0.5)    # decreasing: the 12 blocks merge 12, 11, ..., 4
     fast = apply_tome(model, r=[16] * 6 + [8] * 6)  # one r per block
+    grids = tome_intermediates(fast, x, indices=[3, 6, 9, 11])  # 4 x (B, 196, C), unmerged
 """
 
 from __future__ import annotations
@@ -104,13 +109,37 @@ def attention(attn: Attention, x: torch.Tensor, size: torch.Tensor | None) -> tu
     return out, k.mean(dim=1)
 
 
-def block(blk: Block, x: torch.Tensor, size: torch.Tensor | None, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One ToMe block: attention, merge ``r`` tokens, MLP."""
+def follow(merge, owner: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``owner`` (B, P) after ``merge``: for each original patch, the index of the token that now carries it.
+
+    ``owner`` holds indices into the ``num_tokens`` tokens before the merge; the merge is applied to
+    the identity (B, N, N), each row one token's indicator, so its ``amax`` rows say which old tokens
+    each new token absorbed, and the argmax over new tokens is each old token's destination.
+    """
+    batch = owner.shape[0]
+    identity = torch.eye(num_tokens, device=owner.device).expand(batch, num_tokens, num_tokens)
+    destination = merge(identity, "amax").argmax(dim=1)  # (B, N): old token -> new token
+    return destination.gather(1, owner)
+
+
+def tracked_block(
+    blk: Block, x: torch.Tensor, size: torch.Tensor | None, r: int, owner: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`block`, also carrying ``owner`` (B, P; see :func:`follow`) through the merge; None: not tracked."""
     out, keys = attention(blk.attn, blk.norm1(x), size)
     x = x + blk.drop_path1(blk.ls1(out))
     if r > 0:
-        x, size = merge_weighted(bipartite_soft_matching(keys, r), x, size)
+        merge = bipartite_soft_matching(keys, r)
+        if owner is not None:
+            owner = follow(merge, owner, x.shape[1])
+        x, size = merge_weighted(merge, x, size)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return x, size, owner
+
+
+def block(blk: Block, x: torch.Tensor, size: torch.Tensor | None, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One ToMe block: attention, merge ``r`` tokens, MLP."""
+    x, size, _ = tracked_block(blk, x, size, r, None)
     return x, size
 
 
@@ -174,3 +203,38 @@ def apply_tome(model: nn.Module, r: int | float | list[int], inflect: float = 0.
     merged = copy.deepcopy(model)
     merged.blocks = ToMeBlocks(merged.blocks, values)
     return merged
+
+
+def unmerge(x: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """The full grid (B, P, C) from the current tokens ``x`` (B, N, C): patch ``p`` gets ``x[:, owner[:, p]]``."""
+    return x.gather(1, owner[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def tome_intermediates(
+    model: nn.Module, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = True
+) -> list[torch.Tensor]:
+    """Image-token features (B, P, C) after the blocks ``indices`` of an :func:`apply_tome` model, unmerged.
+
+    ToMe's unmerge (as in its Stable Diffusion port): each original patch keeps the index of the
+    token that carries it (an owner map (B, P), updated at every merge by :func:`follow`), and each
+    merged token's output is copied back to every patch it absorbed. ``indices`` as timm's
+    ``forward_intermediates`` takes them (the last n blocks for an int, negative indices count from
+    the end); ``norm``: the model's final norm is applied to each (per token, so before or after the
+    unmerge is the same), as ``forward_intermediates(norm=True)`` does. With ``r=0`` the result is
+    the original's ``forward_intermediates(x, indices, norm=norm, output_fmt="NLC", intermediates_only=True)``.
+    """
+    from timm.models._features import feature_take_indices
+
+    blocks = model.blocks
+    if not isinstance(blocks, ToMeBlocks):
+        raise TypeError(f"tome_intermediates: expected a model from apply_tome, got blocks {type(blocks).__name__}")
+    take, _ = feature_take_indices(len(blocks), indices)
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    prefix = model.num_prefix_tokens
+    owner = torch.arange(prefix, x.shape[1], device=x.device).expand(x.shape[0], -1)
+    size, grids = None, []
+    for index, (blk, r) in enumerate(zip(blocks, blocks.r)):
+        x, size, owner = tracked_block(blk, x, size, r, owner)
+        if index in take:
+            grids.append(unmerge(model.norm(x) if norm else x, owner))
+    return grids

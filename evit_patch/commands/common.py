@@ -77,7 +77,7 @@ def plan_arguments(args: argparse.Namespace) -> dict:
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
-    """``--no-fuse``, ``--score``, ``--method``, ``--proportional``: read back by :func:`plan_options`."""
+    """``--no-fuse``, ``--score``, ``--method``, ``--proportional``, ``--dense``: read back by :func:`plan_options`."""
     parser.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
     parser.add_argument(
         "--score",
@@ -91,6 +91,13 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="add log(size) to later attention logits (default: on for merge, off for evit)",
+    )
+    parser.add_argument(
+        "--dense",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="carry which token stands for each patch, so block outputs restore to the full patch grid "
+        "(forward_intermediates, hidden states, backbone feature maps; default: on for backbones)",
     )
 
 
@@ -114,6 +121,7 @@ def plan_options(args: argparse.Namespace) -> dict:
         fuse=not getattr(args, "no_fuse", False),
         score=getattr(args, "score", None),
         proportional=getattr(args, "proportional", None),
+        dense=getattr(args, "dense", None),
         where=f"--method {args.method}",
     )
     return options.as_kwargs()

@@ -162,6 +162,11 @@ class Family(abc.ABC):
         count. The head's other MACs belong in :meth:`outside_macs`."""
         return 0
 
+    def feature_maps(self, model: nn.Module) -> bool:
+        """Whether the model's output gives every patch a feature (a backbone's feature maps): a reduced
+        copy must then carry which token stands for each patch (``dense=True``, the default for it)."""
+        return False
+
     def confine_state(self, model: nn.Module) -> None:
         """Called on the patched copy when the final norm passes the token state on to an attention
         pool: a family whose model also returns the normed tokens (``forward_features``,
@@ -176,10 +181,11 @@ class Family(abc.ABC):
         (the output check refuses a patched model otherwise)."""
         return ()
 
-    def install_guards(self, model: nn.Module, first: int) -> None:
+    def install_guards(self, model: nn.Module, first: int, dense: bool = False) -> None:
         """Called on the patched copy: shadow library methods that cannot serve a model that
         reorganizes from block ``first`` on, with instance attributes that refuse with the reason
-        or serve what is sound (the class itself is never changed)."""
+        or serve what is sound (the class itself is never changed). ``dense``: block outputs carry
+        their owners, so per-block outputs are served as full grids (:func:`~evit_patch.token_state.restore`)."""
         return None
 
     def rotary_args(self, model: nn.Module) -> tuple[str, ...]:

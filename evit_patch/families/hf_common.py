@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import CheckpointError, UnsupportedInputError, UnsupportedModelError
 from ..opaque import runtime_guard
+from ..token_state import restore
 from .base import Family, Recipe, describe
 
 IMPLEMENTATIONS = ("sdpa", "eager")
@@ -115,21 +116,28 @@ def refuse_at_call(
     where: str,
     mask_index: int | None,
     patched: tuple[int, int] | None = None,
+    dense: bool = False,
+    hint: bool = False,
 ) -> None:
     """Forward pre-hook on a patched transformers model: what it cannot honour is refused at call
     time, whether asked in the call or set in ``model.config`` after patching (transformers reads
     the config then). A padding mask that hides tokens is refused here, so the patched layers can
     ignore the masks transformers builds itself (all-visible ones, under ``torch.export``). Training
     with gradient checkpointing on warns once that the ``patched`` layers are not checkpointed
-    (:func:`warn_unchecked_checkpointing`)."""
+    (:func:`warn_unchecked_checkpointing`). A ``dense`` model serves ``output_hidden_states``
+    (:class:`DenseEncoderForward`)."""
     if patched is not None:
         warn_unchecked_checkpointing(model, where, patched)
     config = model.config
-    requested = [name for name in OUTPUT_OPTIONS if kwargs.get(name, getattr(config, name, False))]
+    options = OUTPUT_OPTIONS[:1] if dense else OUTPUT_OPTIONS
+    requested = [name for name in options if kwargs.get(name, getattr(config, name, False))]
     if requested:
+        served = ""
+        if hint and "output_hidden_states" in requested:
+            served = "; evit_patch.apply(..., dense=True) serves hidden states restored to every patch"
         raise UnsupportedInputError(
             f"{where} was patched by evit_patch: {', '.join(requested)} cannot be honoured (patched layers "
-            "are not captured, and later layers see fewer tokens); call without them and leave "
+            f"are not captured, and later layers see fewer tokens{served}); call without them and leave "
             f"config.{requested[0]} False"
         )
     mask = kwargs.get("attention_mask")
@@ -142,14 +150,46 @@ def refuse_at_call(
         )
 
 
-def install_call_guard(model: nn.Module, patched: tuple[int, int] | None = None) -> None:
+def install_call_guard(
+    model: nn.Module, patched: tuple[int, int] | None = None, dense: bool = False, hint: bool = False
+) -> None:
     """Register :func:`refuse_at_call` on a patched model (picklable: a partial of a module function);
-    ``patched``: the first and last patched layer, named when checkpointing cannot reach them."""
+    ``patched``: the first and last patched layer, named when checkpointing cannot reach them;
+    ``dense``: hidden states are served; ``hint``: they would be with ``dense=True``."""
     params = [p for p in inspect.signature(type(model).forward).parameters.values() if p.name != "self"]
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     mask_index = names.index("attention_mask") if "attention_mask" in names else None
-    hook = functools.partial(refuse_at_call, where=describe(model), mask_index=mask_index, patched=patched)
+    hook = functools.partial(
+        refuse_at_call, where=describe(model), mask_index=mask_index, patched=patched, dense=dense, hint=hint
+    )
     model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+class DenseEncoderForward:
+    """``encoder.forward`` of a transformers model patched with ``dense=True``: the library's layer
+    loop, with ``hidden_states`` (when asked, in the call or the config) holding the embeddings and
+    every layer's output restored to the full patch grid, as the original's are; ``last_hidden_state``
+    stays the reduced tokens the model's own head reads. Picklable; copies follow the model."""
+
+    def __init__(self, encoder: nn.Module, layers: str, channels: int, prefix: int, patches: int) -> None:
+        self.encoder, self.layers = encoder, layers
+        self.channels, self.prefix, self.patches = int(channels), int(prefix), int(patches)
+
+    def __call__(self, *args, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        # The libraries call it (hidden_states, attention_mask) or (inputs_embeds=..., attention_mask=...).
+        first = kwargs.pop("inputs_embeds", kwargs.pop("hidden_states", None))
+        args = args if first is None else (first, *args)
+        hidden_states, attention_mask = args[0], args[1] if len(args) > 1 else kwargs.pop("attention_mask", None)
+        config = self.encoder.config
+        wanted = kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False))
+        states = [hidden_states]
+        for layer in getattr(self.encoder, self.layers):
+            hidden_states = layer(hidden_states, attention_mask)
+            if wanted:
+                states.append(restore(hidden_states, self.channels, self.prefix, self.patches))
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=tuple(states) if wanted else None)
 
 
 def traceable_layer(layer: nn.Module, where: str) -> type[nn.Module]:
@@ -273,8 +313,28 @@ class TransformersFamily(Family):
         self._size(model, img_size)
         return model
 
-    def install_guards(self, model: nn.Module, first: int) -> None:
-        install_call_guard(model, (first, len(self.blocks(model)) - 1))
+    def encoder(self, model: nn.Module) -> str | None:
+        """Qualified name of the module whose ``forward`` is the plain loop over the layers and whose
+        returned ``hidden_states`` the model hands on (DINOv2): a dense model serves
+        ``output_hidden_states`` there. ``None`` where the model collects them by hooks on its layer
+        classes (CLIP, SigLIP) or loops in its own forward (ViT): :func:`~evit_patch.restore` in a
+        forward hook is the way there."""
+        return None
+
+    def install_guards(self, model: nn.Module, first: int, dense: bool = False) -> None:
+        blocks = self.blocks(model)
+        encoder = self.encoder(model)
+        install_call_guard(
+            model, (first, len(blocks) - 1), dense=dense and encoder is not None, hint=encoder is not None
+        )
+        encoder = encoder if dense else None
+        if encoder is not None:
+            layers = blocks[0][0][len(encoder) + 1 if encoder else 0 :].split(".")[0]
+            prefix = self.num_prefix_tokens(model)
+            module = model.get_submodule(encoder)
+            module.forward = DenseEncoderForward(
+                module, layers, self.channels(model), prefix, self.num_tokens(model) - prefix
+            )
 
     def token_outputs(self, model: nn.Module) -> tuple[str, ...]:
         """``last_hidden_state``: the tokens leaving the last layer, as many as the plan keeps."""

@@ -20,7 +20,10 @@ from .registry import register_family
 
 _PLAIN = "transformers.models.dinov2.modeling_dinov2.Dinov2"
 _REGISTERS = "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegisters"
+_BACKBONES = {f"{_PLAIN}Backbone"}
+"""Feature-map backbones: every patch's feature at chosen layers, served restored (``dense=True``)."""
 _HEADS = {
+    f"{_PLAIN}Backbone": Pool.TOKEN,
     f"{_PLAIN}Model": Pool.TOKEN,
     f"{_PLAIN}ForImageClassification": Pool.AVG,
     f"{_REGISTERS}Model": Pool.TOKEN,
@@ -37,15 +40,17 @@ class HFDinov2(TransformersFamily):
     notes = (
         "Dinov2Model, Dinov2ForImageClassification and their WithRegisters versions (registers are prefix "
         "tokens, never dropped; the classifier's mean counts a fused token as the patches it stands for), "
+        "and Dinov2Backbone (feature maps restored to every patch, dense=True); "
         'attn_implementation "sdpa" or "eager"; planned at the configured input size; pooler_output as '
-        "before, last_hidden_state holds the surviving tokens only; no output_attentions/output_hidden_states"
+        "before, last_hidden_state holds the surviving tokens only; output_hidden_states with dense=True "
+        "(every layer restored to the full grid); no output_attentions"
     )
 
     classes = frozenset(_BASES)
     size_note = "explain and budgets count its tokens at that size"
 
     def check(self, model: nn.Module) -> None:
-        check_class(model, _HEADS, "backbones return feature maps that reshape every image token into a grid")
+        check_class(model, _HEADS, "the classes evit_patch knows the outputs of")
         check_encoder(model, self.blocks(model), "attention", _ATTENTION)
 
     def blocks(self, model: nn.Module) -> Sequence[tuple[str, nn.Module]]:
@@ -59,6 +64,17 @@ class HFDinov2(TransformersFamily):
 
     def pool(self, model: nn.Module) -> Pool:
         return _HEADS[full_name(type(model))]
+
+    def encoder(self, model: nn.Module) -> str:
+        """``Dinov2Model`` and ``Dinov2Backbone`` hand on the hidden states their encoder returns."""
+        return f"{self._prefix(model)}encoder"
+
+    def feature_maps(self, model: nn.Module) -> bool:
+        return full_name(type(model)) in _BACKBONES
+
+    def token_outputs(self, model: nn.Module) -> tuple[str, ...]:
+        """A backbone's feature maps and hidden states are restored to every patch: every shape is the original's."""
+        return () if self.feature_maps(model) else super().token_outputs(model)
 
     def final_norm(self, model: nn.Module) -> str:
         return f"{self._prefix(model)}layernorm"

@@ -191,7 +191,7 @@ class OpenClipVisionTransformer(Family):
     def prepare_block(self, block: nn.Module) -> nn.Module:
         return with_sdpa_attention(block, "attn")
 
-    def install_guards(self, model: nn.Module, first: int) -> None:
+    def install_guards(self, model: nn.Module, first: int, dense: bool = False) -> None:
         """A token-pooled tower refuses, at call time, pooling attributes changed after patching
         (:func:`refuse_at_call`); an attentional pooler's outputs are its queries', whatever they are."""
         if model.attn_pool is None:

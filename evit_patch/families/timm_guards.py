@@ -2,12 +2,14 @@
 
 A patched model gets instance attributes that shadow the class's methods (the class itself is
 never changed): ``forward_intermediates`` (and ``get_intermediate_layers``, which calls it) serves
-what is sound, block outputs before the first reorganization and the final features, and refuses
-the rest with the reason (timm's reshape to ``(B, C, H, W)`` would fail with a bare ``shape '[...]'
-is invalid``); ``set_input_size`` is tried on a copy first, and refused by name where the traced
-blocks cannot follow (BEiT's relative position tables are baked into its traced blocks). With an
-attention-pool head, whose final norm passes the token state on to the head, ``forward_features``
-returns the features without it, and ``forward`` hands the head the features with it.
+every block's output restored to the full patch grid when the model was patched with ``dense=True``
+(:func:`~evit_patch.token_state.restore`); otherwise what is sound, block outputs before the first
+reorganization and the final features, and refuses the rest with the reason (timm's reshape to
+``(B, C, H, W)`` would fail with a bare ``shape '[...]' is invalid``). ``set_input_size`` is tried
+on a copy first, and refused by name where the traced blocks cannot follow (BEiT's relative
+position tables are baked into its traced blocks). With an attention-pool head, whose final norm
+passes the token state on to the head, ``forward_features`` returns the features without it, and
+``forward`` hands the head the features with it.
 """
 
 from __future__ import annotations
@@ -15,22 +17,33 @@ from __future__ import annotations
 import copy
 import functools
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedInputError
-from ..token_state import strip
+from ..token_state import restore, strip
 from .base import describe
+
+_TIMM_DEFAULTS = {"return_prefix_tokens": False, "norm": False, "stop_early": False, "output_fmt": "NCHW"}
+_TIMM_DEFAULTS |= {"intermediates_only": False, "output_dict": False}
+"""``forward_intermediates``' own options after ``x`` and ``indices``, with timm's defaults."""
 
 
 class GuardedIntermediates:
-    """``model.forward_intermediates`` of a patched timm model (picklable; copies follow the model)."""
+    """``model.forward_intermediates`` of a patched timm model (picklable; copies follow the model).
 
-    def __init__(self, model: nn.Module, first: int) -> None:
+    ``dense``: ``(channels, patches)`` of a model patched with ``dense=True``, whose block outputs
+    are served restored to the full grid; ``None``: late blocks are refused."""
+
+    def __init__(self, model: nn.Module, first: int, dense: tuple[int, int] | None = None) -> None:
         self.model, self.first = model, int(first)
         """``first``: the first reorganizing block."""
+        self.dense = dense
 
     def __call__(self, x, indices=None, *args, **kwargs):
+        if self.dense is not None:
+            return self._dense(x, indices, *args, **kwargs)
         from timm.models._features import feature_take_indices
 
         model, first = self.model, self.first
@@ -40,7 +53,8 @@ class GuardedIntermediates:
             raise UnsupportedInputError(
                 f"forward_intermediates: {describe(model)} reorganizes tokens from block {first} on, so the "
                 f"outputs of blocks {late} hold fewer tokens and no spatial grid; take blocks before {first} "
-                "(the final features are returned as usual), or call the original model"
+                "(the final features are returned as usual), patch with evit_patch.apply(..., dense=True) to get "
+                "every block restored to the full grid, or call the original model"
             )
         if kwargs.get("norm") and isinstance(getattr(model, "norm", None), fx.GraphModule):
             raise UnsupportedInputError(
@@ -48,6 +62,58 @@ class GuardedIntermediates:
                 "(average pool); call with norm=False"
             )
         return type(model).forward_intermediates(model, x, indices, *args, **kwargs)
+
+    def _dense(self, x, indices=None, *args, **kwargs):
+        """timm's ``forward_intermediates`` with each taken block output restored to the full grid
+        (then normed, split and reshaped as timm does); the final features are the reduced tokens."""
+        model, (channels, patches) = self.model, self.dense
+        names = list(_TIMM_DEFAULTS)
+        if len(args) > len(names):
+            raise TypeError(f"forward_intermediates: too many positional arguments ({len(args) + 2})")
+        unknown = sorted(set(kwargs) - set(names) - {"attn_mask", "is_causal"})
+        if unknown:
+            raise TypeError(f"forward_intermediates: unexpected keyword arguments {unknown}")
+        options = _TIMM_DEFAULTS | dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
+            raise UnsupportedInputError(
+                f"forward_intermediates: {describe(model)} reorganizes tokens, so an attention mask built for every "
+                "token cannot be honoured; call without attn_mask/is_causal"
+            )
+        if options["output_fmt"] not in ("NCHW", "NLC"):
+            raise ValueError(
+                f"forward_intermediates: output_fmt must be 'NCHW' or 'NLC', got {options['output_fmt']!r}"
+            )
+        prefix = int(model.num_prefix_tokens)
+        result = type(model).forward_intermediates(
+            model,
+            x,
+            indices,
+            return_prefix_tokens=True,
+            norm=False,
+            stop_early=options["stop_early"],
+            output_fmt="NLC",
+            intermediates_only=options["intermediates_only"],
+        )
+        taken = result if options["intermediates_only"] else result[1]
+        grids, prefixes = [], []
+        for item in taken:
+            full = torch.cat([item[1], item[0]], dim=1) if prefix else item
+            full = restore(full, channels, prefix, patches)
+            full = model.norm(full) if options["norm"] else full
+            prefixes.append(full[:, :prefix])
+            grids.append(full[:, prefix:])
+        if options["output_fmt"] == "NCHW":
+            rows, cols = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+            grids = [g.reshape(g.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous() for g in grids]
+        final = None if options["intermediates_only"] else strip(result[0], channels)
+        if options["output_dict"]:
+            out = {"image_intermediates": grids}
+            if prefix and options["return_prefix_tokens"]:
+                out["image_intermediates_prefix"] = prefixes
+            return out if final is None else out | {"image_features": final}
+        if prefix and options["return_prefix_tokens"]:
+            grids = list(zip(grids, prefixes))
+        return grids if final is None else (final, grids)
 
 
 class GuardedSetInputSize:
@@ -70,11 +136,11 @@ class GuardedSetInputSize:
         type(model).set_input_size(model, *args, **kwargs)
 
 
-def install_guards(model: nn.Module, first: int) -> None:
+def install_guards(model: nn.Module, first: int, dense: tuple[int, int] | None = None) -> None:
     """Shadow ``forward_intermediates`` and ``set_input_size`` on a patched model whose class has them
-    (``first``: its first reorganizing block)."""
+    (``first``: its first reorganizing block; ``dense``: its ``(channels, patches)`` if patched dense)."""
     if callable(getattr(type(model), "forward_intermediates", None)) and hasattr(model, "blocks"):
-        model.forward_intermediates = GuardedIntermediates(model, first)
+        model.forward_intermediates = GuardedIntermediates(model, first, dense)
     if callable(getattr(type(model), "set_input_size", None)):
         model.set_input_size = GuardedSetInputSize(model)
 

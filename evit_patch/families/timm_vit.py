@@ -211,8 +211,9 @@ class TimmVisionTransformer(Family):
                 f"be built by timm.create_model ({type(exc).__name__}: {exc})"
             ) from exc
 
-    def install_guards(self, model: nn.Module, first: int) -> None:
-        install_guards(model, first)
+    def install_guards(self, model: nn.Module, first: int, dense: bool = False) -> None:
+        patches = self.num_tokens(model) - self.num_prefix_tokens(model)
+        install_guards(model, first, (self.channels(model), patches) if dense else None)
 
     def confine_state(self, model: nn.Module) -> None:
         confine_state(model, self.channels(model), self.num_tokens(model))

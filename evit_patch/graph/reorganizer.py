@@ -14,7 +14,7 @@ import enum
 from torch import Tensor, nn
 
 from ..options import Score
-from ..reductions import Mix, Reduction, follow, num_kept
+from ..reductions import Mix, Reduction, follow, follow_owner, num_kept
 from ..scores import (
     cls_attention_from_probs,
     cls_attention_from_qk,
@@ -48,7 +48,8 @@ class TokenReorganizer(nn.Module):
     ``bias`` the attention's additive mask and ``keys`` (``(B, H, N, D)``, or ``(B, H, D, N)`` when
     ``keys_transposed``) what a reduction that :attr:`~Reduction.needs_keys` compares. A ``stateful``
     reorganizer also takes and returns the tokens' positions and sizes (see
-    :mod:`evit_patch.token_state`). A keep rate that keeps every token returns its input: an
+    :mod:`evit_patch.token_state`), a ``dense`` one also which token carries each original patch
+    (``owner``). A keep rate that keeps every token returns its input: an
     exact no-op.
     """
 
@@ -64,6 +65,7 @@ class TokenReorganizer(nn.Module):
         score: Score = Score.CLS,
         stateful: bool = False,
         keys_transposed: bool = False,
+        dense: bool = False,
     ) -> None:
         super().__init__()
         self.keep = float(keep)
@@ -75,6 +77,7 @@ class TokenReorganizer(nn.Module):
         self.score = score
         self.stateful = bool(stateful)
         self.keys_transposed = bool(keys_transposed)
+        self.dense = bool(dense)
         self.published = Published()
 
     def scores(self, attn_a: Tensor, attn_b: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
@@ -96,9 +99,12 @@ class TokenReorganizer(nn.Module):
         keys: Tensor | None = None,
         positions: Tensor | None = None,
         sizes: Tensor | None = None,
+        owner: Tensor | None = None,
     ):
         num_image = x.shape[1] - self.num_prefix_tokens
         if not self.reduction.drops(num_image, self.keep):
+            if self.dense:
+                return x, positions, sizes, owner
             return (x, positions, sizes) if self.stateful else x
         scores = self.scores(attn_a, attn_b, bias)
         metric = self._keys(attn_b if keys is None else keys) if self.reduction.needs_keys else None
@@ -109,6 +115,8 @@ class TokenReorganizer(nn.Module):
         self.published(mix, scores, sizes)
         if not self.stateful:
             return tokens
+        if self.dense:
+            return (tokens, *follow(positions, sizes, mix, num_image), follow_owner(owner, mix, num_image))
         return (tokens, *follow(positions, sizes, mix, num_image))
 
     def _keys(self, keys: Tensor) -> Tensor:
@@ -119,4 +127,5 @@ class TokenReorganizer(nn.Module):
         return (
             f"layer={self.layer}, keep={self.keep}, reduction={self.reduction!r}, "
             f"num_prefix_tokens={self.num_prefix_tokens}, source={self.source.value}, score={self.score.value}"
+            + (", dense=True" if self.dense else "")
         )

@@ -56,9 +56,9 @@ def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.Gr
     sizes for the mean the head takes; with ``state_out``, the output carries the new state.
     """
     graph = gm.graph
-    positions = sizes = None
+    positions = sizes = owner = None
     if edit.state_in:
-        positions, sizes = _unpack_input(gm, edit)
+        positions, sizes, owner = _unpack_input(gm, edit)
         _follow_tables(gm, site, edit, positions)
     bias = _attention_bias(gm, site, edit, positions, sizes) if edit.state_in else site.bias
     if edit.reorganizer is not None:
@@ -68,12 +68,18 @@ def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.Gr
             kwargs["keys"] = site.keys
         if edit.reorganizer.stateful:
             kwargs.update(positions=positions, sizes=sizes)
+        if edit.reorganizer.dense:
+            kwargs.update(owner=owner)
         with graph.inserting_after(site.residual_add):
             node = graph.call_module(REORGANIZER_NAME, (site.residual_add, *site.score_inputs), kwargs)
         tokens = node
         if edit.reorganizer.stateful:
+            count = 4 if edit.reorganizer.dense else 3
             with graph.inserting_after(node):
-                tokens, positions, sizes = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
+                tokens, positions, sizes, *rest = (
+                    graph.call_function(operator.getitem, (node, i)) for i in range(count)
+                )
+            owner = rest[0] if rest else owner
         site.residual_add.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not node)
     if edit.prefix_only:
         positions, sizes = _prefix_only(gm, site, edit, positions, sizes)
@@ -87,7 +93,8 @@ def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.Gr
         gm.add_submodule("evit_pack", Pack(edit.num_prefix_tokens))
         output = next(n for n in graph.nodes if n.op == "output")
         with graph.inserting_before(output):
-            packed = graph.call_module("evit_pack", (output.args[0], positions, sizes))
+            state = (positions, sizes) if owner is None else (positions, sizes, owner)
+            packed = graph.call_module("evit_pack", (output.args[0], *state))
         output.args = (packed,)
     graph.lint()
     gm.recompile()
@@ -113,17 +120,19 @@ def _prefix_only(
     return positions, sizes
 
 
-def _unpack_input(gm: fx.GraphModule, edit: BlockEdit) -> tuple[fx.Node, fx.Node]:
+def _unpack_input(gm: fx.GraphModule, edit: BlockEdit) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """Split the state off the block's token input: ``(positions, sizes, owner)`` nodes."""
     graph = gm.graph
     tokens = tokens_input(graph)
-    gm.add_submodule("evit_unpack", Unpack(edit.channels, edit.num_prefix_tokens))
+    gm.add_submodule("evit_unpack", Unpack(edit.channels, edit.num_prefix_tokens, edit.num_patches))
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(anchor):
         unpacked = graph.call_module("evit_unpack", (tokens,))
+    count = 3 if edit.num_patches is None else 4
     with graph.inserting_after(unpacked):
-        x, positions, sizes = (graph.call_function(operator.getitem, (unpacked, i)) for i in range(3))
+        x, positions, sizes, *owner = (graph.call_function(operator.getitem, (unpacked, i)) for i in range(count))
     tokens.replace_all_uses_with(x, delete_user_cb=lambda user: user is not unpacked)
-    return positions, sizes
+    return positions, sizes, owner[0] if owner else None
 
 
 def _follow_tables(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit, positions: fx.Node) -> None:
@@ -192,7 +201,7 @@ def wrap_final_norm(
             f"tokens' positions and sizes are split off: {exc}"
         ) from exc
     gm = fx.GraphModule(norm, graph, class_name=type(norm).__name__)
-    positions, sizes = _unpack_input(gm, edit)
+    positions, sizes, _ = _unpack_input(gm, edit)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     if weighted:
         gm.add_submodule("evit_pool", SizeWeightedTokens())
@@ -222,7 +231,7 @@ def wrap_attention_pool(
     parameter names stay ``pool``'s."""
     gm = trace_block(pool, where=where, leaf_types=leaf_types)
     site = locate_pool(gm, where=where)
-    _, sizes = _unpack_input(gm, edit)
+    _, sizes, _ = _unpack_input(gm, edit)
     graph, op = gm.graph, site.attention
     heads = None if site.multihead is None else site.multihead.num_heads
     gm.add_submodule("evit_bias", PoolSizeBias(edit.num_prefix_tokens, heads))

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from ..checks import check_rates
 from ..config import EViTConfig, _check_keep
 from ..errors import InvalidPlanError, UnsupportedInputError
-from ..families import describe
+from ..families import describe, find_family
+from ..token_state import restore as restore_tokens
 from ..token_state import unpack
 from .profile import PROFILE_ATTR, ModelProfile
 from .reorganizer import TokenReorganizer
@@ -83,9 +84,32 @@ def split_state(hidden: Tensor, model: nn.Module) -> tuple[Tensor, Tensor | None
     hook on a block: the tokens with the library's width, the original image-token index of each
     image token (``-1``: EViT's fused token) and the patches each stands for, ``(B, M')`` each; both
     ``None`` while no token has moved. ``model`` is the patched model the hidden state comes from."""
+    channels, prefix, patches = _layout(model, "split_state")
+    return unpack(hidden, channels, prefix, patches)
+
+
+def restore(hidden: Tensor, model: nn.Module) -> Tensor:
+    """A hidden state seen inside a model patched with ``dense=True`` (e.g. by a forward hook on a
+    block), restored to the original's ``(B, P + G, C)``: every patch position gets the feature of the
+    token that stands for it now (a merged token's for each patch merged into it, EViT's fused token's
+    for each patch fused), prefix tokens as they are. Exact (the hidden state itself) while nothing
+    has moved. Differentiable, and traceable by ``torch.compile`` and ``torch.export``.
+
+    Raises:
+        UnsupportedInputError: ``model`` is not patched, or was patched without ``dense=True`` and
+            ``hidden`` is reorganized.
+    """
+    channels, prefix, patches = _layout(model, "restore")
+    return restore_tokens(hidden, channels, prefix, patches)
+
+
+def _layout(model: nn.Module, what: str) -> tuple[int, int, int | None]:
+    """``(channels, prefix tokens, patches carried or None)`` of a patched model's token state."""
     profile = getattr(model, PROFILE_ATTR, None)
     if profile is None:
-        raise UnsupportedInputError(
-            f"split_state: {describe(model)} is not an evit_patch model; pass the patched model"
-        )
-    return unpack(hidden, profile.costs[0].channels, profile.num_prefix_tokens)
+        raise UnsupportedInputError(f"{what}: {describe(model)} is not an evit_patch model; pass the patched model")
+    prefix = profile.num_prefix_tokens
+    patches = None
+    if getattr(model, CONFIG_ATTR).dense:
+        patches = find_family(model).num_tokens(model) - prefix
+    return profile.costs[0].channels, prefix, patches

@@ -46,6 +46,8 @@ class BlockEdit:
 
     prefix_only: bool = False
     """The last block of a model whose head reads only the prefix tokens: its MLP runs on them alone."""
+    num_patches: int | None = None
+    """``dense``: the tokens also carry which of the model's ``num_patches`` patches each stands for."""
 
     @property
     def changes_graph(self) -> bool:
@@ -80,8 +82,10 @@ def wire(patched: nn.Module, family: Family, traced: list[TracedBlock], config: 
     positional = bool(rotary) or any(t.site.bias is not None for t in traced)
     # Positions travel for position tables; sizes for proportional attention, for reductions that
     # weigh tokens by them, and for heads that average or attention-pool the tokens.
-    stateful = positional or pool is not Pool.TOKEN or options.proportional_attention or reduction.weighs_sizes
+    dense = bool(config.dense)
+    stateful = positional or pool is not Pool.TOKEN or options.proportional_attention or reduction.weighs_sizes or dense
     prefix, channels = family.num_prefix_tokens(patched), family.channels(patched)
+    patches = family.num_tokens(patched) - prefix if dense else None
     if stateful:
         check_capacity(family.num_tokens(patched) - prefix, describe(patched))
     final = family.final_norm(patched) if stateful else None
@@ -91,6 +95,11 @@ def wire(patched: nn.Module, family: Family, traced: list[TracedBlock], config: 
         )
     # An average read straight off the last block (MAE's global_pool) is weighed by that block.
     weigh_last = stateful and final is None and pool is Pool.AVG
+    if dense and weigh_last:
+        raise UnsupportedModelError(
+            f"{describe(patched)}: its head averages the last block's output directly, so that output is weighed "
+            "by token sizes and cannot be restored to the patch grid; dense=True is not available for it"
+        )
     first, last = min(config.layers), len(traced) - 1
     attention_pool = pool is Pool.ATTENTION
     if config.cls_only and (pool is not Pool.TOKEN or family.token_outputs(patched)):
@@ -120,6 +129,7 @@ def wire(patched: nn.Module, family: Family, traced: list[TracedBlock], config: 
                 score=score,
                 stateful=stateful,
                 keys_transposed=block.site.keys_transposed,
+                dense=dense,
             )
         edit = BlockEdit(
             reorganizer,
@@ -134,9 +144,12 @@ def wire(patched: nn.Module, family: Family, traced: list[TracedBlock], config: 
             sees_reduced=index >= first,
             weigh_out=weigh_last and index == last,
             prefix_only=config.cls_only and index == last,
+            num_patches=patches,
         )
         edits.append(edit)
-    state_edit = BlockEdit(None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=prefix)
+    state_edit = BlockEdit(
+        None, state_in=True, state_out=False, channels=channels, num_prefix_tokens=prefix, num_patches=patches
+    )
     pool_edit = None
     if attention_pool:
         pool_prefix = family.pool_prefix_tokens(patched)

@@ -150,6 +150,7 @@ def plan(
     method: str | Method = Method.EVIT,
     proportional: bool | None = None,
     cls_only: bool | None = None,
+    dense: bool | None = None,
     progress: bool = True,
 ) -> EViTConfig:
     """The EViT configuration that meets a budget relative to ``model`` at its own input size.
@@ -165,6 +166,7 @@ def plan(
         method: as for :func:`~evit_patch.apply`; ``"merge"`` defaults to every block from D/4 on.
         proportional: as for :func:`~evit_patch.apply`.
         cls_only: as for :func:`~evit_patch.apply`.
+        dense: as for :func:`~evit_patch.apply`.
         progress: as for :func:`~evit_patch.apply`.
 
     Raises:
@@ -173,11 +175,12 @@ def plan(
     """
     where = describe(model)
     options = PlanOptions.build(
-        method=method, fuse=fuse, score=score, proportional=proportional, cls_only=cls_only, where=where
+        method=method, fuse=fuse, score=score, proportional=proportional, cls_only=cls_only, dense=dense, where=where
     )
     fraction = target_fraction(flops, speedup, resized=img_size is not None)
     native = CostModel.of(model)
     family = find_family(model)
+    options = options.resolve_dense(family.feature_maps(model), where)
     resized = model if img_size is None else family.resized(model, img_size)
     cost = native if img_size is None else CostModel.of(resized, img_size)
     target = fraction * native.macs_original

@@ -108,6 +108,7 @@ def calibrate(
     method: str | Method = Method.EVIT,
     proportional: bool | None = None,
     cls_only: bool | None = None,
+    dense: bool | None = None,
     batch_size: int = 64,
     step: float = 0.1,
     min_step: float = 0.025,
@@ -127,6 +128,7 @@ def calibrate(
         method: as for :func:`~evit_patch.apply`.
         proportional: as for :func:`~evit_patch.apply`.
         cls_only: as for :func:`~evit_patch.apply`.
+        dense: as for :func:`~evit_patch.apply`.
         step: the first keep-rate step; halved when no move helps, down to ``min_step``.
         max_evaluations: cap on distinct plans evaluated.
 
@@ -138,9 +140,10 @@ def calibrate(
     where = describe(model)
     check_images(images, model, where)
     options = PlanOptions.build(
-        method=method, fuse=fuse, score=score, proportional=proportional, cls_only=cls_only, where=where
+        method=method, fuse=fuse, score=score, proportional=proportional, cls_only=cls_only, dense=dense, where=where
     )
     family = find_family(model)
+    options = options.resolve_dense(family.feature_maps(model), where)
     fraction = target_fraction(flops, speedup)
     if layers is None and options.reduction_class.searches_schedule:
         # The searched schedule, chosen on these images rather than synthetic ones, is where the climb starts.

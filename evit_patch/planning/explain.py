@@ -48,6 +48,8 @@ class Explanation:
     """What structural discovery found (empty for a registered family)."""
     cls_only: bool = False
     """The last block runs its MLP on the prefix (class) tokens only."""
+    dense: bool = False
+    """Block outputs restore to the full patch grid (``dense=True``)."""
 
     @property
     def macs_original(self) -> int:
@@ -71,6 +73,7 @@ class Explanation:
             f"fuse={self.fuse}, score={self.score.value}, proportional attention={proportional})",
             *([f"found by structural discovery: {self.discovered}"] if self.discovered else []),
             *(["last block: its MLP runs on the class token(s) only (cls_only)"] if self.cls_only else []),
+            *(["dense: every block's output restores to the full patch grid"] if self.dense else []),
             f"{'block':>5} {'keep':>5} {'tokens in':>9} {'MLP tokens':>10} {'GMACs orig':>10} {'GMACs EViT':>10}",
         ]
         for r in self.rows:
@@ -151,6 +154,7 @@ class CostModel:
             self.profile.family,
             self.profile.discovered,
             config.cls_only,
+            config.dense,
         )
 
     def macs(self, config: EViTConfig) -> int:

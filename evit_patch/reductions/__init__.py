@@ -1,6 +1,6 @@
 """Token reduction methods: one file each, registered by name (``method="evit"``, ``"merge"``)."""
 
-from .base import Mix, Reduction, drops, follow, mix_tokens, mixing, num_kept
+from .base import Mix, Reduction, destination, drops, follow, follow_owner, mix_tokens, mixing, num_kept
 from .dam import DAM
 from .evit import EViT, Reorganized, reorganize
 from .merge import Merge
@@ -13,8 +13,10 @@ __all__ = [
     "Mix",
     "Reduction",
     "Reorganized",
+    "destination",
     "drops",
     "follow",
+    "follow_owner",
     "list_reductions",
     "mix_tokens",
     "mixing",

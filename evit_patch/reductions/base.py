@@ -147,6 +147,28 @@ def follow(positions: Tensor | None, sizes: Tensor | None, mix: Mix, num_image: 
     return new_positions, new_sizes
 
 
+def destination(mix: Mix, num_image: int) -> Tensor:
+    """``(B, M)``: the leaving token (``0..num_out-1``) each entering image token went into: the one
+    it leads or joins, the rest token (index ``k``) if it was fused, ``-1`` if it was dropped."""
+    kept = mix.kept
+    batch, count = kept.shape
+    fill = count if mix.rest is not None else -1
+    dest = torch.full((batch, num_image), fill, dtype=torch.long, device=kept.device)
+    dest = dest.scatter(1, kept, torch.arange(count, device=kept.device).expand(batch, -1))
+    if mix.moved is not None:
+        dest = dest.scatter(1, mix.moved, mix.into)
+    return dest
+
+
+def follow_owner(owner: Tensor | None, mix: Mix, num_image: int) -> Tensor:
+    """``(B, G)``: the leaving token that carries each original patch, from ``owner``, the entering
+    token that did (``None``: patch ``g`` is entering token ``g``); ``-1`` stays ``-1`` (dropped)."""
+    dest = destination(mix, num_image)
+    if owner is None:
+        return dest
+    return torch.where(owner < 0, owner, dest.gather(1, owner.clamp(min=0)))
+
+
 def mixing(mix: Mix, num_image: int) -> tuple[Tensor, Tensor]:
     """The reorganization as matrices, for tracking and tests (not the forward pass).
 
