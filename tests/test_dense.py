@@ -18,6 +18,8 @@ import evit_patch
 from evit_patch import token_state
 from evit_patch.analysis.tracking import track_tokens
 from evit_patch.errors import InvalidPlanError, UnsupportedInputError
+from evit_patch.planning.objective import Objective
+from evit_patch.planning.schedule import stops
 from evit_patch.reductions import destination, list_reductions, mixing
 
 transformers = pytest.importorskip("transformers")
@@ -268,3 +270,37 @@ def test_dense_intermediates_export_and_compile():
         torch.testing.assert_close(exported(x), want, rtol=1e-5, atol=1e-5)
         compiled = torch.compile(wrapper, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dense_plan_may_stop_reducing_before_the_last_blocks():
+    every = evit_patch.EViTConfig.build(range(12), 1.0, num_blocks=12)
+    assert stops(12, every) == (12,)
+    assert stops(12, every.replace(cls_only=True)) == (11,)
+    assert stops(12, every.replace(dense=True)) == (6, 9, 12)
+
+
+def test_a_dense_objective_is_the_restored_last_blocks_per_patch_cosine():
+    model = small_vit()
+    x = images(3, 64)
+    every = evit_patch.EViTConfig.build(range(4), 1.0, evit_patch.PlanOptions(method="merge", dense=True), num_blocks=4)
+    objective = Objective(model, x, 8, every)
+    distance, _ = objective((1, 2), (0.5, 0.5))
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, method="merge", dense=True)
+    restored = evit_patch.restore(_hooked_outputs(fast, x, fast.blocks)[3], fast)
+    original = _hooked_outputs(model, x, model.blocks)[3]
+    expected = 1 - torch.nn.functional.cosine_similarity(restored, original, dim=-1).mean()
+    assert distance == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_a_backbone_takes_a_budget_and_its_searched_schedule():
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    torch.manual_seed(0)
+    backbone = transformers.Dinov2Backbone(config).eval().double()
+    fast = evit_patch.apply(backbone, flops=0.7, method="dam", progress=False)
+    explained = evit_patch.explain(fast)
+    assert evit_patch.get_config(fast).dense
+    assert explained.macs_patched <= 0.7 * explained.macs_original * 1.001
+    with torch.no_grad():
+        assert [m.shape for m in fast(images(2, 32)).feature_maps] == [(2, 32, 4, 4)]

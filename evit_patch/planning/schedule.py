@@ -13,7 +13,10 @@ and the member is chosen by the model's own outputs:
 - ``rho`` fills the budget exactly (bisection on the analytic MACs);
 - ``s`` in ``0..D/2`` and ``R`` in ``(1, 3)`` are chosen by the smallest distance to the original's
   outputs on probe images: synthetic dead leaves for ``apply`` (data-free, deterministic), the user's
-  images for ``calibrate``.
+  images for ``calibrate``;
+- a dense model (``dense=True``) is read at every block, the last ones included, where a geometric
+  schedule leaves the fewest tokens: its family also stops reducing after ``D/2`` or ``3D/4``
+  blocks, and its distance is that of the restored last block (:mod:`.objective`).
 
 Nothing here is fitted to one model: the family, the candidate grid and the probe are structural.
 """
@@ -39,6 +42,15 @@ RAMPS = (1, 3)
 """Blocks over which the keep rate ramps in: at once, or over three blocks."""
 
 
+def stops(num_blocks: int, base: EViTConfig) -> tuple[int, ...]:
+    """Where reduction ends (excluded): the last block (the last but one with ``cls_only``), and for a
+    dense model also after ``D/2`` and ``3D/4`` blocks."""
+    last = num_blocks - 1 if base.cls_only else num_blocks
+    if not base.dense:
+        return (last,)
+    return tuple(sorted({last, *(max(1, round(num_blocks * f)) for f in (0.5, 0.75))}))
+
+
 def ramp(start: int, length: int, rho: float, stop: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """``(layers, keep)`` of the schedule starting at ``start``, ramping in over ``length`` blocks to
     the rate ``rho``, up to block ``stop`` (excluded)."""
@@ -50,25 +62,23 @@ def candidates(
     cost: CostModel, base: EViTConfig, target_macs: float, starts: Sequence[int], ramps: Sequence[int] = RAMPS
 ) -> list[EViTConfig]:
     """Every schedule of the family that fills ``target_macs``, one per distinct token schedule."""
-    stop = cost.num_blocks - 1 if base.cls_only else cost.num_blocks
     found, seen = [], set()
-    for start in starts:
-        for length in ramps:
-            if start >= stop:
-                continue
+    for stop, start, length in ((e, s, r) for e in stops(cost.num_blocks, base) for s in starts for r in ramps):
+        if start >= stop:
+            continue
 
-            def plan(rho: float, start=start, length=length) -> EViTConfig:
-                layers, keep = ramp(start, length, rho, stop)
-                return base.replace(layers=layers, keep=keep)
+        def plan(rho: float, start=start, length=length, stop=stop) -> EViTConfig:
+            layers, keep = ramp(start, length, rho, stop)
+            return base.replace(layers=layers, keep=keep)
 
-            rho = largest_keep(lambda r, plan=plan: cost.macs(plan(r)), target_macs)
-            if rho is None:
-                continue
-            config = plan(rho)
-            tokens = tuple(row.tokens_out for row in cost.explain(config).rows)
-            if tokens not in seen:
-                seen.add(tokens)
-                found.append(config)
+        rho = largest_keep(lambda r, plan=plan: cost.macs(plan(r)), target_macs)
+        if rho is None:
+            continue
+        config = plan(rho)
+        tokens = tuple(row.tokens_out for row in cost.explain(config).rows)
+        if tokens not in seen:
+            seen.add(tokens)
+            found.append(config)
     return found
 
 
