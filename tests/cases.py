@@ -192,6 +192,7 @@ DINOV2_MODELS = {  # name: (class, register tokens)
     "registers": ("Dinov2WithRegistersModel", 2),
     "classifier": ("Dinov2ForImageClassification", 0),
     "registers_classifier": ("Dinov2WithRegistersForImageClassification", 2),
+    "backbone": ("Dinov2Backbone", 0),
 }
 DINOV2_SIZE = 48  # 6 x 6 patches of 8
 

@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 import torch
-from cases import small_gap, small_vit
+from cases import dinov2_images, small_gap, small_hf_dinov2, small_vit
 from conftest import images
 
 import evit_patch
@@ -159,18 +159,8 @@ def test_bfloat16_models_restore_the_same_grid_as_float32():
 
 
 def test_hf_dinov2_backbone_is_served_with_full_feature_maps():
-    config = transformers.Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        out_features=["stage1", "stage2", "stage4"],
-    )
-    torch.manual_seed(0)
-    backbone = transformers.Dinov2Backbone(config).eval().double()
-    x = images(2, 32)
+    backbone = small_hf_dinov2("backbone", out_features=["stage1", "stage2", "stage4"])
+    x = dinov2_images(2)
     with torch.no_grad():
         original = backbone(x, output_hidden_states=True)
         same = evit_patch.apply(backbone, layers=[1, 2], keep=1.0)(x, output_hidden_states=True)
@@ -180,25 +170,20 @@ def test_hf_dinov2_backbone_is_served_with_full_feature_maps():
     torch.testing.assert_close(same.feature_maps, original.feature_maps, rtol=0, atol=0)
     torch.testing.assert_close(same.hidden_states, original.hidden_states, rtol=0, atol=0)
     assert evit_patch.get_config(fast).dense  # a backbone's default
-    assert [m.shape for m in reduced.feature_maps] == [m.shape for m in original.feature_maps] == [(2, 32, 4, 4)] * 3
+    assert [m.shape for m in reduced.feature_maps] == [m.shape for m in original.feature_maps] == [(2, 32, 6, 6)] * 3
     assert [h.shape for h in reduced.hidden_states] == [h.shape for h in original.hidden_states]
     assert maps_only.hidden_states is None
     torch.testing.assert_close(reduced.feature_maps, maps_only.feature_maps, rtol=0, atol=0)
     # stage4 = layernorm(restored output of layer 3), by the explicit reference
     raw = _hooked_outputs(fast, x, fast.encoder.layer)[3]
-    expected = backbone.layernorm(evit_patch.restore(raw, fast))[:, 1:].reshape(2, 4, 4, 32).permute(0, 3, 1, 2)
+    expected = backbone.layernorm(evit_patch.restore(raw, fast))[:, 1:].reshape(2, 6, 6, 32).permute(0, 3, 1, 2)
     torch.testing.assert_close(reduced.feature_maps[2], expected, rtol=0, atol=1e-12)
     with pytest.raises(InvalidPlanError, match=r"^Dinov2Backbone returns feature maps .* only with dense=True"):
         evit_patch.apply(backbone, layers=[1, 2], keep=0.5, dense=False)
 
 
 def test_hf_dinov2_model_serves_restored_hidden_states_only_when_dense():
-    config = transformers.Dinov2Config(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
-    )
-    torch.manual_seed(0)
-    model = transformers.Dinov2Model(config).eval().double()
-    x = images(2, 32)
+    model, x = small_hf_dinov2("plain"), dinov2_images(2)
     fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, dense=True)
     with torch.no_grad():
         out, original = fast(x, output_hidden_states=True), model(x, output_hidden_states=True)
@@ -208,9 +193,7 @@ def test_hf_dinov2_model_serves_restored_hidden_states_only_when_dense():
     torch.testing.assert_close(out.pooler_output, plain.pooler_output, rtol=0, atol=0)
     assert out.last_hidden_state.shape[1] < original.last_hidden_state.shape[1]  # the head's reduced tokens
     sparse = evit_patch.apply(model, layers=[1, 2], keep=0.5)
-    with pytest.raises(
-        UnsupportedInputError, match=r"output_hidden_states cannot be honoured .*dense=True\) serves hidden states"
-    ):
+    with pytest.raises(UnsupportedInputError, match=r"output_hidden_states cannot be honoured .*dense=True\) serves"):
         sparse(x, output_hidden_states=True)
 
 
@@ -293,14 +276,10 @@ def test_a_dense_objective_is_the_restored_last_blocks_per_patch_cosine():
 
 
 def test_a_backbone_takes_a_budget_and_its_searched_schedule():
-    config = transformers.Dinov2Config(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
-    )
-    torch.manual_seed(0)
-    backbone = transformers.Dinov2Backbone(config).eval().double()
+    backbone = small_hf_dinov2("backbone", out_features=["stage4"])
     fast = evit_patch.apply(backbone, flops=0.7, method="dam", progress=False)
     explained = evit_patch.explain(fast)
     assert evit_patch.get_config(fast).dense
     assert explained.macs_patched <= 0.7 * explained.macs_original * 1.001
     with torch.no_grad():
-        assert [m.shape for m in fast(images(2, 32)).feature_maps] == [(2, 32, 4, 4)]
+        assert [m.shape for m in fast(dinov2_images(2)).feature_maps] == [(2, 32, 6, 6)]
