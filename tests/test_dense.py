@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 import torch
-from cases import dinov2_images, small_gap, small_hf_dinov2, small_vit
+from cases import dinov2_images, small_beit, small_eva, small_gap, small_hf_dinov2, small_map, small_relpos, small_vit
 from conftest import images
 
 import evit_patch
@@ -283,3 +283,21 @@ def test_a_backbone_takes_a_budget_and_its_searched_schedule():
     assert explained.macs_patched <= 0.7 * explained.macs_original * 1.001
     with torch.no_grad():
         assert [m.shape for m in fast(dinov2_images(2)).feature_maps] == [(2, 32, 6, 6)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: small_beit(), lambda: small_eva(), lambda: small_relpos(), lambda: small_map()],
+    ids=["beit", "eva", "relpos", "map"],
+)
+def test_every_timm_family_serves_restored_intermediates(make):
+    model = make()
+    x = images(2, model.patch_embed.img_size[0])
+    same = evit_patch.apply(model, layers=[1, 2], keep=1.0, dense=True)
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, method="merge", dense=True)
+    with torch.no_grad():
+        want = model.forward_intermediates(x, INDICES, norm=True, intermediates_only=True)
+        torch.testing.assert_close(same.forward_intermediates(x, INDICES, norm=True, intermediates_only=True), want)
+        got = fast.forward_intermediates(x, INDICES, norm=True, intermediates_only=True)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # before the first reorganization

@@ -88,7 +88,7 @@ class GuardedIntermediates:
             model,
             x,
             indices,
-            return_prefix_tokens=True,
+            return_prefix_tokens=bool(prefix),  # timm's relative-position ViT fails on True without prefix tokens
             norm=False,
             stop_early=options["stop_early"],
             output_fmt="NLC",
