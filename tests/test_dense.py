@@ -11,7 +11,18 @@ import pickle
 
 import pytest
 import torch
-from cases import dinov2_images, small_beit, small_eva, small_gap, small_hf_dinov2, small_map, small_relpos, small_vit
+from cases import (
+    dinov2_images,
+    open_clip_images,
+    small_beit,
+    small_eva,
+    small_gap,
+    small_hf_dinov2,
+    small_map,
+    small_open_clip,
+    small_relpos,
+    small_vit,
+)
 from conftest import images
 
 import evit_patch
@@ -301,3 +312,24 @@ def test_every_timm_family_serves_restored_intermediates(make):
         got = fast.forward_intermediates(x, INDICES, norm=True, intermediates_only=True)
     assert [g.shape for g in got] == [w.shape for w in want]
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # before the first reorganization
+
+
+def test_open_clip_intermediates_are_restored_when_dense_and_refused_after_a_reorganization_otherwise():
+    model, x = small_open_clip(), open_clip_images(2)
+    with torch.no_grad():
+        want = model.forward_intermediates(x, indices=INDICES, normalize_intermediates=True)
+        same = evit_patch.apply(model, layers=[1, 2], keep=1.0, dense=True)
+        got = same.forward_intermediates(x, indices=INDICES, normalize_intermediates=True)
+        torch.testing.assert_close(got["image_intermediates"], want["image_intermediates"], rtol=0, atol=1e-12)
+        fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, dense=True)
+        reduced = fast.forward_intermediates(x, indices=INDICES, output_extra_tokens=True)
+        assert [g.shape for g in reduced["image_intermediates"]] == [(2, 32, 4, 4)] * 4
+        assert [p.shape for p in reduced["image_intermediates_prefix"]] == [(2, 1, 32)] * 4
+        torch.testing.assert_close(reduced["image_features"], fast(x), rtol=0, atol=0)
+    # Without dense=True, open_clip's own reshape would return wrong-shaped grids silently: refused.
+    sparse = evit_patch.apply(model, layers=[1, 2], keep=0.5)
+    with pytest.raises(
+        UnsupportedInputError, match=r"^forward_intermediates: VisionTransformer reorganizes .* \[2, 3\]"
+    ):
+        sparse.forward_intermediates(x, indices=2)
+    assert sparse.forward_intermediates(x, indices=[0])["image_intermediates"][0].shape == (2, 32, 4, 4)

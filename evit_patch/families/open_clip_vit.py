@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import UnsupportedInputError, UnsupportedModelError
 from ..options import Pool
 from .base import Family, attention_pool_macs, class_path, describe
+from .intermediates import refuse_late, restored
 from .mha import check_multihead_attention, with_sdpa_attention
 from .registry import register_family
 
@@ -31,6 +32,61 @@ _MODULE = "open_clip.transformer"
 _CLASS = f"{_MODULE}.VisionTransformer"
 _BLOCK = f"{_MODULE}.ResidualAttentionBlock"
 _POOLER = f"{_MODULE}.AttentionalPooler"
+
+
+class OpenClipIntermediates:
+    """``model.forward_intermediates`` of a patched open_clip tower (picklable; copies follow the model):
+    block outputs restored to the full grid when patched ``dense`` (``(channels, patches)``), else
+    blocks from the first reorganizing one on refused; the pooled ``image_features`` are the class's."""
+
+    def __init__(self, model: nn.Module, first: int, dense: tuple[int, int] | None) -> None:
+        self.model, self.first, self.dense = model, int(first), dense
+
+    def __call__(
+        self,
+        x,
+        indices=None,
+        stop_early: bool = False,
+        normalize_intermediates: bool = False,
+        intermediates_only: bool = False,
+        output_fmt: str = "NCHW",
+        output_extra_tokens: bool = False,
+    ):
+        model = self.model
+        if self.dense is None:
+            depth = len(model.transformer.resblocks)
+            taken = (
+                range(depth)[-indices:] if isinstance(indices, int) else (range(depth) if indices is None else indices)
+            )
+            refuse_late(model, self.first, [i % depth for i in taken])
+            return type(model).forward_intermediates(
+                model,
+                x,
+                indices,
+                stop_early,
+                normalize_intermediates,
+                intermediates_only,
+                output_fmt,
+                output_extra_tokens,
+            )
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"forward_intermediates: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        out = type(model).forward_intermediates(
+            model, x, indices, stop_early, False, intermediates_only, "NLC", output_extra_tokens=True
+        )
+        channels, patches = self.dense
+        pairs = zip(out["image_intermediates"], out["image_intermediates_prefix"])
+        grid = (
+            (x.shape[-2] // model.patch_size[0], x.shape[-1] // model.patch_size[1]) if output_fmt == "NCHW" else None
+        )
+        norm = model.ln_post if normalize_intermediates else None
+        grids, prefixes = restored(pairs, channels=channels, prefix=1, patches=patches, norm=norm, grid=grid)
+        out["image_intermediates"] = grids
+        if output_extra_tokens:
+            out["image_intermediates_prefix"] = prefixes
+        else:
+            del out["image_intermediates_prefix"]
+        return out
 
 
 def _pair(size) -> tuple[int, int]:
@@ -193,7 +249,12 @@ class OpenClipVisionTransformer(Family):
 
     def install_guards(self, model: nn.Module, first: int, dense: bool = False) -> None:
         """A token-pooled tower refuses, at call time, pooling attributes changed after patching
-        (:func:`refuse_at_call`); an attentional pooler's outputs are its queries', whatever they are."""
+        (:func:`refuse_at_call`); an attentional pooler's outputs are its queries', whatever they are.
+        ``forward_intermediates`` serves restored grids (``dense``) or refuses late blocks."""
+        if callable(getattr(type(model), "forward_intermediates", None)):
+            prefix = self.num_prefix_tokens(model)
+            layout = (self.channels(model), self.num_tokens(model) - prefix) if dense else None
+            model.forward_intermediates = OpenClipIntermediates(model, first, layout)
         if model.attn_pool is None:
             patched = {name: getattr(model, name) for name in _POOL_ATTRIBUTES}
             model.register_forward_pre_hook(functools.partial(refuse_at_call, patched=patched))

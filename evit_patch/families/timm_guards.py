@@ -17,13 +17,13 @@ from __future__ import annotations
 import copy
 import functools
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedInputError
-from ..token_state import restore, strip
+from ..token_state import strip
 from .base import describe
+from .intermediates import refuse_late, restored
 
 _TIMM_DEFAULTS = {"return_prefix_tokens": False, "norm": False, "stop_early": False, "output_fmt": "NCHW"}
 _TIMM_DEFAULTS |= {"intermediates_only": False, "output_dict": False}
@@ -46,16 +46,8 @@ class GuardedIntermediates:
             return self._dense(x, indices, *args, **kwargs)
         from timm.models._features import feature_take_indices
 
-        model, first = self.model, self.first
-        take, _ = feature_take_indices(len(model.blocks), indices)
-        late = sorted(int(i) for i in take if i >= first)
-        if late:
-            raise UnsupportedInputError(
-                f"forward_intermediates: {describe(model)} reorganizes tokens from block {first} on, so the "
-                f"outputs of blocks {late} hold fewer tokens and no spatial grid; take blocks before {first} "
-                "(the final features are returned as usual), patch with evit_patch.apply(..., dense=True) to get "
-                "every block restored to the full grid, or call the original model"
-            )
+        model = self.model
+        refuse_late(model, self.first, feature_take_indices(len(model.blocks), indices)[0])
         if kwargs.get("norm") and isinstance(getattr(model, "norm", None), fx.GraphModule):
             raise UnsupportedInputError(
                 f"forward_intermediates: {describe(model)}'s final norm carries EViT's token-size weights "
@@ -95,16 +87,9 @@ class GuardedIntermediates:
             intermediates_only=options["intermediates_only"],
         )
         taken = result if options["intermediates_only"] else result[1]
-        grids, prefixes = [], []
-        for item in taken:
-            full = torch.cat([item[1], item[0]], dim=1) if prefix else item
-            full = restore(full, channels, prefix, patches)
-            full = model.norm(full) if options["norm"] else full
-            prefixes.append(full[:, :prefix])
-            grids.append(full[:, prefix:])
-        if options["output_fmt"] == "NCHW":
-            rows, cols = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-            grids = [g.reshape(g.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous() for g in grids]
+        grid = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])) if options["output_fmt"] == "NCHW" else None
+        norm = model.norm if options["norm"] else None
+        grids, prefixes = restored(taken, channels=channels, prefix=prefix, patches=patches, norm=norm, grid=grid)
         final = None if options["intermediates_only"] else strip(result[0], channels)
         if options["output_dict"]:
             out = {"image_intermediates": grids}
