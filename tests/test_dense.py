@@ -237,6 +237,7 @@ def test_a_dense_model_pickles_copies_and_reloads_with_its_intermediates(tmp_pat
             assert other.forward_intermediates.model is other
             torch.testing.assert_close(other.forward_intermediates(x, [2, 3], intermediates_only=True), want)
     assert evit_patch.get_config(fast).to_dict()["dense"] is True
+    assert "dense: every block's output restores to the full patch grid" in str(evit_patch.explain(fast))
     evit_patch.save_pretrained(fast, tmp_path / "saved", model_kwargs=dict(depth=4, embed_dim=64, num_heads=4))
     loaded = evit_patch.load_pretrained(tmp_path / "saved").double()
     assert evit_patch.get_config(loaded).dense
