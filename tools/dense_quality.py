@@ -37,7 +37,6 @@ over the four blocks) is reported. TUNE chooses; the reported split (HELD-OUT by
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -50,11 +49,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from side_by_side import INFLECTS, MacsRatio, load_split, parse_reducer, pick  # noqa: E402
+from side_by_side import INFLECTS, MacsRatio, load_split, parse_reducer, pick, speedups  # noqa: E402
 from tome_baseline import ToMeBlocks, attention_qkv, cls_attention, tome_intermediates  # noqa: E402
 from torch import nn  # noqa: E402
-
-from evit_patch.bench.speed import time_interleaved  # noqa: E402
 
 INDICES = (3, 6, 9, 11)
 BUDGETS = (0.8, 0.65, 0.5)
@@ -298,28 +295,9 @@ def speeds(
     build: Built, choices: list[Choice], batch_sizes=(16, 1), rounds: int = 5
 ) -> dict[tuple[float, str], dict[int, float]]:
     """Backbone speedup (``forward_intermediates`` at :data:`INDICES`) of each choice over the
-    original, per batch size: one thread, thread CPU time, a budget's methods and the original
-    interleaved in each round (``time_interleaved``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    measured: dict[tuple[float, str], dict[int, float]] = {}
-    try:
-        for budget in sorted({c.budget for c in choices}, reverse=True):
-            chosen = [c for c in choices if c.budget == budget]
-            reduced = {c.method: build(c.spec) for c in chosen}
-            for batch_size in batch_sizes:
-                x = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-                with torch.inference_mode():
-                    runners = {
-                        n: functools.partial(grids, m, x) for n, m in {"original": build.model, **reduced}.items()
-                    }
-                    seconds = time_interleaved(runners, rounds=rounds, warmup=1, settle=0, clock=time.thread_time)
-                for c in chosen:
-                    measured.setdefault((budget, c.method), {})[batch_size] = seconds["original"] / seconds[c.method]
-            print(f"budget {budget}: timed", file=sys.stderr, flush=True)
-    finally:
-        torch.set_num_threads(threads)
-    return measured
+    original, per batch size (``side_by_side.speedups``: one thread, thread CPU time, interleaved)."""
+    chosen = [(c.budget, c.method, c.spec) for c in choices]
+    return speedups(build.model, chosen, build, grids, tuple(batch_sizes), rounds)
 
 
 def pca_rgb(reference: torch.Tensor, others: list[torch.Tensor]) -> list[torch.Tensor]:

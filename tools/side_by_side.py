@@ -548,6 +548,37 @@ def budget_rows(
     return rows, tried
 
 
+def speedups(
+    original: nn.Module,
+    chosen: list[tuple[float, str, str]],
+    build: Callable[[str], nn.Module],
+    run: Callable[[nn.Module, torch.Tensor], object],
+    batch_sizes: tuple[int, ...] = (1, 16),
+    rounds: int = 5,
+    img_size: int = 224,
+) -> dict[tuple[float, str], dict[int, float]]:
+    """Speedup over ``original`` of each ``(budget, method, spec)`` (``build(spec)`` makes the model,
+    ``run(model, x)`` is what is timed), per batch size: one thread, thread CPU time, the original and
+    one budget's methods interleaved in each round (``time_interleaved``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    measured: dict[tuple[float, str], dict[int, float]] = {}
+    try:
+        for budget in sorted({b for b, _, _ in chosen}, reverse=True):
+            reduced = {method: build(spec) for b, method, spec in chosen if b == budget}
+            for batch_size in batch_sizes:
+                x = torch.randn(batch_size, 3, img_size, img_size, dtype=next(original.parameters()).dtype)
+                with torch.inference_mode():
+                    runners = {n: functools.partial(run, m, x) for n, m in {"original": original, **reduced}.items()}
+                    seconds = time_interleaved(runners, rounds=rounds, warmup=1, settle=0, clock=time.thread_time)
+                for method in reduced:
+                    measured.setdefault((budget, method), {})[batch_size] = seconds["original"] / seconds[method]
+            print(f"budget {budget}: timed", file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return measured
+
+
 def budget_speeds(
     model: nn.Module,
     rows: list[BudgetRow],
@@ -555,26 +586,10 @@ def budget_speeds(
     rounds: int = 5,
     img_size: int = 224,
 ) -> dict[tuple[float, str], dict[int, float]]:
-    """Speedup over the original of each row's chosen spec, per batch size: one thread, thread CPU
-    time, the original and one budget's methods interleaved in each round (``time_interleaved``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    measured: dict[tuple[float, str], dict[int, float]] = {}
-    try:
-        for budget in sorted({r.budget for r in rows if r.method != "original"}, reverse=True):
-            chosen = [r for r in rows if r.budget == budget and r.method != "original"]
-            reduced = {r.method: parse_reducer(r.spec)(model) for r in chosen}
-            for batch_size in batch_sizes:
-                x = torch.randn(batch_size, 3, img_size, img_size, dtype=next(model.parameters()).dtype)
-                with torch.inference_mode():
-                    runners = {n: functools.partial(m, x) for n, m in {"original": model, **reduced}.items()}
-                    seconds = time_interleaved(runners, rounds=rounds, warmup=1, settle=0, clock=time.thread_time)
-                for r in chosen:
-                    measured.setdefault((budget, r.method), {})[batch_size] = seconds["original"] / seconds[r.method]
-            print(f"budget {budget}: timed", file=sys.stderr, flush=True)
-    finally:
-        torch.set_num_threads(threads)
-    return measured
+    """Speedup over the original of each row's chosen spec, per batch size (:func:`speedups` of the forward)."""
+    chosen = [(r.budget, r.method, r.spec) for r in rows if r.method != "original"]
+    build = lambda spec: parse_reducer(spec)(model)  # noqa: E731
+    return speedups(model, chosen, build, lambda m, x: m(x), batch_sizes, rounds, img_size)
 
 
 def budget_markdown(rows: list[BudgetRow], speeds: dict[tuple[float, str], dict[int, float]] | None = None) -> str:
