@@ -13,8 +13,9 @@ from torch import Tensor
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax in at least float32: bf16 [CLS] logits would blur the top-k ranking."""
-    return torch.promote_types(dtype, torch.float32)
+    """Softmax in at least float32: bf16 [CLS] logits would blur the top-k ranking. (Not
+    ``torch.promote_types``: that is a dispatched operator, microseconds at batch 1.)"""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _as(x: Tensor, dtype: torch.dtype) -> Tensor:

@@ -70,7 +70,7 @@ def pack(x: Tensor, positions: Tensor, sizes: Tensor, num_prefix: int, owner: Te
             "e.g. quantize weights only)"
         )
     if x.dtype in _RAW:
-        state = torch.stack((positions.to(x.dtype) + 1, sizes.to(x.dtype)), dim=-1)
+        state = torch.stack((positions.to(x.dtype) + 1, sizes if sizes.dtype == x.dtype else sizes.to(x.dtype)), dim=-1)
     else:
         digits = []
         for value in (positions + 1, sizes.round().long()):
@@ -118,7 +118,7 @@ def unpack_owner(
     state = x[:, num_prefix:, channels:]
     if x.shape[-1] == channels + RAW_CHANNELS + width:
         positions = state[..., 0].long() - 1
-        sizes = state[..., 1].to(torch.promote_types(x.dtype, torch.float32))
+        sizes = state[..., 1]  # float32 or float64 already: no conversion
         owner = state[..., RAW_CHANNELS:].long() if width else None
     else:
         state = state.round().long()
@@ -215,7 +215,8 @@ def size_bias(sizes: Tensor, num_prefix: int, dtype: torch.dtype) -> Tensor:
     """``(B, 1, 1, P + M)`` proportional attention: ``log(size)`` added to every query's logit of
     a key, so a token standing for ``s`` patches draws the attention of ``s`` (prefix tokens: 1)."""
     logs = F.pad(sizes.log(), (num_prefix, 0))
-    return logs.to(dtype)[:, None, None, :]
+    logs = logs if logs.dtype == dtype else logs.to(dtype)
+    return logs.view(logs.shape[0], 1, 1, logs.shape[1])
 
 
 def pool_weights(sizes: Tensor, num_prefix: int) -> Tensor:

@@ -16,7 +16,19 @@ from tracked import check_keep_one_is_exact, check_macs
 
 import evit_patch
 from evit_patch import InvalidPlanError, PlanOptions, Pool
-from evit_patch.reductions import DAM, EViT, Merge, follow, list_reductions, mixing, num_kept, reduction_class
+from evit_patch.reductions import (
+    DAM,
+    EViT,
+    Merge,
+    Mix,
+    destination,
+    follow,
+    list_reductions,
+    mix_tokens,
+    mixing,
+    num_kept,
+    reduction_class,
+)
 from evit_patch.reductions import registry as registry_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +77,36 @@ def test_tokens_are_the_declared_mix(name, keep, prefix):
     positions, new_sizes = follow(None, sizes, mix, num_image)
     torch.testing.assert_close(new_sizes, (members.double() @ sizes.unsqueeze(-1)).squeeze(-1), rtol=0, atol=0)
     assert torch.equal(positions[:, : mix.kept.shape[1]], mix.kept)
+
+
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("rest", [False, True])
+def test_a_mix_that_merges_some_tokens_and_drops_or_fuses_others(mean, rest):
+    """Every kind of entering token in one mix (led, joined, fused or dropped), which no built-in
+    method makes: the tokens are the declared mix, every derived quantity agrees with it, and no
+    gradient is lost or made NaN by the tokens that join no kept token."""
+    x, scores, _, sizes = _case(prefix=1)
+    x.requires_grad_(True)
+    order = scores.argsort(dim=1, descending=True)
+    kept, moved = order[:, :4], order[:, 4:8]  # the last 4 of 12 are fused into the rest, or dropped
+    into = torch.tensor([[0, 3, 3, 1], [2, 2, 0, 0], [1, 1, 1, 1]])
+    fused = scores.scatter(1, order[:, :8], 0.0) if rest else None
+    # A weight on a token that joins no kept token is read by nothing: zero here, as a method may leave it.
+    weight = sizes.scatter(1, order[:, 8:], 0.0)
+    mix = Mix(kept, moved, into, weight=weight, rest=fused, mean=mean)
+    weights, members = mixing(mix, 12)
+    tokens = mix_tokens(x, mix, 1)
+    torch.testing.assert_close(tokens[:, 1:], weights @ x[:, 1:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(tokens[:, :1], x[:, :1], rtol=0, atol=0)
+    dest = destination(mix, 12)
+    expected = torch.where(members.any(1), members.double().argmax(1), -1)
+    assert torch.equal(dest, expected)
+    _, new_sizes = follow(None, sizes, mix, 12)
+    torch.testing.assert_close(new_sizes, (members.double() @ sizes.unsqueeze(-1)).squeeze(-1), rtol=0, atol=0)
+    tokens.sum().backward()
+    reference = (weights.sum(1).unsqueeze(-1)).expand(-1, -1, 5)  # d(sum of tokens)/dx_j: its total weight
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad[:, 1:], reference, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["evit", "merge", "dam"])

@@ -14,7 +14,7 @@ import enum
 from torch import Tensor, nn
 
 from ..options import Score
-from ..reductions import Mix, Reduction, follow, follow_owner, num_kept
+from ..reductions import Mix, Reduction, follow, follow_owner, mix_tokens, num_kept, slots
 from ..scores import (
     cls_attention_from_probs,
     cls_attention_from_qk,
@@ -109,15 +109,18 @@ class TokenReorganizer(nn.Module):
         scores = self.scores(attn_a, attn_b, bias)
         metric = self._keys(attn_b if keys is None else keys) if self.reduction.needs_keys else None
         num_keep = min(num_kept(num_image, self.keep), num_image)
-        tokens, mix = self.reduction(
-            x, scores, keys=metric, sizes=sizes, num_prefix=self.num_prefix_tokens, num_keep=num_keep
-        )
+        prefix = self.num_prefix_tokens
+        mix = self.reduction.select(x, scores, keys=metric, sizes=sizes, num_prefix=prefix, num_keep=num_keep)
+        # Built once: which kept token each entering token joins, for the tokens, the sizes and the owners.
+        joined = slots(mix, num_image) if mix.moved is not None or self.dense else None
+        tokens = mix_tokens(x, mix, prefix, joined)
         self.published(mix, scores, sizes)
         if not self.stateful:
             return tokens
+        state = follow(positions, sizes, mix, num_image, joined)
         if self.dense:
-            return (tokens, *follow(positions, sizes, mix, num_image), follow_owner(owner, mix, num_image))
-        return (tokens, *follow(positions, sizes, mix, num_image))
+            return (tokens, *state, follow_owner(owner, mix, num_image, joined))
+        return (tokens, *state)
 
     def _keys(self, keys: Tensor) -> Tensor:
         """``(B, N, D)`` keys averaged over heads."""

@@ -1,6 +1,6 @@
 """Token reduction methods: one file each, registered by name (``method="evit"``, ``"merge"``)."""
 
-from .base import Mix, Reduction, destination, drops, follow, follow_owner, mix_tokens, mixing, num_kept
+from .base import Mix, Reduction, destination, drops, follow, follow_owner, mix_tokens, mixing, num_kept, slots
 from .dam import DAM
 from .evit import EViT, Reorganized, reorganize
 from .merge import Merge
@@ -24,4 +24,5 @@ __all__ = [
     "reduction_class",
     "register_reduction",
     "reorganize",
+    "slots",
 ]

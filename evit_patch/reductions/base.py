@@ -53,14 +53,13 @@ class Mix(NamedTuple):
 
     kept: Tensor
     """``(B, k)`` entering tokens that lead leaving tokens ``0..k-1``, in that order."""
-    kept_weight: Tensor | None = None
-    """``(B, k)`` their weights; ``None``: 1."""
     moved: Tensor | None = None
     """``(B, m)`` entering tokens that join a kept token."""
     into: Tensor | None = None
     """``(B, m)`` the leaving token (``0..k-1``) each moved token joins."""
-    moved_weight: Tensor | None = None
-    """``(B, m)`` their weights; ``None``: 1."""
+    weight: Tensor | None = None
+    """``(B, M)`` each entering token's weight in the kept token it leads or joins; ``None``: 1.
+    Indexed by entering token, not by role: merging methods pass the tokens' sizes as they are."""
     rest: Tensor | None = None
     """``(B, M)`` weights of the rest token over all entering tokens (zero on kept and moved ones)."""
     mean: bool = False
@@ -77,46 +76,71 @@ def rows(x: Tensor, index: Tensor) -> Tensor:
     index_select on the flattened batch is a memcpy per row, far faster on CPU than a gather with
     an index expanded over channels)."""
     batch, count, channels = x.shape
-    flat = index + torch.arange(batch, device=x.device).unsqueeze(1) * count
-    return x.reshape(batch * count, channels).index_select(0, flat.flatten()).view(*index.shape, channels)
+    return x.reshape(batch * count, channels).index_select(0, _flat(index, count)).view(*index.shape, channels)
 
 
-def mix_tokens(x: Tensor, mix: Mix, num_prefix: int) -> Tensor:
-    """``(B, P + mix.num_out, C)``: the prefix unchanged, then the leaving image tokens of ``mix``."""
-    batch, num_tokens, channels = x.shape
-    kept = mix.kept.shape[1]
-    prefix = torch.arange(num_prefix, device=x.device).expand(batch, num_prefix)
-    lead = torch.cat([prefix, mix.kept + num_prefix], dim=1)
-    out = rows(x, lead).reshape(batch * (num_prefix + kept), channels)
-    weight = None
-    if mix.kept_weight is not None:
-        weight = F.pad(mix.kept_weight.to(x.dtype), (num_prefix, 0), value=1.0).flatten()
-        out = out * weight.unsqueeze(-1)
-    if mix.moved is not None:
+def _flat(index: Tensor, count: int) -> Tensor:
+    """``(B * n,)`` ``index`` (``(B, n)``, values below ``count``) into the batch flattened to ``B * count`` rows."""
+    offsets = torch.arange(0, index.shape[0] * count, count, device=index.device)
+    return (index + offsets.unsqueeze(1)).flatten()
+
+
+def slots(mix: Mix, num_image: int) -> Tensor:
+    """``(B, M)``: the kept token (``0..k-1``) each entering image token leads or joins, ``k`` for
+    one that joins none (fused into the rest token, or dropped). One scatter: the index every
+    derived quantity of a merging mix (:func:`mix_tokens`, :func:`follow`, :func:`follow_owner`)
+    reads, so a reorganizing block builds it once."""
+    kept = mix.kept
+    batch, count = kept.shape
+    lead = torch.arange(count, device=kept.device).expand(batch, count)
+    joined = torch.full((batch, num_image), count, dtype=torch.long, device=kept.device).scatter(1, kept, lead)
+    return joined if mix.moved is None else joined.scatter(1, mix.moved, mix.into)
+
+
+def mix_tokens(x: Tensor, mix: Mix, num_prefix: int, joined: Tensor | None = None) -> Tensor:
+    """``(B, P + mix.num_out, C)``: the prefix unchanged, then the leaving image tokens of ``mix``.
+
+    Kept tokens alone are one row gather; with moved tokens, every entering token is added into its
+    kept token by one ``index_add`` (its weight applied first), and a weighted mean divides by the
+    weights' sums; the rest token is one ``bmm``. ``joined``: :func:`slots` of ``mix``, if the
+    caller has it."""
+    batch, _, channels = x.shape
+    num_image, kept = x.shape[1] - num_prefix, mix.kept.shape[1]
+    image = x[:, num_prefix:]
+    weight = mix.weight
+    if weight is not None and weight.dtype != x.dtype:  # each op costs microseconds at batch 1
+        weight = weight.to(x.dtype)
+    if mix.moved is None:
+        prefix = torch.arange(num_prefix, device=x.device).expand(batch, num_prefix)
+        out = rows(x, torch.cat([prefix, mix.kept + num_prefix], dim=1))
+        if weight is not None and not mix.mean:  # a weighted mean of one token is the token
+            out = out * F.pad(weight.gather(1, mix.kept), (num_prefix, 0), value=1.0).unsqueeze(-1)
+    else:
+        joined = slots(mix, num_image) if joined is None else joined
+        spare = int(kept + mix.moved.shape[1] < num_image)  # a row for the tokens that join none
+        width = kept + spare
+        source = image if weight is None else image * weight.unsqueeze(-1)
         # One index_add on the flattened batch (ONNX: ScatterND with add, unlike scatter_reduce).
-        offsets = torch.arange(batch, device=x.device).unsqueeze(1) * (num_prefix + kept)
-        slots = (mix.into + num_prefix + offsets).flatten()
-        moved = rows(x[:, num_prefix:], mix.moved)
-        moved_weight = None if mix.moved_weight is None else mix.moved_weight.to(x.dtype)
-        if moved_weight is not None:
-            moved = moved * moved_weight.unsqueeze(-1)
-        out = out.index_add(0, slots, moved.flatten(0, 1))
+        out = x.new_zeros(batch * width, channels).index_add(0, _flat(joined, width), source.reshape(-1, channels))
+        out = out.view(batch, width, channels)
+        if spare:  # sliced before dividing: the spare row's zero total would send NaN gradients back
+            out = out[:, :kept]
         if mix.mean:
-            total = x.new_ones(out.shape[0]) if weight is None else weight
-            added = x.new_ones(slots.shape) if moved_weight is None else moved_weight.flatten()
-            out = out / total.index_add(0, slots, added).unsqueeze(-1)
-    elif mix.mean and weight is not None:
-        out = out / weight.unsqueeze(-1)
-    out = out.view(batch, num_prefix + kept, channels)
+            ones = x.new_ones(joined.shape) if weight is None else weight
+            totals = ones.new_zeros(batch, width).scatter_add(1, joined, ones)
+            out = out / (totals[:, :kept] if spare else totals).unsqueeze(-1)
+        out = torch.cat([x[:, :num_prefix], out], dim=1)
     if mix.rest is None:
         return out
     rest = mix.rest.to(x.dtype)
     if mix.mean:
         rest = rest / rest.sum(dim=1, keepdim=True)
-    return torch.cat([out, torch.bmm(rest.unsqueeze(1), x[:, num_prefix:])], dim=1)
+    return torch.cat([out, torch.bmm(rest.unsqueeze(1), image)], dim=1)
 
 
-def follow(positions: Tensor | None, sizes: Tensor | None, mix: Mix, num_image: int) -> tuple[Tensor, Tensor]:
+def follow(
+    positions: Tensor | None, sizes: Tensor | None, mix: Mix, num_image: int, joined: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Original positions and sizes of the leaving image tokens.
 
     Args:
@@ -124,6 +148,7 @@ def follow(positions: Tensor | None, sizes: Tensor | None, mix: Mix, num_image: 
         sizes: ``(B, M)`` patches each entering token stands for; ``None``: one each.
         mix: the reorganization.
         num_image: ``M``.
+        joined: :func:`slots` of ``mix``, if the caller has it.
 
     Returns:
         ``(positions, sizes)``: a leaving token keeps its leader's position and adds up its members'
@@ -131,15 +156,14 @@ def follow(positions: Tensor | None, sizes: Tensor | None, mix: Mix, num_image: 
         size of everything it absorbed. Sizes stay whole numbers: they are sums of whole numbers.
     """
     kept = mix.kept
+    count = kept.shape[1]
     new_positions = kept if positions is None else positions.gather(1, kept)
-    if sizes is None:
-        new_sizes = torch.ones(kept.shape, device=kept.device)
-        moved_sizes = None if mix.moved is None else torch.ones(mix.moved.shape, device=kept.device)
-    else:
-        new_sizes = sizes.gather(1, kept)
-        moved_sizes = None if mix.moved is None else sizes.gather(1, mix.moved)
     if mix.moved is not None:
-        new_sizes = new_sizes.scatter_add(1, mix.into, moved_sizes)
+        joined = slots(mix, num_image) if joined is None else joined
+        sizes = torch.ones(joined.shape, device=kept.device) if sizes is None else sizes
+        new_sizes = sizes.new_zeros(kept.shape[0], count + 1).scatter_add(1, joined, sizes)[:, :count]
+    else:
+        new_sizes = torch.ones(kept.shape, device=kept.device) if sizes is None else sizes.gather(1, kept)
     if mix.rest is not None:
         total = num_image if sizes is None else sizes.sum(dim=1, keepdim=True)
         new_positions = torch.cat([new_positions, torch.full_like(new_positions[:, :1], -1)], dim=1)
@@ -147,23 +171,19 @@ def follow(positions: Tensor | None, sizes: Tensor | None, mix: Mix, num_image: 
     return new_positions, new_sizes
 
 
-def destination(mix: Mix, num_image: int) -> Tensor:
+def destination(mix: Mix, num_image: int, joined: Tensor | None = None) -> Tensor:
     """``(B, M)``: the leaving token (``0..num_out-1``) each entering image token went into: the one
     it leads or joins, the rest token (index ``k``) if it was fused, ``-1`` if it was dropped."""
-    kept = mix.kept
-    batch, count = kept.shape
-    fill = count if mix.rest is not None else -1
-    dest = torch.full((batch, num_image), fill, dtype=torch.long, device=kept.device)
-    dest = dest.scatter(1, kept, torch.arange(count, device=kept.device).expand(batch, -1))
-    if mix.moved is not None:
-        dest = dest.scatter(1, mix.moved, mix.into)
-    return dest
+    joined = slots(mix, num_image) if joined is None else joined
+    if mix.rest is not None:
+        return joined
+    return joined.masked_fill(joined == mix.kept.shape[1], -1)
 
 
-def follow_owner(owner: Tensor | None, mix: Mix, num_image: int) -> Tensor:
+def follow_owner(owner: Tensor | None, mix: Mix, num_image: int, joined: Tensor | None = None) -> Tensor:
     """``(B, G)``: the leaving token that carries each original patch, from ``owner``, the entering
     token that did (``None``: patch ``g`` is entering token ``g``); ``-1`` stays ``-1`` (dropped)."""
-    dest = destination(mix, num_image)
+    dest = destination(mix, num_image, joined)
     if owner is None:
         return dest
     return torch.where(owner < 0, owner, dest.gather(1, owner.clamp(min=0)))
@@ -180,14 +200,10 @@ def mixing(mix: Mix, num_image: int) -> tuple[Tensor, Tensor]:
     batch, count = kept.shape
     member = torch.zeros(batch, count, num_image, dtype=torch.float64, device=kept.device)
     member.scatter_(2, kept.unsqueeze(-1), 1.0)
-    weight = member.clone()
-    if mix.kept_weight is not None:
-        weight = weight * mix.kept_weight.to(torch.float64).unsqueeze(-1)
     if mix.moved is not None:
         sample = torch.arange(batch, device=kept.device)[:, None].expand_as(mix.moved)
         member[sample, mix.into, mix.moved] = 1.0
-        moved = torch.ones(mix.moved.shape, dtype=torch.float64, device=kept.device)
-        weight[sample, mix.into, mix.moved] = moved if mix.moved_weight is None else mix.moved_weight.double()
+    weight = member if mix.weight is None else member * mix.weight.to(torch.float64).unsqueeze(1)
     if mix.rest is not None:
         rest_member = 1.0 - member.sum(1, keepdim=True)
         member = torch.cat([member, rest_member], 1)

@@ -53,9 +53,9 @@ class DAM(Reduction):
         nearest = torch.stack([even[:, :half], odd], dim=-1).flatten(1)  # back to positions 0, 1, 2, ...
         if num_image % 2:
             nearest = torch.cat([nearest, even[:, half:]], dim=1)
-        cost = (scores * num_image).clamp_min(1e-9) * (1 - nearest.to(scores.dtype)).clamp_min(1e-6)
+        nearest = nearest if nearest.dtype == scores.dtype else nearest.to(scores.dtype)
+        cost = (scores * num_image).clamp_min(1e-9) * (1 - nearest).clamp_min(1e-6)
         order = cost.topk(num_image, dim=1, largest=True, sorted=True).indices
-        kept, moved = order[:, :num_keep], order[:, num_keep:]
-        into = torch.bmm(rows(unit, moved), rows(unit, kept).transpose(1, 2)).argmax(dim=-1)
-        sizes = x.new_ones(scores.shape) if sizes is None else sizes.to(x.dtype)
-        return Mix(kept, sizes.gather(1, kept), moved, into, sizes.gather(1, moved), mean=True)
+        ranked = rows(unit, order)  # one row gather serves the kept and the moved tokens
+        into = torch.bmm(ranked[:, num_keep:], ranked[:, :num_keep].transpose(1, 2)).argmax(dim=-1)
+        return Mix(order[:, :num_keep], order[:, num_keep:], into, weight=sizes, mean=True)

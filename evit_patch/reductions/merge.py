@@ -35,11 +35,9 @@ class Merge(Reduction):
     def select(self, x, scores, *, keys, sizes, num_prefix, num_keep) -> Mix:
         num_image = scores.shape[1]
         order = scores.topk(num_image, dim=1, largest=True, sorted=True).indices
-        kept, moved = order[:, :num_keep], order[:, num_keep:]
-        features = F.normalize(keys[:, num_prefix:], dim=-1)
+        ranked = rows(F.normalize(keys[:, num_prefix:], dim=-1), order)  # one row gather for kept and moved
         # einsum, not moved @ kept.transpose(1, 2): under torch.compile(mode="max-autotune-no-cudagraphs")
         # (torch 2.14, CPU), inductor gave matmul's batch broadcast the batch size a dynamic graph was compiled
         # at, which failed at any other batch (issue 23); einsum issues the same bmm.
-        into = torch.einsum("bmd,bkd->bmk", rows(features, moved), rows(features, kept)).argmax(dim=-1)
-        sizes = x.new_ones(scores.shape) if sizes is None else sizes.to(x.dtype)
-        return Mix(kept, sizes.gather(1, kept), moved, into, sizes.gather(1, moved), mean=True)
+        into = torch.einsum("bmd,bkd->bmk", ranked[:, num_keep:], ranked[:, :num_keep]).argmax(dim=-1)
+        return Mix(order[:, :num_keep], order[:, num_keep:], into, weight=sizes, mean=True)
