@@ -7,6 +7,7 @@ files keep what is particular to one family: its variants, refusals and behaviou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,8 @@ from tracked import (
     enable_timm_checkpointing,
     named_outputs,
 )
+
+import evit_patch
 
 
 def _images64(batch, dtype=torch.float64):
@@ -250,6 +253,8 @@ def params(check: str) -> list:
             if (name, check, method) in COVERED_BY_OTHER_METHOD:
                 continue
             marks = []
+            if check in SHARING:  # one worker builds the family's shared model (xdist --dist loadgroup)
+                marks.append(pytest.mark.xdist_group(f"family-{name}"))
             if (name, check, method) in FINDINGS:
                 marks.append(pytest.mark.xfail(strict=True, reason=FINDINGS[(name, check, method)]))
             out.append(pytest.param(name, method, id=f"{name}-{method}", marks=marks))
@@ -261,6 +266,19 @@ def _case(name: str) -> Case:
     if case.requires:
         pytest.importorskip(case.requires)
     return case
+
+
+LAYERS, KEEP = [1, 2], [0.6, 0.5]  # a keep rate per layer: the shared model's plan
+SHARING = ("reference", "macs", "threads", "pickle")  # the checks that run _shared's models
+
+
+@functools.cache
+def _shared(name: str, method: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The family's float64 model and its copy patched at ``KEEP`` @ ``LAYERS``, built once per worker
+    for the checks that only run them (reference, MACs, threads, pickle) and leave both as they were;
+    the checks that train, re-wire or re-check ``apply`` itself patch a model of their own."""
+    model = _case(name).make()
+    return model, evit_patch.apply(model, layers=LAYERS, keep=KEEP, method=method)
 
 
 def test_every_family_gets_every_check():
@@ -283,10 +301,9 @@ def test_every_family_gets_every_check():
 @pytest.mark.parametrize("name, method", params("reference"))
 def test_reference(name, method):
     case = _case(name)
-    model, x = case.make(), case.images(3)
-    check_matches_reference(
-        case.reference, model, x, [1, 2], [0.6, 0.5], select=case.select, main=case.main, method=method
-    )
+    model, fast = _shared(name, method)
+    options = dict(select=case.select, main=case.main, method=method, fast=fast)
+    check_matches_reference(case.reference, model, case.images(3), LAYERS, KEEP, **options)
 
 
 @pytest.mark.parametrize("name, method", params("keep_one"))
@@ -312,8 +329,8 @@ def test_gradients(name, method):
 
 @pytest.mark.parametrize("name, method", params("macs"))
 def test_macs(name, method):
-    case = _case(name)
-    check_macs(case.make(), case.images(1), method=method)
+    model, fast = _shared(name, method)
+    check_macs(model, _case(name).images(1), fast=fast)
 
 
 @pytest.mark.parametrize("name, method", params("compile"))
@@ -331,13 +348,15 @@ def test_export(name, method):
 @pytest.mark.parametrize("name, method", params("threads"))
 def test_threads(name, method):
     case = _case(name)
-    check_threads(case.make(), case.images(2), select=case.select, method=method)
+    model, fast = _shared(name, method)
+    check_threads(model, case.images(2), select=case.select, fast=fast)
 
 
 @pytest.mark.parametrize("name, method", params("pickle"))
 def test_pickle(name, method):
     case = _case(name)
-    check_pickle(case.make(), case.images(2), select=case.select, method=method)
+    model, fast = _shared(name, method)
+    check_pickle(model, case.images(2), select=case.select, fast=fast)
 
 
 @pytest.mark.parametrize("name, method", params("checkpointing"))
