@@ -13,7 +13,7 @@ from test_train import write_images
 import evit_patch
 from evit_patch import cli
 
-TINY = ["--model", "deit_tiny_patch16_224"]
+TINY = ["--model", "test_vit"]  # timm's 6-block, 64-channel test ViT: default layers 2, 3, 4
 RUN = ["--img-size", "64", "--workers", "0", "--max-steps", "1", "--keep", "0.5"]
 
 
@@ -30,9 +30,7 @@ def files(tmp_path_factory):
     torch.manual_seed(0)
     save_file(timm.create_model("deit_tiny_patch16_224", img_size=64).state_dict(), str(root / "tiny64.safetensors"))
     saved = root / "saved"
-    evit_patch.save_pretrained(
-        evit_patch.apply(timm.create_model("deit_tiny_patch16_224", img_size=64), layers=[3, 6, 9]), saved
-    )
+    evit_patch.save_pretrained(evit_patch.apply(timm.create_model("test_vit", img_size=64), layers=[2, 3, 4]), saved)
     argv = [*TINY, *RUN, "--data-dir", root / "wnids", "--output", root / "run", "--batch-size", "4"]
     assert cli.main(["finetune", *map(str, argv)]) == 0
     return root

@@ -65,7 +65,8 @@ def test_pt2_export_warns_about_nothing(tmp_path):
 
 def test_finetune_resume_takes_the_runs_flags(tmp_path):
     write_images(tmp_path / "data", classes=("n01440764", "n01443537"), per_class=4, size=72)
-    first = ["finetune", "--img-size", "64", "--data-dir", tmp_path / "data", "--output", tmp_path / "run"]
+    first = ["finetune", "--model", "test_vit", "--img-size", "64", "--data-dir", tmp_path / "data"]
+    first += ["--output", tmp_path / "run"]
     first += ["--batch-size", "4", "--workers", "0", "--keep", "0.5", "--layers", "1", "2", "--max-steps", "1"]
     assert cli.main([str(a) for a in first]) == 0
     saved = json.loads((tmp_path / "run" / "args.json").read_text())

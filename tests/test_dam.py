@@ -68,9 +68,13 @@ def test_explain_equals_counted_macs(cls_only):
 
 
 def test_keep_one_is_exact_and_compiles_and_exports():
-    check_keep_one_is_exact(small_vit(torch.float32), images(2, 64, dtype=torch.float32), **DAM)
-    check_compile(small_vit(), images(2, 64), **DAM)
-    check_export(small_vit(), images(3, 64), method="dam", cls_only=True)
+    """Three blocks, as the family table's: reduced at 1 and 2, block 2 attends over merged tokens."""
+    model = small_vit(depth=3)
+    check_keep_one_is_exact(
+        small_vit(torch.float32, depth=3), images(2, 64, dtype=torch.float32), layers=range(3), **DAM
+    )
+    check_compile(model, images(2, 64), **DAM)
+    check_export(model, images(3, 64), method="dam", cls_only=True)
 
 
 def test_an_odd_token_count_splits_the_even_side_one_larger():

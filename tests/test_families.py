@@ -7,6 +7,7 @@ files keep what is particular to one family: its variants, refusals and behaviou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,8 @@ from tracked import (
     enable_timm_checkpointing,
     named_outputs,
 )
+
+import evit_patch
 
 
 def _images64(batch, dtype=torch.float64):
@@ -226,6 +229,19 @@ NOT_APPLICABLE = {
 # (family, check, method): a check the family should pass and does not; strict xfails for the library to fix.
 FINDINGS: dict[tuple[str, str, str], str] = {}
 
+# (family, check, method): covered by the same check with the other method, and why that covers it (the
+# suite's time: each export costs seconds). Merging's export of a family carries every state EViT's does
+# (sizes for its pools, positions for its tables) through the same rewritten attention and head, plus its
+# size bias; what EViT adds is its reduction (TopK, the fused token), which is family-independent except
+# where the fused token meets position tables: EViT's export stays for timm_vit (the plain graph),
+# hf_deit (a transformers layer) and the position-aware families (and test_onnx.py exports EViT on
+# BEiT, EVA-02 and an average-pooled ViT).
+EXPORTED_BY_MERGING_ONLY = ("timm_gap", "timm_map", "torchvision", "hf_dinov2", "hf_clip", "hf_siglip")
+COVERED_BY_OTHER_METHOD = {
+    (name, "export", "evit"): "merging's export of this family covers the family's exported graph (see above)"
+    for name in (*EXPORTED_BY_MERGING_ONLY, "open_clip_avg", "open_clip_attn_pool")
+}
+
 
 def params(check: str) -> list:
     """``(family, method)`` for every family and method the check runs for; findings xfail (strict)."""
@@ -234,7 +250,11 @@ def params(check: str) -> list:
         if (name, check) in NOT_APPLICABLE:
             continue
         for method in CHECKS[check]:
+            if (name, check, method) in COVERED_BY_OTHER_METHOD:
+                continue
             marks = []
+            if check in SHARING:  # one worker builds the family's shared model (xdist --dist loadgroup)
+                marks.append(pytest.mark.xdist_group(f"family-{name}"))
             if (name, check, method) in FINDINGS:
                 marks.append(pytest.mark.xfail(strict=True, reason=FINDINGS[(name, check, method)]))
             out.append(pytest.param(name, method, id=f"{name}-{method}", marks=marks))
@@ -248,11 +268,30 @@ def _case(name: str) -> Case:
     return case
 
 
+LAYERS, KEEP = [1, 2], [0.6, 0.5]  # a keep rate per layer: the shared model's plan
+SHARING = ("reference", "macs", "threads", "pickle")  # the checks that run _shared's models
+
+
+@functools.cache
+def _shared(name: str, method: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The family's float64 model and its copy patched at ``KEEP`` @ ``LAYERS``, built once per worker
+    for the checks that only run them (reference, MACs, threads, pickle) and leave both as they were;
+    the checks that train, re-wire or re-check ``apply`` itself patch a model of their own."""
+    model = _case(name).make()
+    return model, evit_patch.apply(model, layers=LAYERS, keep=KEEP, method=method)
+
+
 def test_every_family_gets_every_check():
     """The table is complete: each (family, check) runs, or is excluded with a reason."""
     assert all(reason for reason in NOT_APPLICABLE.values()) and all(reason for reason in FINDINGS.values())
     assert {check for _, check in NOT_APPLICABLE} <= set(CHECKS) and {n for n, _ in NOT_APPLICABLE} <= set(CASES)
     assert {(n, c) for n, c, _ in FINDINGS} <= {(n, c) for n in CASES for c in CHECKS} - set(NOT_APPLICABLE)
+    for name, check, method in COVERED_BY_OTHER_METHOD:  # the other method still runs the check on the family
+        assert (
+            (name, check) not in NOT_APPLICABLE
+            and set(CHECKS[check]) - {method}
+            and (name, check, method) not in FINDINGS
+        )
     no_switch = {name for name, case in CASES.items() if case.checkpointing is None}
     assert no_switch == {name for name, check in NOT_APPLICABLE if check == "checkpointing"}
     checks = {name.removeprefix("test_") for name, f in globals().items() if name.startswith("test_") and callable(f)}
@@ -262,10 +301,9 @@ def test_every_family_gets_every_check():
 @pytest.mark.parametrize("name, method", params("reference"))
 def test_reference(name, method):
     case = _case(name)
-    model, x = case.make(), case.images(3)
-    check_matches_reference(
-        case.reference, model, x, [1, 2], [0.6, 0.5], select=case.select, main=case.main, method=method
-    )
+    model, fast = _shared(name, method)
+    options = dict(select=case.select, main=case.main, method=method, fast=fast)
+    check_matches_reference(case.reference, model, case.images(3), LAYERS, KEEP, **options)
 
 
 @pytest.mark.parametrize("name, method", params("keep_one"))
@@ -291,8 +329,8 @@ def test_gradients(name, method):
 
 @pytest.mark.parametrize("name, method", params("macs"))
 def test_macs(name, method):
-    case = _case(name)
-    check_macs(case.make(), case.images(1), method=method)
+    model, fast = _shared(name, method)
+    check_macs(model, _case(name).images(1), fast=fast)
 
 
 @pytest.mark.parametrize("name, method", params("compile"))
@@ -310,13 +348,15 @@ def test_export(name, method):
 @pytest.mark.parametrize("name, method", params("threads"))
 def test_threads(name, method):
     case = _case(name)
-    check_threads(case.make(), case.images(2), select=case.select, method=method)
+    model, fast = _shared(name, method)
+    check_threads(model, case.images(2), select=case.select, fast=fast)
 
 
 @pytest.mark.parametrize("name, method", params("pickle"))
 def test_pickle(name, method):
     case = _case(name)
-    check_pickle(case.make(), case.images(2), select=case.select, method=method)
+    model, fast = _shared(name, method)
+    check_pickle(model, case.images(2), select=case.select, fast=fast)
 
 
 @pytest.mark.parametrize("name, method", params("checkpointing"))

@@ -13,9 +13,9 @@ import evit_patch
 VARIANTS = {
     "deit": dict(name="deit_tiny_patch16_224"),
     "distilled": dict(name="deit_tiny_distilled_patch16_224"),
-    "registers": dict(name="vit_small_patch14_reg4_dinov2", img_size=112),
+    "registers": dict(name="vit_small_patch14_reg4_dinov2", img_size=112, embed_dim=96, num_heads=3),
     "clip_prenorm": dict(name="vit_base_patch32_clip_224", embed_dim=96, num_heads=3),  # narrow: the structure matters
-    "layerscale_qknorm": dict(name="deit3_small_patch16_224", qk_norm=True, img_size=112),
+    "layerscale_qknorm": dict(name="deit3_small_patch16_224", qk_norm=True, img_size=112, embed_dim=96, num_heads=3),
     "other_size": dict(name="deit_tiny_patch16_224", img_size=160),
 }
 

@@ -95,4 +95,4 @@ def test_real_deit_tiny_weights_give_the_timm_patched_output(real_model, real_va
     """The genuine DeiT-Tiny in torchvision's class, patched, equals the patched timm model."""
     tv = VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=3, hidden_dim=192, mlp_dim=768)
     tv.load_state_dict(timm_to_torchvision(real_model.state_dict(), 12), strict=True)
-    assert_patches_like_timm(tv, real_model, real_val_images[0][: 8 if method == "evit" else 2], method=method)
+    assert_patches_like_timm(tv, real_model, real_val_images[0][: 3 if method == "evit" else 2], method=method)

@@ -72,7 +72,7 @@ def test_default_warmups_are_fractions_of_the_run():
 
 
 def test_keep_warmup_drives_a_patched_model_without_retracing():
-    model = evit_patch.apply(make_vit(dtype=torch.float32), layers=[3, 6, 9], keep=0.5)
+    model = evit_patch.apply(make_vit(dtype=torch.float32, img_size=32), layers=[3, 6, 9], keep=0.5)
     blocks = [model.blocks[i] for i in (3, 6, 9)]
     evit_patch.set_keep(model, keep_at(2, [0.5, 0.5, 0.5], 4))
     assert evit_patch.get_config(model).keep == (0.75, 0.75, 0.75)
@@ -80,10 +80,10 @@ def test_keep_warmup_drives_a_patched_model_without_retracing():
 
 
 def test_a_step_that_keeps_every_token_is_recognised():
-    model = evit_patch.apply(make_vit(dtype=torch.float32), layers=[3, 6, 9], keep=0.7)
+    model = evit_patch.apply(make_vit(dtype=torch.float32, depth=4), layers=[1, 2, 3], keep=0.7)  # 196 tokens
     evit_patch.set_keep(model, 0.999)  # ceil(0.999 * 196) = 196: every token kept
     assert keeps_every_token(model)
-    evit_patch.set_keep(model, [1.0, 1.0, 0.99])  # ceil(0.99 * 196) = 195 at block 9
+    evit_patch.set_keep(model, [1.0, 1.0, 0.99])  # ceil(0.99 * 196) = 195 at block 3
     assert not keeps_every_token(model)
 
 
@@ -236,7 +236,7 @@ def test_sampler_needs_one_optimizer_step_of_images():
 
 
 def test_checkpoint_roundtrip_and_rotation(tmp_path):
-    model = evit_patch.apply(make_vit(dtype=torch.float32, img_size=32), keep=0.7)
+    model = evit_patch.apply(make_vit("test_vit", dtype=torch.float32, img_size=32), keep=0.7)
     torch.manual_seed(5)
     state = {"step": 2, "identity": {"model": "x"}, "rng": [checkpoint.rng_state()]}
     first = checkpoint.save(tmp_path, 2, model, state)
@@ -253,7 +253,7 @@ def test_checkpoint_roundtrip_and_rotation(tmp_path):
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    model = evit_patch.apply(make_vit(dtype=torch.float32, img_size=32), keep=0.7)
+    model = evit_patch.apply(make_vit("test_vit", dtype=torch.float32, img_size=32), keep=0.7)
     good = checkpoint.save(tmp_path, 1, model, {"step": 1})
 
     def killed(*args, **kwargs):

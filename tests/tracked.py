@@ -61,10 +61,13 @@ def _reference(kind):
     )
 
 
-def check_matches_reference(kind, model, x, layers, keep, fuse=True, *, select=named_outputs, main="out", **options):
+def check_matches_reference(
+    kind, model, x, layers, keep, fuse=True, *, select=named_outputs, main="out", fast=None, **options
+):
     """``options``: ``method``, ``proportional``, ``score``, passed to ``apply`` and the reference;
-    ``main``: the output the patch must move (token outputs change length, not only values)."""
-    fast = evit_patch.apply(model, layers=layers, keep=keep, fuse=fuse, **options)
+    ``main``: the output the patch must move (token outputs change length, not only values); ``fast``:
+    ``model`` already patched with these arguments (shared between checks that leave it as it is)."""
+    fast = evit_patch.apply(model, layers=layers, keep=keep, fuse=fuse, **options) if fast is None else fast
     with torch.no_grad():
         want = _reference(kind)(model, x, layers, keep, fuse, **options)
         got, original = fast(x), select(model(x))
@@ -125,11 +128,12 @@ def check_original_untouched(model):
     assert type(fast) is type(model)
 
 
-def check_macs(model, x, **options):
+def check_macs(model, x, *, fast=None, **options):
     """``explain``'s analytic MACs equal what FlopCounterMode counts, original and patched. With grad
     enabled: without it nn.MultiheadAttention takes a fused fast path the counter misses, and timm's
-    ``latent.expand`` (global_pool='map') fails the counter's module hooks."""
-    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, **options)
+    ``latent.expand`` (global_pool='map') fails the counter's module hooks. ``fast``: ``model`` already
+    patched (by default: at keep 0.5 @ 1, 2)."""
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, **options) if fast is None else fast
     report = evit_patch.explain(fast)
     for m, expected in ((model, report.macs_original), (fast, report.macs_patched)):
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -157,10 +161,11 @@ def check_compile(model, x, *, backend: str = "aot_eager", select=named_outputs,
     assert dict(counters["graph_break"]) == {}
 
 
-def check_threads(model, x, *, select=named_outputs, **options):
+def check_threads(model, x, *, select=named_outputs, fast=None, **options):
     """One patched model called from 8 threads at once gives every caller its own answer: positions
-    and sizes travel with the tokens, nothing is shared between calls."""
-    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, **options)
+    and sizes travel with the tokens, nothing is shared between calls. ``fast``: ``model`` already
+    patched (by default: at keep 0.5 @ 1, 2)."""
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, **options) if fast is None else fast
     inputs = [x[i % len(x)][None] * (1 + i / 8) for i in range(16)]
     with torch.no_grad():
         alone = [select(fast(image)) for image in inputs]
@@ -181,10 +186,10 @@ def check_export(model, x, *, select=named_outputs, **options):
             assert_outputs_close(exported(x[:batch].float()), want, rtol=1e-5, atol=1e-5, select=select)
 
 
-def check_pickle(model, x, *, select=named_outputs, **options):
+def check_pickle(model, x, *, select=named_outputs, fast=None, **options):
     """A pickled and unpickled patched model (its blocks re-traced) is the same model: same outputs,
-    same configuration."""
-    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, **options)
+    same configuration. ``fast``: ``model`` already patched (by default: at keep 0.5 @ 1, 2)."""
+    fast = evit_patch.apply(model, layers=[1, 2], keep=0.5, **options) if fast is None else fast
     with torch.no_grad():
         expected = select(fast(x))
         loaded = pickle.loads(pickle.dumps(fast))
