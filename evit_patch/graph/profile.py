@@ -76,16 +76,46 @@ def trace_blocks(model: nn.Module, family: Family, mode: FakeTensorMode | None =
     tokens = family.num_tokens(model)
     live = family.live_args(model)
     traced = []
+    propagated: dict[tuple, fx.GraphModule] = {}
     for index, (name, block) in enumerate(family.blocks(model)):
         where = f"{who}.{name}"
         prepared = family.prepare_block(block)
         gm = trace_block(prepared, where=where, leaf_types=family.leaf_types(), live=live)
         site = locate(gm, where=where)
         inputs = [family.block_inputs(model, index)[arg] for arg in live]
-        _propagate_shapes(gm, block, inputs, mode, where=where, tokens=tokens, channels=channels)
+        key = _signature(gm, inputs, where)
+        if key in propagated:  # a block like one already run: the same shapes, without faking it again
+            for node, seen in zip(gm.graph.nodes, propagated[key].graph.nodes):
+                if "val" in seen.meta:
+                    node.meta["val"] = seen.meta["val"]
+        else:
+            _propagate_shapes(gm, block, inputs, mode, where=where, tokens=tokens, channels=channels)
+            propagated[key] = gm
         cost = block_cost(site, channels=channels, num_prefix_tokens=prefix)
         traced.append(TracedBlock(name, gm, site, cost, reexpressed=prepared is not block))
     return traced
+
+
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _signature(gm: fx.GraphModule, inputs: list[torch.Tensor], where: str) -> tuple:
+    """What a block's propagated shapes depend on: its graph code (with its own name, which only its
+    messages hold, taken out), every submodule's type and public plain settings (a leaf's head count
+    shapes its output without showing in its weights), every parameter and buffer's shape and dtype,
+    and the inputs'. Blocks that agree on all of it (the repeated blocks of a ViT) propagate to the
+    same shapes, so only the first is run on fake tensors."""
+
+    def plain(value) -> bool:
+        return isinstance(value, _PLAIN) or isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)
+
+    modules = tuple(
+        (name, type(m).__qualname__, tuple(sorted((k, v) for k, v in vars(m).items() if k[0] != "_" and plain(v))))
+        for name, m in gm.named_modules()
+    )
+    tensors = tuple((n, t.shape, t.dtype, t.device) for n, t in (*gm.named_parameters(), *gm.named_buffers()))
+    nodes = tuple(n.name for n in gm.graph.nodes)
+    return (gm.code.replace(where, "<block>"), nodes, modules, tensors, tuple((t.shape, t.dtype) for t in inputs))
 
 
 def _propagate_shapes(
