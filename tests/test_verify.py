@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_leaves
 
 import evit_patch
 from evit_patch import pipeline
@@ -97,3 +99,26 @@ def test_plan_and_calibrate_trace_once(monkeypatch):
     calls.clear()
     evit_patch.calibrate(model, torch.randn(4, 3, 64, 64), flops=0.7, max_evaluations=3, progress=False)
     assert calls == ["VisionTransformer"]
+
+
+def test_repeated_blocks_share_one_shape_propagation_and_get_its_shapes(monkeypatch):
+    """Blocks alike in graph, settings and shapes are run on fake tensors once; each gets the shapes
+    its own run would give. A block with the same weights but another head count is run again."""
+    runs = []
+    propagate = profile_module._propagate_shapes
+    counted = lambda gm, *args, **kwargs: runs.append(gm) or propagate(gm, *args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(profile_module, "_propagate_shapes", counted)
+    model = _tiny()
+    model.blocks[3].attn.num_heads, model.blocks[3].attn.head_dim = 1, 192  # same weights, other inner shapes
+    family = profile_module.find_family(model)
+    traced = profile_module.trace_blocks(model, family)
+    assert [t.name for t in traced] == [f"blocks.{i}" for i in range(4)] and len(runs) == 2
+    for index in (1, 3):
+        shared = [n.meta.get("val") for n in traced[index].graph_module.graph.nodes]
+        propagate(traced[index].graph_module, model.blocks[index], [], FakeTensorMode(allow_non_fake_inputs=True),
+                  where="x", tokens=family.num_tokens(model), channels=family.channels(model))  # fmt: skip
+        fresh = [n.meta.get("val") for n in traced[index].graph_module.graph.nodes]
+        shapes = [[tuple(v.shape) for v in tree_leaves(x) if isinstance(v, torch.Tensor)] for x in (shared, fresh)]
+        assert shapes[0] == shapes[1] and len(shapes[0]) > 20
+    heads = [tuple(n.meta["val"].shape) for n in traced[3].graph_module.graph.nodes if n.name == "permute"]
+    assert heads == [(3, 1, 1, 17, 192)]
