@@ -21,7 +21,7 @@ from .graph.outputs import verify_outputs
 from .graph.profile import PROFILE_ATTR, TracedBlock, profile_of, trace_blocks
 from .graph.rewrite import insert
 from .graph.state import CONFIG_ATTR, check_not_patched
-from .graph.verify import verify_token_counts
+from .graph.verify import runs_cheaply, verify_token_counts
 from .graph.wiring import wire
 from .options import Method, Score
 from .planning.budget import default_layers, plan_for_budget, target_fraction
@@ -155,10 +155,11 @@ def _rewrite(
     insert(patched, family, traced, wiring)
     # Guards first: the checks below run the model as users will (a dense backbone's own encoder loop).
     family.install_guards(patched, min(config.layers), dense=config.dense)
-    rows = CostModel(profile, family.num_tokens(patched), outside_macs=0).explain(config).rows
-    fake_output = verify_token_counts(patched, family, [row.tokens_in for row in rows], mode=fake)
+    explained = CostModel(profile, family.num_tokens(patched), outside_macs=0).explain(config)
+    counts, real = [row.tokens_in for row in explained.rows], runs_cheaply(patched, explained.macs_original)
+    reduced_output = verify_token_counts(patched, family, counts, mode=fake, real=real)
     exact = not config.cls_only and not any(t.reexpressed for t in traced)  # cls_only: one-row MLP, other rounding
-    verify_outputs(model, patched, family, fake_output, exact=exact)
+    verify_outputs(model, patched, family, reduced_output, exact=exact)
     if isinstance(family, DiscoveredFamily):
         setattr(patched, DISCOVERED_ATTR, family)
     setattr(patched, PROFILE_ATTR, profile)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
 import evit_patch
 from evit_patch import pipeline
 from evit_patch.errors import VerificationError
 from evit_patch.graph import profile as profile_module
+from evit_patch.graph import verify as verify_module
 from evit_patch.graph.cost import BlockCost
 from evit_patch.graph.verify import verify_token_counts
 
@@ -22,9 +23,14 @@ def _tiny(**kwargs):
     return timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, **kwargs).eval()
 
 
-def test_counts_that_disagree_with_the_plan_are_refused_by_block(monkeypatch):
-    """An accounting that counts one token too many from block 1 on is caught at block 2."""
+@pytest.mark.parametrize("real", [True, False], ids=["real", "fake"])
+def test_counts_that_disagree_with_the_plan_are_refused_by_block(monkeypatch, real):
+    """An accounting that counts one token too many from block 1 on is caught at block 2, whether the
+    check runs a real image (a small float32 model on the CPU) or a fake one (a threshold of 0)."""
+    if not real:
+        monkeypatch.setattr(verify_module, "REAL_RUN_MACS", 0)
     model = _tiny()
+    assert verify_module.runs_cheaply(model, 20_000_000) is real
     honest = BlockCost.tokens_out
 
     def one_too_many(self, tokens_in, keep, reduction, prefix_only=False):
@@ -54,9 +60,26 @@ def test_verified_counts_are_the_explain_rows_and_no_hook_is_left(method):
     for hook in hooks:
         hook.remove()
     assert all(not b._forward_pre_hooks for b in fast.blocks)
-    verify_token_counts(fast, evit_patch.families.find_family(fast), [r.tokens_in for r in rows])
-    with pytest.raises(VerificationError, match=rf"blocks\.3: the patched graph feeds this block {expected[3]} tokens"):
-        verify_token_counts(fast, evit_patch.families.find_family(fast), [*expected[:3], expected[3] + 1])
+    family = evit_patch.families.find_family(fast)
+    modes = [m.training for m in fast.modules()]
+    for real in (False, True):
+        output = verify_token_counts(fast, family, [r.tokens_in for r in rows], real=real)
+        assert output.shape == (1, 1000) and isinstance(output, FakeTensor) is not real
+        with pytest.raises(
+            VerificationError, match=rf"blocks\.3: the patched graph feeds this block {expected[3]} tok"
+        ):
+            verify_token_counts(fast, family, [*expected[:3], expected[3] + 1], real=real)
+    assert [m.training for m in fast.modules()] == modes  # a real check runs in eval mode, then puts them back
+
+
+def test_a_real_check_runs_only_where_it_is_cheaper_and_changes_nothing():
+    model = _tiny()
+    assert verify_module.runs_cheaply(model, verify_module.REAL_RUN_MACS - 1)
+    assert not verify_module.runs_cheaply(model, verify_module.REAL_RUN_MACS)  # large: faked
+    assert not verify_module.runs_cheaply(_tiny().to(torch.bfloat16), 1)  # 16-bit CPU kernels are slow
+    assert not verify_module.runs_cheaply(_tiny().to("meta"), 1)  # nothing to run
+    fast = evit_patch.apply(model.train(), layers=[1], keep=0.5)  # checked in eval mode, then put back
+    assert all(m.training for m in fast.modules())
 
 
 def _count_traces(monkeypatch):

@@ -29,7 +29,8 @@ from .state import reorganizers
 
 
 @contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode (every submodule) and no autograd; each submodule's mode is restored after."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -94,7 +95,7 @@ def verify_outputs(
     original: nn.Module,
     patched: nn.Module,
     family: Family,
-    fake_output: Any,
+    reduced_output: Any,
     *,
     exact: bool,
 ) -> None:
@@ -102,7 +103,7 @@ def verify_outputs(
 
     Args:
         original: the unpatched model at the patched copy's input size (it is run, not changed).
-        fake_output: the patched model's output on a fake image at the requested keep rates.
+        reduced_output: the patched model's output on one image (fake, or real and random) at the requested keep rates.
         exact: no block was re-expressed: at keep 1.0 the outputs must be bitwise equal (on the CPU).
 
     Raises:
@@ -115,9 +116,9 @@ def verify_outputs(
     size = family.input_size(patched)
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(1, family.in_chans(patched), *size, generator=generator).to(param.device, param.dtype)
-    with _evaluating(original):
+    with evaluating(original):
         expected = original(image)
-    with _evaluating(patched), _keeping_every_token(patched):
+    with evaluating(patched), _keeping_every_token(patched):
         same = patched(image)
     found = _difference(expected, same, exact and param.device.type == "cpu")
     if found is not None:
@@ -126,7 +127,7 @@ def verify_outputs(
             f"its {found}: the structure evit_patch read does not match the model's code, so it is not patched"
         )
     tokens = set(family.token_outputs(patched))
-    for (path, want), (_, got) in zip(_leaves(expected), _leaves(fake_output)):
+    for (path, want), (_, got) in zip(_leaves(expected), _leaves(reduced_output)):
         if path in tokens and _same_but_tokens(want, got):
             continue
         want, got = _shape(want), _shape(got)
