@@ -80,6 +80,8 @@ def test_a_real_check_runs_only_where_it_is_cheaper_and_changes_nothing():
     assert not verify_module.runs_cheaply(_tiny().to("meta"), 1)  # nothing to run
     fast = evit_patch.apply(model.train(), layers=[1], keep=0.5)  # checked in eval mode, then put back
     assert all(m.training for m in fast.modules())
+    fast = evit_patch.apply(model.eval(), layers=[1], keep=0.5, method="dam")  # inserted modules too
+    assert not any(m.training for m in fast.modules())
 
 
 def _count_traces(monkeypatch):

@@ -96,6 +96,9 @@ def rewrite_block(gm: fx.GraphModule, site: BlockSite, edit: BlockEdit) -> fx.Gr
             state = (positions, sizes) if owner is None else (positions, sizes, owner)
             packed = graph.call_module("evit_pack", (output.args[0], *state))
         output.args = (packed,)
+    for name, module in gm.named_children():  # what was inserted follows the block's mode (eval stays eval)
+        if name.startswith(REORGANIZER_NAME):
+            module.train(gm.training)
     graph.lint()
     gm.recompile()
     return gm
