@@ -6,8 +6,9 @@ seed 0) and on real TUNE images (every other one of the 375: nothing here reads 
 the genuine DeiT-Tiny and ``method="dam"``. The lines starting ``==`` say what each probe picks and
 what the best pick on TUNE would have been (docs/training-free.md, "Where it still loses").
 
-``--texture A``: also textured dead leaves (1/f noise of standard deviation ``A`` added inside the
-discs, seeds 0 and 1). ``--distances``: each probe also picks by three other distances than KL:
+``--texture A``: also textured dead leaves (1/f noise of standard deviation ``A`` added over the
+image, so every disc carries texture; seeds 0 and 1). ``--distances``: each probe also picks by
+three other distances than KL:
 ``1 -`` cosine of the pre-logits features, ``1 -`` top-5 overlap, and KL at temperature 4.
 
     python tools/probe_study.py --budgets 0.35 0.4 0.45 0.5 0.65 0.8

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import UnsupportedInputError
 from ..families import describe, find_family
+from ..graph.outputs import evaluating
 from .atomic import write_atomically
 from .persist import check_overwrite
 
@@ -53,18 +54,6 @@ def _example(model: nn.Module, example: torch.Tensor | None, dynamic_batch: bool
 
 def _dynamic_shapes(dynamic_batch: bool) -> tuple[dict, ...] | None:
     return ({0: torch.export.Dim(BATCH, min=1)},) if dynamic_batch else None
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module):
-    """Eval mode and no autograd while exporting; the caller's train/eval mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 AMBIGUOUS_ATTRIBUTE = "Attribute type is ambiguous because it is an empty sequence"
@@ -111,7 +100,7 @@ def export_program(
         The exported program; ``program.module()(x)`` runs it for any batch size (>= 1).
     """
     example = _example(model, example, dynamic_batch)
-    with _evaluating(model):
+    with evaluating(model):
         return torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch), strict=False)
 
 
@@ -157,7 +146,7 @@ def export_onnx(
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)
     # The exporter runs torch.export as export_program does, and names the batch.
-    with _evaluating(model), quiet_onnx_attribute_warnings():
+    with evaluating(model), quiet_onnx_attribute_warnings():
         onnx_program = torch.onnx.export(
             model,
             (example,),
