@@ -214,6 +214,34 @@ def test_specs_build_the_reducers_they_name():
         parse_reducer("ppt")(model)  # the published blocks 3, 6, 9 do not exist in a depth-4 model
 
 
+def test_a_calibrated_spec_applies_what_calibrate_finds_on_tune_images_once_per_spec(monkeypatch):
+    import side_by_side
+
+    import evit_patch
+
+    model, seen = tiny(), []
+    calibration = images(4, size=64, seed=3)
+
+    def fake_tune(count, shared=None):
+        seen.append(count)
+        return calibration[:count]
+
+    monkeypatch.setattr(side_by_side, "calibration_images", fake_tune)
+    monkeypatch.setattr(side_by_side, "_CALIBRATED", {})
+    spec = "calibrated:images=3:flops=0.7:max_evaluations=4:progress=false"
+    reduced = parse_reducer(spec)(model)
+    again = parse_reducer(spec)(model)  # the plan is searched once per spec
+    assert seen == [3]
+    result = evit_patch.calibrate(model, calibration[:3], flops=0.7, max_evaluations=4, progress=False)
+    direct = evit_patch.apply(model, **result.apply_kwargs())
+    x = images(2, size=64, seed=4)
+    with torch.inference_mode():
+        torch.testing.assert_close(reduced(x), direct(x), rtol=0, atol=0)
+        torch.testing.assert_close(again(x), direct(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expected calibrated:images=<count>"):
+        parse_reducer("calibrated:flops=0.5")
+
+
 def test_the_splits_are_fixed_disjoint_and_cover_the_825_images():
     tune, held, every = split_rows("tune"), split_rows("held-out"), split_rows("all")
     assert tune == [("imagenet_sample", list(range(0, 750, 2)))]

@@ -10,9 +10,14 @@ what the best pick on TUNE would have been (docs/training-free.md, "Where it sti
 image, so every disc carries texture; seeds 0 and 1). ``--distances``: each probe also picks by
 three other distances than KL:
 ``1 -`` cosine of the pre-logits features, ``1 -`` top-5 overlap, and KL at temperature 4.
+``--dense``: each probe also picks by what ``dense=True`` plans are compared by, ``1 -`` the mean
+per-patch cosine of the last block's tokens restored to the grid. ``--invert N``: also dead leaves
+optimised for ``N`` Adam steps toward confident predictions of random classes (model inversion, as
+data-free quantisation does; jittered, with a smoothness penalty).
 
     python tools/probe_study.py --budgets 0.35 0.4 0.45 0.5 0.65 0.8
     python tools/probe_study.py --budgets 0.35 0.45 0.5 0.65 --texture 0.15 --distances
+    python tools/probe_study.py --budgets 0.35 0.4 0.45 0.5 0.65 0.8 --dense --invert 10 30
 """
 
 from __future__ import annotations
@@ -51,6 +56,26 @@ def textured(amplitude: float, seed: int, count: int = 24, size: int = 224) -> t
     return (images - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
 
 
+def inverted(model, images: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
+    """``images`` after ``steps`` Adam steps (lr 0.05) of cross-entropy toward random classes, with random
+    shifts of up to 8 pixels and flips, and a squared-gradient smoothness penalty (weight 0.05)."""
+    generator = torch.Generator().manual_seed(seed + 7)
+    targets = torch.randint(0, model.num_classes, (len(images),), generator=generator)
+    x = images.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=0.05)
+    for _ in range(steps):
+        dx, dy = torch.randint(-8, 9, (2,), generator=generator).tolist()
+        shifted = torch.roll(x, (dx, dy), (2, 3))
+        shifted = shifted.flip(3) if torch.rand(1, generator=generator).item() < 0.5 else shifted
+        smooth = (x.diff(dim=2) ** 2).mean() + (x.diff(dim=3) ** 2).mean()
+        loss = F.cross_entropy(model(shifted), targets) + 0.05 * smooth
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return x.detach()
+
+
 def outputs(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pre-logits features, logits)`` of a timm classifier."""
     with torch.inference_mode():
@@ -77,6 +102,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--texture", type=float, default=None, help="also textured dead leaves of this amplitude")
     parser.add_argument("--distances", action="store_true", help="also pick by three other distances than KL")
+    parser.add_argument("--dense", action="store_true", help="also pick by the restored last block's tokens")
+    parser.add_argument("--invert", nargs="*", type=int, default=[], help="also model-inverted probes, these steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model()
@@ -94,7 +121,13 @@ def main() -> None:
     }
     if args.texture is not None:
         probes |= {f"textured {args.texture}, 24, seed {seed}": textured(args.texture, seed) for seed in (0, 1)}
+    probes |= {f"inverted {steps} steps, 24, seed 0": inverted(model, probes["dead leaves, 24, seed 0"], steps)
+               for steps in args.invert}  # fmt: skip
     objectives = {name: Objective(model, images, 32, every) for name, images in probes.items()}
+    if args.dense:
+        dense = dataclasses.replace(options, cls_only=False, dense=True)
+        dense_every = EViTConfig.build(range(depth), 1.0, dense, num_blocks=depth)
+        objectives |= {(name, "dense"): Objective(model, probes[name], 32, dense_every) for name in list(objectives)}
     real = Objective(model, tune[::2], 64, every)  # 188 TUNE images
     references = {name: outputs(model, images) for name, images in probes.items()} if args.distances else {}
     for budget in args.budgets:
@@ -105,7 +138,8 @@ def main() -> None:
             row |= {name: objective(config.layers, config.keep)[0] for name, objective in objectives.items()}
             if args.distances:
                 per_block = dict(zip(config.layers, config.keep))
-                for name, objective in objectives.items():
+                for name in probes:
+                    objective = objectives[name]
                     set_keep(objective.patched, [per_block.get(i, 1.0) for i in range(depth)])
                     found = distances(references[name], objective.patched, probes[name])
                     row |= {(name, distance): value for distance, value in found.items()}
@@ -114,7 +148,7 @@ def main() -> None:
             head = f"{budget} start {row['start']} keep {row['keep'][:3]}"
             print(f"{head}: TUNE {kl:.4f} / {agreement:.3f}; probes {probe_kls}")
         best = min(rows, key=lambda r: r["kl"])
-        picks = [*objectives] + ([k for k in rows[0] if isinstance(k, tuple)] if args.distances else [])
+        picks = [*objectives] + [k for k in rows[0] if isinstance(k, tuple) and k not in objectives]
         for name in picks:
             pick = min(rows, key=lambda r: r[name])
             label = name if isinstance(name, str) else f"{name[0]} by {name[1]}"
